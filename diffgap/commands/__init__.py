@@ -1,0 +1,1 @@
+"""Subcommand modules of the ``diffgap`` CLI (see diffgap/cli.py)."""

@@ -1,0 +1,1 @@
+"""Encoders that define the frozen embedding spaces: CLAP (laion-clap) and CAVP (Diff-Foley)."""

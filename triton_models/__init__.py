@@ -1,0 +1,1 @@
+"""Triton model-repository templates and python models (import name ``diffgap.triton_models``)."""
