@@ -97,7 +97,7 @@ class TensorSpec:
         d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
         for k in ("optional", "default", "low", "high", "doc"):
             v = getattr(self, k)
-            if v not in (None, False, ""):
+            if not (v is None or v is False or v == ""):  # keep 0.0 (0.0 == False)
                 d[k] = v
         return d
 

@@ -1,4 +1,33 @@
 """Torch-free runtime (import name ``diffgap.runtime``): onnxruntime and TensorRT sessions behind one
-interface, the engine builder, and the Pipeline API. Imports only numpy, onnxruntime / tensorrt+pycuda,
-and the torch-free contract modules ``diffgap.iospec``, ``diffgap.manifest``, ``diffgap.fsutil``.
+interface, the engine builder, and the Pipeline API. Imports only numpy, onnxruntime / tensorrt+pycuda
+(lazily, when a session of that backend is created), and the torch-free contract modules
+``diffgap.iospec``, ``diffgap.manifest``, ``diffgap.fsutil`` (plus ``diffgap.tokenizer`` /
+``diffgap.audio`` when raw text / audio files are given, and ``diffgap.data`` in ``diffgap index``).
+
+Modules:
+
+- :mod:`.session`   ``open_model(export_dir, name, backend, precision)`` / ``load(path)`` ->
+  a :class:`Session` with ``.io``, ``.inputs``, ``.outputs`` and ``infer(dict) -> dict``;
+- :mod:`.trt_session` the TensorRT backend (pycuda, page-locked buffers, optional CUDA graphs);
+- :mod:`.engine`    ``build_engines`` / ``find_engine`` and the engine cache;
+- :mod:`.pipeline`  ``TextToAudioBridge``, ``AudioToTextBridge``, ``build_index``, ``AudioSearch``,
+  ``make_noise``;
+- ``cli_build_engines``, ``cli_index``, ``cli_search``: the ``diffgap`` subcommands.
 """
+from .pipeline import (
+    AudioSearch,
+    AudioToTextBridge,
+    BridgeResult,
+    GalleryIndex,
+    TextToAudioBridge,
+    build_index,
+    fuse_scores,
+    make_noise,
+    top_k,
+)
+from .session import BACKENDS, PRECISIONS, OrtSession, Session, load, open_model
+
+__all__ = [
+    "AudioSearch", "AudioToTextBridge", "BridgeResult", "GalleryIndex", "TextToAudioBridge", "build_index",
+    "fuse_scores", "make_noise", "top_k", "BACKENDS", "PRECISIONS", "OrtSession", "Session", "load", "open_model",
+]

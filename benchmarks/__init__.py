@@ -1,0 +1,27 @@
+"""diffgap benchmarks: every backend side by side, against this machine's measured roofline.
+
+Run from the repository root (this folder is not part of the installed package)::
+
+    python -m benchmarks --out benchmarks/results          # what `make bench` runs
+    python -m benchmarks --quick --out /tmp/bench          # tiny sizes, a minute (the smoke test)
+    python -m benchmarks --only denoiser,roofline          # a subset of the groups
+
+Groups (``--only``):
+
+* ``roofline``  -- this machine's sgemm peak and memory bandwidth (always measured: the denoiser rows
+  need it for their bound).
+* ``denoiser``  -- the fused K-step sampler at K x B: PyTorch eager step loop, ``torch.compile``,
+  ORT fused FP32, ORT fused FP16 graph, TensorRT FP16 (+ CUDA graph) where a GPU is present; FLOPs,
+  bytes moved, roofline bound and achieved fraction per row.
+* ``encoders``  -- CLAP text and audio encoders (ORT FP32 / FP16) at B in {1, 8}.
+* ``pipeline``  -- the end-to-end in-process Pipeline (text -> bridged embedding).
+* ``triton``    -- Triton ensembles over HTTP and gRPC at concurrency 1, 2, 4, 8 with perf_analyzer.
+* ``knobs``     -- what was tried where a goal is missed (ORT threads, graph optimisation level,
+  IO binding).
+
+Outputs (written atomically): ``<out>/<host>-<date>.json``, ``<out>/<host>-<date>.md`` and PNG plots
+``<out>/<host>-<date>-*.png``. Weights are random (an untrained model of the preset): timings do not
+depend on the weight values.
+"""
+SCHEMA = "diffgap-bench/1"
+GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs")

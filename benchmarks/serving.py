@@ -1,0 +1,313 @@
+"""Triton ensembles over HTTP and gRPC at concurrency 1, 2, 4, 8, measured with perf_analyzer.
+
+perf_analyzer (Triton's standard load generator; the binary comes from
+``diffgap.triton_models.tools.perf_analyzer()``) runs once per (ensemble, protocol, concurrency) with
+explicit stability settings: measurement windows of ``-p`` ms, "stable" when ``-s`` percent apart
+over 3 windows, at most ``-r`` windows. perf_analyzer's default (5 s?, 10 %) does not settle on a
+2-core machine where client and server share the cores, so the windows are widened; the exact
+command and whether it settled are recorded per row. Latencies are client-side (request sent to
+response received) p50/p90/p95/p99 and throughput in inferences/s; the server-side split
+(queue / compute) comes from the same CSV.
+
+Dynamic batching is evidenced by Triton's own statistics: ``inference_count / execution_count`` per
+composing model over each run (the mean executed batch size).
+
+Our own tritonclient closed-loop harness (:func:`client_load`) is used only where perf_analyzer cannot
+run (no binary); those rows say so.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .context import Context
+from .pipeline import captions
+
+log = logging.getLogger("benchmarks.serving")
+
+# The ensembles timed (issue 6 names); only those present in the generated repository run.
+ENSEMBLES = ("text_to_audio_embedding", "audio_to_text_embedding", "text_to_audio_search")
+PROTOCOLS = ("http", "grpc")
+
+
+def stability_settings(quick: bool) -> dict[str, int]:
+    """perf_analyzer -p (ms per window), -s (stability %), -r (max windows)."""
+    if quick:
+        return {"measurement_interval_ms": 1000, "stability_percentage": 50, "max_trials": 3}
+    # 2 cores shared by client and server: 5 s windows, 25 % band, up to 8 windows (default 10 %, 5 s, 10)
+    return {"measurement_interval_ms": 5000, "stability_percentage": 25, "max_trials": 8}
+
+
+# ---- repository --------------------------------------------------------------------------------
+QUEUE_DELAY_KEY = "max_queue_delay_microseconds"
+
+
+def build_repository(ctx: Context, out: Path, **options: Any) -> Path:
+    """The portable repository of ``ctx.main_export`` (python-backend models running ORT on CPU).
+
+    ``max_queue_delay_microseconds`` (a knob, not a generator option) rewrites that field in every
+    generated ``config.pbtxt`` of this scratch copy.
+    """
+    from diffgap.triton_models.repository import build_repository as generate
+
+    options = dict(options)
+    delay = options.pop(QUEUE_DELAY_KEY, None)
+    repo = Path(generate(ctx.main_export, out, flavor="portable", **options))
+    if delay is not None:
+        for cfg in repo.glob("*/config.pbtxt"):
+            text = cfg.read_text()
+            new = re.sub(rf"{QUEUE_DELAY_KEY}\s*:\s*\d+", f"{QUEUE_DELAY_KEY}: {int(delay)}", text)
+            if new != text:
+                cfg.write_text(new)
+    return repo
+
+
+def batching_knob(ctx: Context) -> dict[str, Any]:
+    """The setting tried when the dynamic-batching goal is missed: a 10 ms batching window (more
+    requests per executed batch at c=8) and every core for each model's ORT session."""
+    return {QUEUE_DELAY_KEY: 10000, "intra_op_threads": ctx.threads}
+
+
+# ---- input data --------------------------------------------------------------------------------
+def _input_data(config: dict[str, Any], batch_text: str, wave_len_hint: int | None, include_optional: bool) -> dict[str, Any]:
+    """perf_analyzer ``--input-data`` JSON for one request of ``config``'s inputs."""
+    entry: dict[str, Any] = {}
+    for inp in config.get("input", []):
+        if inp.get("optional") and not include_optional:
+            continue
+        dims = [int(d) for d in inp.get("dims", [])]
+        shape = [1 if d < 0 else d for d in dims] or [1]
+        n = int(np.prod(shape))
+        dt = inp.get("data_type", "TYPE_FP32")
+        if dt == "TYPE_STRING":
+            content: list[Any] = [batch_text] * n
+        elif dt in ("TYPE_FP32", "TYPE_FP16", "TYPE_FP64"):
+            if dims and dims[-1] < 0 and wave_len_hint:
+                shape = [wave_len_hint]
+                n = wave_len_hint
+            rng = np.random.default_rng(0)
+            content = (0.1 * rng.standard_normal(n)).astype(np.float32).round(5).tolist()
+        else:  # ints: seeds, k
+            content = [0] * n if "seed" in inp["name"] else [5] * n
+        entry[inp["name"]] = {"content": content, "shape": shape}
+    return {"data": [entry]}
+
+
+def _model_config(http_url: str, model: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/config", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _model_stats(http_url: str) -> dict[str, tuple[int, int]]:
+    """model -> (inference_count, execution_count), all models."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as r:
+        d = json.loads(r.read())
+    return {m["name"]: (int(m.get("inference_count", 0)), int(m.get("execution_count", 0))) for m in d.get("model_stats", [])}
+
+
+def _batch_sizes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    out = {}
+    for m, (inf, ex) in after.items():
+        i0, e0 = before.get(m, (0, 0))
+        if ex - e0 > 0:
+            out[m] = round((inf - i0) / (ex - e0), 3)
+    return out
+
+
+# ---- perf_analyzer -----------------------------------------------------------------------------
+_CSV_KEYS = {
+    "Inferences/Second": "throughput_infer_s",
+    "p50 latency": "p50_ms", "p90 latency": "p90_ms", "p95 latency": "p95_ms", "p99 latency": "p99_ms",
+    "Avg latency": "avg_ms", "Server Queue": "server_queue_ms", "Server Compute Infer": "server_compute_infer_ms",
+    "Server Compute Input": "server_compute_input_ms", "Server Compute Output": "server_compute_output_ms",
+    "Client Send": "client_send_ms", "Client Recv": "client_recv_ms",
+    "Network+Server Send/Recv": "network_server_ms",
+}
+
+
+def parse_perf_csv(text: str) -> list[dict[str, float]]:
+    """perf_analyzer's ``-f`` CSV -> one dict per concurrency (latencies converted from us to ms)."""
+    rows = []
+    for rec in csv.DictReader(io.StringIO(text)):
+        if not rec.get("Concurrency"):
+            continue
+        out: dict[str, float] = {"concurrency": int(float(rec["Concurrency"]))}
+        for k, v in rec.items():
+            if k in _CSV_KEYS and v not in (None, ""):
+                val = float(v)
+                out[_CSV_KEYS[k]] = val if k == "Inferences/Second" else val / 1e3
+        rows.append(out)
+    return rows
+
+
+def run_perf_analyzer(
+    binary: Path, env: dict[str, str], url: str, protocol: str, model: str, concurrency: int,
+    input_json: Path, settings: dict[str, int], workdir: Path, timeout_s: float,
+) -> dict[str, Any]:
+    csv_path = workdir / f"pa-{model}-{protocol}-c{concurrency}.csv"
+    cmd = [
+        str(binary), "-m", model, "-u", url, "-i", protocol,
+        "--concurrency-range", f"{concurrency}:{concurrency}",
+        "--input-data", str(input_json),
+        "-p", str(settings["measurement_interval_ms"]),
+        "-s", str(settings["stability_percentage"]),
+        "-r", str(settings["max_trials"]),
+        "-f", str(csv_path),
+    ]
+    rec: dict[str, Any] = {"tool": "perf_analyzer", "protocol": protocol, "model": model, "concurrency": concurrency,
+                           "command": shlex.join(cmd), "settings": dict(settings)}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        rec.update(status="failed", reason=f"perf_analyzer did not finish within {timeout_s:.0f} s")
+        return rec
+    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    out = proc.stdout + proc.stderr
+    rec["stable"] = "Failed to obtain stable measurement" not in out
+    if proc.returncode != 0 or not csv_path.exists():
+        lines = [l for l in out.strip().splitlines() if l.strip()]
+        rec.update(status="failed", reason=(lines[-1] if lines else f"exit {proc.returncode}")[:300])
+        rec["stdout_tail"] = "\n".join(lines[-15:])
+        return rec
+    parsed = parse_perf_csv(csv_path.read_text())
+    if not parsed:
+        rec.update(status="failed", reason="perf_analyzer wrote an empty CSV")
+        return rec
+    rec.update(parsed[0])
+    rec["status"] = "ok"
+    if not rec["stable"]:
+        rec["note"] = "did not settle within the stability band; figures are the last window's"
+    return rec
+
+
+# ---- fallback: our own closed-loop client ------------------------------------------------------
+def client_load(url: str, protocol: str, model: str, config: dict[str, Any], concurrency: int,
+                duration_s: float, text: str) -> dict[str, Any]:
+    """C threads, each sending one request after the previous answer, for ``duration_s``."""
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        import tritonclient.http as tc
+    lat: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + duration_s
+    errors: list[str] = []
+
+    def make_inputs():
+        ins = []
+        for inp in config.get("input", []):
+            if inp.get("optional"):
+                continue
+            if inp["data_type"] != "TYPE_STRING":
+                raise ValueError(f"client_load sends text only; {model} input {inp['name']} is {inp['data_type']}")
+            arr = np.array([[text.encode()]], dtype=np.object_)
+            x = tc.InferInput(inp["name"], list(arr.shape), "BYTES")
+            x.set_data_from_numpy(arr)
+            ins.append(x)
+        return ins
+
+    def worker():
+        client = tc.InferenceServerClient(url)
+        ins = make_inputs()
+        try:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                client.infer(model, ins)
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+        except Exception as e:  # recorded, not raised: a failing client is a result
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            client.close()
+
+    t_start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_start
+    if errors and not lat:
+        return {"status": "failed", "reason": errors[0][:300]}
+    a = np.asarray(lat) * 1e3
+    return {
+        "status": "ok", "tool": "tritonclient closed loop (perf_analyzer unavailable)",
+        "throughput_infer_s": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)), "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)), "avg_ms": float(a.mean()), "requests": len(lat),
+        "errors": len(errors),
+    }
+
+
+# ---- the group ---------------------------------------------------------------------------------
+def _perf_analyzer() -> tuple[Path | None, dict[str, str], str]:
+    try:
+        from diffgap.triton_models.tools import perf_analyzer
+
+        binary, env = perf_analyzer()
+        return binary, env, ""
+    except Exception as e:  # recorded; the fallback harness takes over
+        return None, dict(os.environ), f"{type(e).__name__}: {e}"
+
+
+def run(ctx: Context, repo_options: dict[str, Any] | None = None, label: str = "default") -> dict[str, Any]:
+    """Start the server on a fresh portable repository, load every ensemble; return the records."""
+    from diffgap.triton_models.server import TritonServer
+
+    work = ctx.work / f"triton-{label}"
+    work.mkdir(parents=True, exist_ok=True)
+    repo = build_repository(ctx, work / "repository", **(repo_options or {}))
+    binary, env, pa_error = _perf_analyzer()
+    settings = stability_settings(ctx.quick)
+    result: dict[str, Any] = {
+        "label": label, "repository_options": dict(repo_options or {}), "settings": settings,
+        "perf_analyzer": str(binary) if binary else None, "perf_analyzer_error": pa_error or None, "runs": [],
+    }
+    wave_len = None
+    with TritonServer(repo) as server:
+        result["server"] = {"pid": server.pid, "http": server.http_url, "grpc": server.grpc_url}
+        present = [m for m in ENSEMBLES if m in server.models]
+        result["ensembles"] = present
+        for model in present:
+            config = _model_config(server.http_url, model)
+            for protocol in PROTOCOLS:
+                url = server.http_url if protocol == "http" else server.grpc_url
+                for conc in ctx.concurrency:
+                    before = _model_stats(server.http_url)
+                    if binary is not None:
+                        rec = None
+                        for include_optional in (False, True):
+                            data = _input_data(config, captions(1)[0], wave_len, include_optional)
+                            ij = work / f"input-{model}-{int(include_optional)}.json"
+                            ij.write_text(json.dumps(data))
+                            rec = run_perf_analyzer(binary, env, url, protocol, model, conc, ij, settings, work,
+                                                    timeout_s=60 + 3 * settings["measurement_interval_ms"] / 1e3 * settings["max_trials"])
+                            rec["optional_inputs_sent"] = include_optional
+                            if rec["status"] == "ok" or "optional" not in json.dumps(rec).lower():
+                                break
+                    else:
+                        rec = client_load(url, protocol, model, config, conc, 3.0 if ctx.quick else 20.0, captions(1)[0])
+                        rec.update(protocol=protocol, model=model, concurrency=conc, fallback_reason=pa_error)
+                    after = _model_stats(server.http_url)
+                    rec["mean_batch"] = _batch_sizes(before, after)
+                    log.info(
+                        "triton %-26s %-4s c=%d: %s", model, protocol, conc,
+                        f"p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms, {rec['throughput_infer_s']:.1f} infer/s, "
+                        f"batches {rec['mean_batch']}" if rec.get("status") == "ok" else f"failed: {rec.get('reason')}",
+                    )
+                    result["runs"].append(rec)
+    return result

@@ -1,0 +1,162 @@
+"""Architecture, diffusion and training settings as dataclasses, plus the named-preset registry.
+
+Torch-free. Checkpoints carry ``DiffGAPConfig.to_dict()`` in their ``config.json`` so loading never
+needs the flags that trained a model; CLI ``--preset`` choices come from :data:`PRESETS`.
+
+Presets (parameter counts printed by ``diffgap train`` and asserted in tests/test_model.py):
+
+* ``clap-512`` (default): 512-d CLAP space, 512-d contrastive heads, two denoisers of 3 residual MLP
+  blocks, hidden 512 -- about 4.3M parameters per direction (see :func:`diffgap.models.count_parameters`).
+  Sized after the prototype in issue 2 (4.0M/direction trained ~2,600 CPU steps in ~3.5 minutes).
+* ``clap-tiny``: 512-d inputs, 64-d heads, hidden 64, 1 block -- for tests only.
+
+Adding a preset (e.g. ``cavp-512`` for video<->audio) is one ``PRESETS[...] = ...`` line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULES = ("cosine", "linear")
+PREDICTIONS = ("x0", "eps", "v")
+BRIDGE_MODES = ("source", "noise")
+
+
+@dataclass
+class HeadsConfig:
+    """Light projection heads: frozen CLAP/CAVP embedding (B, E) -> contrastive space (B, dim)."""
+
+    dim: int = 512                 # head-space (contrastive space) dimension D
+    hidden: int = 512              # residual MLP width beside the linear map; 0 = linear head only
+    init_temperature: float = 0.07  # CLIP's initial InfoNCE temperature (Radford et al. 2021)
+    max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100 to keep training stable
+
+
+@dataclass
+class DenoiserConfig:
+    """One conditional denoiser x0_hat = f(x_t, t, condition) in head space."""
+
+    hidden: int = 512              # residual stream width H
+    depth: int = 3                 # number of adaLN-zero residual MLP blocks
+    mlp_ratio: float = 1.0         # block MLP width = mlp_ratio * H
+    time_freq_dim: int = 128       # sinusoidal timestep features before the timestep MLP
+    concat_condition: bool = True  # also feed the condition as input (issue 2: adaLN alone was ignored)
+    cond_dropout: float = 0.1      # P(condition -> learned null) during training, for CFG
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"         # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020)
+    num_train_timesteps: int = 1000  # T
+    prediction: str = "x0"           # network target: "x0" | "eps" | "v" (x0 worked best in the prototype)
+    sample_steps: int = 4            # K DDIM steps used by bridge() unless overridden
+    eta: float = 0.0                 # DDIM stochasticity; 0 = deterministic given the initial noise
+    guidance_scale: float = 1.0      # classifier-free guidance; 1 = conditional output only
+    bridge_mode: str = "source"      # "source": start from the noised source embedding at t0; "noise": from N(0, I)
+    bridge_t0: float = 0.3           # start time as a fraction of T for bridge_mode="source" (issue 2: 0.3T beat noise)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2400
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05      # cosine decays to lr * min_lr_ratio
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    lambda_x0: float = 0.1          # weight of InfoNCE on predicted clean embeddings (see diffgap.train.loss docstring)
+    x0_infonce_min_t: float = 0.5   # that InfoNCE only for t > x0_infonce_min_t * T
+    source_t_frac: float = 0.5      # fraction of each batch with t drawn in [0, bridge_t0*T] (what source-bridging sees)
+    seed: int = 0
+
+
+@dataclass
+class DiffGAPConfig:
+    name: str = "clap-512"
+    embed_dim: int = 512                               # E: CLAP/CAVP embedding dim (model inputs)
+    modalities: tuple[str, str] = ("text", "audio")
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
+            raise ValueError(f"preset {self.name!r}: modalities must be two distinct names, got {self.modalities}")
+        if self.diffusion.schedule not in SCHEDULES:
+            raise ValueError(f"preset {self.name!r}: schedule {self.diffusion.schedule!r} unknown; use one of {SCHEDULES}")
+        if self.diffusion.prediction not in PREDICTIONS:
+            raise ValueError(f"preset {self.name!r}: prediction {self.diffusion.prediction!r} unknown; use one of {PREDICTIONS}")
+        if self.diffusion.bridge_mode not in BRIDGE_MODES:
+            raise ValueError(f"preset {self.name!r}: bridge_mode {self.diffusion.bridge_mode!r} unknown; use one of {BRIDGE_MODES}")
+        if not 0.0 < self.diffusion.bridge_t0 <= 1.0:
+            raise ValueError(f"preset {self.name!r}: bridge_t0 must be in (0, 1], got {self.diffusion.bridge_t0}")
+        if min(self.embed_dim, self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
+            raise ValueError(f"preset {self.name!r}: dims and depth must be positive")
+
+    @property
+    def directions(self) -> tuple[str, str]:
+        """``("<b>_given_<a>", "<a>_given_<b>")``, e.g. ``("audio_given_text", "text_given_audio")``."""
+        a, b = self.modalities
+        return (f"{b}_given_{a}", f"{a}_given_{b}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["modalities"] = list(self.modalities)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiffGAPConfig":
+        subs = {"heads": HeadsConfig, "denoiser": DenoiserConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+        kw: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}; was it written by a newer diffgap?")
+        for k, v in d.items():
+            if k in subs:
+                sub_known = {f.name for f in dataclasses.fields(subs[k])}
+                bad = sorted(set(v) - sub_known)
+                if bad:
+                    raise ValueError(f"config section {k!r} has unknown keys {bad}; was it written by a newer diffgap?")
+                kw[k] = subs[k](**v)
+            else:
+                kw[k] = tuple(v) if k == "modalities" else v
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> "DiffGAPConfig":
+        """Copy with top-level or dotted changes, e.g. ``cfg.replace(**{"diffusion.prediction": "v"})``."""
+        d = self.to_dict()
+        for key, value in changes.items():
+            parts = key.split(".")
+            tgt = d
+            for p in parts[:-1]:
+                tgt = tgt[p]
+            if parts[-1] not in tgt:
+                raise ValueError(f"unknown config field {key!r}")
+            tgt[parts[-1]] = value
+        return DiffGAPConfig.from_dict(d)
+
+
+# ---- presets --------------------------------------------------------------------------------
+PRESETS: dict[str, DiffGAPConfig] = {}
+DEFAULT_PRESET = "clap-512"
+
+PRESETS["clap-512"] = DiffGAPConfig(name="clap-512")
+PRESETS["clap-tiny"] = DiffGAPConfig(
+    name="clap-tiny",
+    heads=HeadsConfig(dim=64, hidden=64),
+    denoiser=DenoiserConfig(hidden=64, depth=1, time_freq_dim=32),
+    train=TrainConfig(steps=60, batch_size=64, warmup_steps=5, lr=3e-3),
+)
+
+
+def get_preset(name: str) -> DiffGAPConfig:
+    """A fresh copy of the named preset (callers may mutate it)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return DiffGAPConfig.from_dict(PRESETS[name].to_dict())

@@ -1,0 +1,144 @@
+"""The fused fixed-step sampler: one exportable module per bridging direction.
+
+:class:`FusedSampler` wraps :meth:`diffgap.models.DiffGAP.bridge` -- contrastive heads on the
+condition, standardisation, the K DDIM steps (a Python loop over constant timesteps, so tracing
+unrolls it into one straight-line graph with every schedule coefficient baked in as a constant),
+x0 renormalisation, un-standardisation and the final L2 normalisation. Its I/O declaration:
+
+* ``condition (B, E) float32`` -- the frozen CLAP/CAVP embedding of the *source* modality;
+* ``noise (B, D) float32`` -- the caller's Gaussian draw (reproducible results; the graph holds no RNG);
+* ``guidance_scale (B, 1) float32`` -- classifier-free guidance per row, optional (the runtime fills
+  the exported default); absent when exported with ``guidance=False`` (conditional branch only,
+  half the graph);
+* ``embedding (B, D) float32`` -- the bridged, L2-normalised head-space embedding of the *target*.
+
+The sampler runs DDIM with eta = 0 (deterministic given ``noise``); the bridge mode ("noise": start
+from N(0, I) at t = T-1; "source": SDEdit-style start from the noised source at t0) is fixed at
+export and recorded, with K, the timesteps and the schedule, in the graph's metadata.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffgap.diffusion import DDIMSampler, timestep_start, timesteps_summary
+from diffgap.iospec import BATCH, IOSpec, TensorSpec
+from diffgap.models import parse_direction
+
+DEFAULT_BATCH = (1, 16, 256)  # min / opt / max batch of the TensorRT profile and Triton config
+
+
+def export_name(direction: str) -> str:
+    """``"audio_given_text"`` -> ``"diffgap_text_to_audio"`` (the fixed export names)."""
+    target, source = parse_direction(direction)
+    return f"diffgap_{source}_to_{target}"
+
+
+def direction_of(name: str) -> str:
+    """Inverse of :func:`export_name`."""
+    prefix = "diffgap_"
+    if not name.startswith(prefix) or "_to_" not in name:
+        raise ValueError(f"{name!r} is not a fused sampler export name (diffgap_<source>_to_<target>)")
+    source, _, target = name[len(prefix):].partition("_to_")
+    return f"{target}_given_{source}"
+
+
+class FusedSampler(nn.Module):
+    """``forward(condition (B, E), noise (B, D)[, guidance_scale (B, 1)]) -> embedding (B, D)``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        direction: str,
+        steps: int | None = None,
+        *,
+        guidance: bool = True,
+        mode: str | None = None,
+        t0: float | None = None,
+        batch: tuple[int, int, int] = DEFAULT_BATCH,
+    ) -> None:
+        super().__init__()
+        cfg = model.config
+        if direction not in cfg.directions:
+            raise ValueError(f"direction {direction!r} not in this model; it has {list(cfg.directions)}")
+        dcfg = cfg.diffusion
+        self.model = model.eval()
+        self.direction = direction
+        self.steps = int(dcfg.sample_steps if steps is None else steps)
+        self.mode = dcfg.bridge_mode if mode is None else mode
+        if self.mode not in ("noise", "source"):
+            raise ValueError(f"bridge mode {self.mode!r} unknown; use 'noise' or 'source'")
+        self.t0 = float(dcfg.bridge_t0 if t0 is None else t0)
+        self.guidance = bool(guidance)
+        self.default_guidance = float(dcfg.guidance_scale)
+        self.batch = batch
+        T = model.schedule.T
+        self.start = T - 1 if self.mode == "noise" else timestep_start(T, self.t0)
+        if not 1 <= self.steps <= self.start + 1:
+            where = "T" if self.mode == "noise" else f"the bridge start t0*T = {self.start + 1}"
+            raise ValueError(
+                f"--steps {self.steps} is invalid for bridge mode {self.mode!r}: use 1 <= K <= {self.start + 1} ({where})"
+            )
+        sampler = DDIMSampler(model.schedule)
+        self.timesteps = sampler.set_timesteps(self.steps, start=self.start)
+
+    @property
+    def name(self) -> str:
+        return export_name(self.direction)
+
+    def io_spec(self) -> IOSpec:
+        cfg = self.model.config
+        target, source = parse_direction(self.direction)
+        E, D = cfg.embed_dim, cfg.heads.dim
+        inputs = [
+            TensorSpec("condition", "float32", (BATCH, E), doc=f"frozen {source} embedding (CLAP/CAVP space)"),
+            TensorSpec("noise", "float32", (BATCH, D), doc="initial Gaussian noise N(0, I), caller-provided"),
+        ]
+        if self.guidance:
+            inputs.append(TensorSpec(
+                "guidance_scale", "float32", (BATCH, 1), optional=True, default=self.default_guidance,
+                low=0.0, high=8.0,
+                doc="classifier-free guidance scale per row (1 = conditional only)",
+            ))
+        return IOSpec(
+            name=self.name,
+            inputs=tuple(inputs),
+            outputs=(TensorSpec("embedding", "float32", (BATCH, D), doc=f"bridged L2-normalised {target} head-space embedding"),),
+            min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
+            meta=self.metadata(),
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """What is baked into the graph (also recorded in ONNX metadata_props and manifest.json)."""
+        cfg = self.model.config
+        target, source = parse_direction(self.direction)
+        d = cfg.diffusion
+        return {
+            "direction": self.direction,
+            "source": source,
+            "target": target,
+            "steps": self.steps,
+            "timesteps": timesteps_summary(self.timesteps),
+            "bridge_mode": self.mode,
+            "bridge_t0": self.t0 if self.mode == "source" else None,
+            "start_timestep": self.start,
+            "schedule": d.schedule,
+            "num_train_timesteps": d.num_train_timesteps,
+            "prediction": d.prediction,
+            "eta": 0.0,
+            "guidance_input": self.guidance,
+            "default_guidance_scale": self.default_guidance,
+            "embed_dim": cfg.embed_dim,
+            "head_dim": cfg.heads.dim,
+            "preset": cfg.name,
+        }
+
+    def forward(self, condition: torch.Tensor, noise: torch.Tensor, guidance_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if self.guidance and guidance_scale is None:
+            raise ValueError(f"{self.name} was built with a guidance_scale input; pass guidance_scale (B, 1)")
+        g = guidance_scale if self.guidance else 1.0
+        return self.model.bridge(
+            self.direction, condition, noise, steps=self.steps, guidance_scale=g, mode=self.mode, t0=self.t0, eta=0.0,
+        )

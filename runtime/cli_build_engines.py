@@ -1,0 +1,40 @@
+"""``diffgap build-engines EXPORT_DIR``: TensorRT engines for every model of an export (GPU host)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "build TensorRT engines (strongly typed, from the FP16 ONNX) for an export directory; GPU host only"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="directory written by `diffgap export`")
+    p.add_argument("--models", nargs="+", metavar="NAME", help="only these models (default: every model in manifest.json)")
+    p.add_argument("--precision", nargs="+", choices=("fp16", "fp32"), default=["fp16"],
+                   help="engines to build: fp16 from <name>.fp16.onnx, fp32 from <name>.onnx (default: fp16)")
+    p.add_argument("--engine-dir", metavar="DIR", help="engine cache directory (default: EXPORT_DIR/engines)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), metavar="{0..5}",
+                   help="TensorRT builder optimisation level (default: 3)")
+    p.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit in MiB (default: TensorRT's)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-rebuild", action="store_true",
+                   help="refuse (exit 2) instead of rebuilding engines built for another export, TensorRT or GPU")
+    g.add_argument("--force", action="store_true", help="rebuild every engine even when its cache key matches")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffgap.cli import UserError
+
+    from .engine import BuildSettings, build_engines
+
+    try:
+        decisions = build_engines(
+            args.export_dir, models=args.models, precisions=args.precision, engine_dir=args.engine_dir,
+            settings=BuildSettings(opt_level=args.opt_level, workspace_mib=args.workspace_mib),
+            rebuild=not args.no_rebuild, force=args.force, device=args.device,
+        )
+    except (ImportError, RuntimeError) as e:
+        raise UserError(str(e)) from e
+    for d in decisions:
+        print(f"{d.action:8s} {d.model:28s} {d.precision}  {d.plan}  ({d.reason})")
+    return 0

@@ -1,0 +1,564 @@
+"""The Pipeline API: encoder -> fused DiffGAP sampler, and gallery search. Torch-free.
+
+- :class:`TextToAudioBridge` / :class:`AudioToTextBridge`: raw text / audio (or precomputed CLAP
+  embeddings) -> CLAP embedding (B, E) -> the fused sampler ``diffgap_<source>_to_<target>`` ->
+  the bridged target-modality embedding (B, D) and the source's own head-space embedding (B, D).
+- :class:`AudioSearch`: a gallery index file (audio embeddings + ids, and the gallery-side bridged
+  embeddings computed once at index time) answering text queries with audio ids, and audio queries
+  with captions.
+
+Reproducibility: the sampler's initial noise comes from :func:`make_noise`, where row b is drawn from
+``numpy.random.default_rng(seed_b)``; a query's result therefore depends only on its own input and
+seed, never on the batch it was sent with (the Triton models use the same function).
+
+Scoring (issue 2, "retrieval with bridging"): for a query q of modality s and a gallery item g of
+modality t, with raw CLAP embeddings x, head-space projections h and bridged embeddings b (all unit
+norm)::
+
+    score = w_raw * <x_q, x_g>  +  w_head * <h_q, h_g>
+          + w_query * <b_{s->t}(q), h_g>  +  w_gallery * <h_q, b_{t->s}(g)>
+
+The weights default to the export's ``fusion_weights`` (manifest ``extra``) when the checkpoint
+recorded them, else :data:`DEFAULT_WEIGHTS`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from diffgap.fsutil import atomic_path
+from diffgap.manifest import Manifest
+
+from .session import Session, open_model
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "diffgap-index/1"
+DEFAULT_SEED = 0
+# The fused sampler's declared tensor roles (the exporter's IOSpec uses exactly these names; they
+# are checked against the manifest's IOSpec when a bridge is opened, never assumed silently).
+SAMPLER_CONDITION = "condition"        # (B, E) CLAP embedding of the source modality
+SAMPLER_NOISE = "noise"                # (B, D) initial Gaussian noise
+SAMPLER_GUIDANCE = "guidance_scale"    # optional
+SAMPLER_BRIDGED = "embedding"          # (B, D) bridged, L2-normalised, target head space
+SAMPLER_PROJECTED = "source_embedding"  # (B, D) the condition's own L2-normalised head-space embedding
+SCORE_TERMS = ("raw", "head", "query_bridge", "gallery_bridge")
+# Equal weights: a neutral default when the checkpoint carries no validated fusion weights.
+DEFAULT_WEIGHTS = {k: 0.25 for k in SCORE_TERMS}
+
+
+def sampler_name(source: str, target: str) -> str:
+    return f"diffgap_{source}_to_{target}"
+
+
+def encoder_name(modality: str) -> str:
+    return f"clap_{modality}_encoder"
+
+
+def make_noise(seeds: int | Sequence[int] | np.ndarray, batch: int, dim: int) -> np.ndarray:
+    """Initial sampler noise ``(batch, dim)`` float32; row b ~ N(0, I) from ``default_rng(seed_b)``.
+
+    ``seeds`` is one int (used for every row) or one int per row.
+    """
+    s = np.asarray(seeds, dtype=np.int64)
+    if s.ndim == 0:
+        s = np.full(batch, int(s), dtype=np.int64)
+    if s.shape != (batch,):
+        raise ValueError(f"seeds must be one int or {batch} ints, got shape {s.shape}")
+    if (s < 0).any():
+        raise ValueError("seeds must be non-negative integers")
+    out = np.empty((batch, dim), dtype=np.float32)
+    cache: dict[int, np.ndarray] = {}
+    for b, seed in enumerate(s.tolist()):
+        if seed not in cache:
+            cache[seed] = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+        out[b] = cache[seed]
+    return out
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _check_embeddings(name: str, x: np.ndarray, dim: int) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name} must be (N, {dim}), got shape {x.shape}; use embeddings of this model's CLAP space")
+    if x.dtype.kind != "f":
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        row = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise ValueError(f"{name} contains NaN/Inf (first at row {row}); clean the input")
+    return x
+
+
+def _batches(n: int, size: int) -> Iterable[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+@dataclass
+class BridgeResult:
+    """``source``: CLAP embeddings (B, E); ``projected``: their head-space embeddings (B, D);
+    ``bridged``: the sampler's target-modality embeddings (B, D). All L2-normalised float32."""
+
+    source: np.ndarray
+    projected: np.ndarray
+    bridged: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------
+# bridges
+# ----------------------------------------------------------------------------------------------
+class Bridge:
+    """Encoder -> fused sampler for one direction ``source -> target`` of an export directory."""
+
+    source = ""
+    target = ""
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike | Manifest,
+        backend: str = "ort-cpu",
+        precision: str = "fp32",
+        *,
+        seed: int = DEFAULT_SEED,
+        guidance_scale: float | None = None,
+        verify: bool = True,
+        **session_options: Any,
+    ) -> None:
+        self.manifest = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
+        self.backend, self.precision = backend, precision
+        self.seed = int(seed)
+        self.guidance_scale = guidance_scale
+        self._verify = verify
+        self._session_options = session_options
+        self.sampler: Session = open_model(
+            self.manifest, sampler_name(self.source, self.target), backend, precision, verify=verify, **session_options
+        )
+        io = self.sampler.io
+        for role in (SAMPLER_CONDITION, SAMPLER_NOISE):
+            if role not in io.input_names:
+                raise ValueError(f"{io.name}: the sampler declares inputs {io.input_names}, expected {role!r}; re-export with this diffgap version")
+        for role in (SAMPLER_BRIDGED, SAMPLER_PROJECTED):
+            if role not in io.output_names:
+                raise ValueError(f"{io.name}: the sampler declares outputs {io.output_names}, expected {role!r}; re-export with this diffgap version")
+        self.embed_dim = io.input(SAMPLER_CONDITION).feature_shape[0]   # E
+        self.head_dim = io.input(SAMPLER_NOISE).feature_shape[0]        # D
+        if self.embed_dim != self.manifest.embed_dim:
+            raise ValueError(f"{io.name}: condition dim {self.embed_dim} != export embed_dim {self.manifest.embed_dim}; re-export")
+        self._encoder: Session | None = None
+
+    @property
+    def encoder(self) -> Session:
+        """The source modality's CLAP encoder, opened on first use (embedding-only callers never load it)."""
+        if self._encoder is None:
+            self._encoder = open_model(
+                self.manifest, encoder_name(self.source), self.backend, self.precision, verify=self._verify, **self._session_options
+            )
+        return self._encoder
+
+    def bridge_embeddings(
+        self,
+        condition: np.ndarray,
+        seed: int | Sequence[int] | None = None,
+        noise: np.ndarray | None = None,
+        guidance_scale: float | None = None,
+    ) -> BridgeResult:
+        """Bridge CLAP embeddings ``condition (B, E)``; batches above the sampler's max are chunked."""
+        cond = _check_embeddings("condition", condition, self.embed_dim)
+        B = cond.shape[0]
+        if B == 0:
+            raise ValueError("no inputs to bridge")
+        if noise is None:
+            noise = make_noise(self.seed if seed is None else seed, B, self.head_dim)
+        elif noise.shape != (B, self.head_dim) or noise.dtype != np.float32:
+            raise ValueError(f"noise must be float32 ({B}, {self.head_dim}), got {noise.dtype}{list(noise.shape)}")
+        g = self.guidance_scale if guidance_scale is None else guidance_scale
+        io = self.sampler.io
+        projected = np.empty((B, self.head_dim), np.float32)
+        bridged = np.empty((B, self.head_dim), np.float32)
+        for sl in _batches(B, io.max_batch):
+            feeds = {SAMPLER_CONDITION: cond[sl], SAMPLER_NOISE: np.ascontiguousarray(noise[sl])}
+            if g is not None:
+                if SAMPLER_GUIDANCE not in io.input_names:
+                    raise ValueError(f"{io.name} was exported without a guidance input; re-export with guidance or drop guidance_scale")
+                spec = io.input(SAMPLER_GUIDANCE)
+                feeds[SAMPLER_GUIDANCE] = np.full(spec.concrete(sl.stop - sl.start), g, dtype=spec.np_dtype)
+            out = self.sampler.infer(feeds)
+            bridged[sl] = out[SAMPLER_BRIDGED]
+            projected[sl] = out[SAMPLER_PROJECTED]
+        return BridgeResult(source=cond, projected=projected, bridged=bridged)
+
+    def encode(self, inputs: Any) -> np.ndarray:
+        """Raw inputs -> CLAP embeddings (B, E) float32 (implemented per source modality)."""
+        raise NotImplementedError
+
+    def __call__(self, inputs: Any, seed: int | Sequence[int] | None = None, guidance_scale: float | None = None) -> BridgeResult:
+        return self.bridge_embeddings(self.encode(inputs), seed=seed, guidance_scale=guidance_scale)
+
+    def _run_encoder(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        enc = self.encoder
+        n = len(next(iter(feeds.values())))
+        out_name = enc.io.output_names[0]
+        parts = [enc.infer({k: v[sl] for k, v in feeds.items()})[out_name] for sl in _batches(n, enc.io.max_batch)]
+        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.sampler.close()
+        if self._encoder is not None:
+            self._encoder.close()
+
+    def __enter__(self) -> "Bridge":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class TextToAudioBridge(Bridge):
+    """Captions -> CLAP text embeddings -> bridged audio head-space embeddings."""
+
+    source, target = "text", "audio"
+
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer the text encoder declares (``io.meta["tokenizer"]``), loaded from the export's
+        ``tokenizer`` asset (laion-clap's BPE vocab or RoBERTa's tokenizer.json)."""
+        if self._tokenizer is None:
+            from diffgap.tokenizer import load_tokenizer
+
+            kind = self.encoder.io.meta.get("tokenizer")
+            if not kind:
+                raise ValueError(f"{self.encoder.name} declares no tokenizer in its I/O metadata; re-export")
+            asset = self.manifest.asset("tokenizer")
+            self._tokenizer = load_tokenizer(kind, asset.parent if kind == "roberta" and asset.is_file() else asset)
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Captions -> the text encoder's feeds (token ids, and a mask where the encoder declares one)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a list of strings")
+        if not texts:
+            raise ValueError("no texts given")
+        if any(not t.strip() for t in texts):
+            raise ValueError("empty caption in texts; every query needs some text")
+        return self.tokenizer.feeds(list(texts))
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._run_encoder(self.tokenize(texts))
+
+
+class AudioToTextBridge(Bridge):
+    """Audio (file paths, or waveforms already prepared by :func:`diffgap.audio.prepare_clips`) ->
+    CLAP audio embeddings -> bridged text head-space embeddings."""
+
+    source, target = "audio", "text"
+
+    def waveforms(self, inputs: Sequence[str | os.PathLike] | np.ndarray, long_clip: str = "center") -> np.ndarray:
+        """(B, samples) float32 CLAP inputs; paths are decoded with diffgap.audio's laion-clap data path."""
+        spec = self.encoder.io.inputs[0]
+        if isinstance(inputs, np.ndarray):
+            if inputs.ndim != 2 or inputs.shape[1:] != spec.feature_shape:
+                raise ValueError(
+                    f"waveforms must be (B, {spec.feature_shape[0]}) prepared with diffgap.audio.prepare_clips, got {inputs.shape}"
+                )
+            return inputs.astype(np.float32, copy=False)
+        from diffgap import audio
+
+        if long_clip == "chunks":
+            raise ValueError("long_clip='chunks' gives several windows per file; use 'center' or 'start' here")
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        if not inputs:
+            raise ValueError("no audio given")
+        return np.concatenate([audio.load_clips(p, long_clip=long_clip) for p in inputs], axis=0).astype(np.float32)
+
+    def encode(self, inputs: Sequence[str | os.PathLike] | np.ndarray) -> np.ndarray:
+        wav = self.waveforms(inputs)
+        return self._run_encoder({self.encoder.io.inputs[0].name: wav})
+
+
+# ----------------------------------------------------------------------------------------------
+# the gallery index
+# ----------------------------------------------------------------------------------------------
+def _model_identity(man: Manifest, head_dim: int) -> dict[str, Any]:
+    return {
+        "checkpoint_sha256": man.checkpoint_sha256,
+        "preset": man.preset,
+        "embed_dim": man.embed_dim,
+        "head_dim": head_dim,
+    }
+
+
+def fusion_weights(man: Manifest, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    w = dict(weights) if weights is not None else dict(man.extra.get("fusion_weights", DEFAULT_WEIGHTS))
+    unknown = sorted(set(w) - set(SCORE_TERMS))
+    if unknown:
+        raise ValueError(f"unknown score terms {unknown}; use {list(SCORE_TERMS)}")
+    w = {k: float(w.get(k, 0.0)) for k in SCORE_TERMS}
+    if not any(w.values()) or any(not np.isfinite(v) for v in w.values()):
+        raise ValueError(f"fusion weights must be finite and not all zero, got {w}")
+    return w
+
+
+def build_index(
+    export_dir: str | os.PathLike | Manifest,
+    out: str | os.PathLike,
+    *,
+    audio: np.ndarray,
+    ids: Sequence[str] | np.ndarray,
+    captions: Sequence[str] | np.ndarray | None = None,
+    text: np.ndarray | None = None,
+    caption_ids: Sequence[str] | np.ndarray | None = None,
+    backend: str = "ort-cpu",
+    precision: str = "fp32",
+    seed: int = DEFAULT_SEED,
+    guidance_scale: float | None = None,
+) -> Path:
+    """Write a gallery index ``.npz`` atomically.
+
+    ``audio (N, E)``: CLAP audio embeddings of the gallery, ``ids (N,)``. Optionally the caption side
+    for audio -> text queries: ``captions (M,)`` with their CLAP text embeddings ``text (M, E)`` (or
+    without ``text``, encoded here with the export's text encoder) and ``caption_ids (M,)``.
+    Gallery-side bridged embeddings (audio -> text for text queries, text -> audio for audio queries)
+    are computed here, once, with ``seed``.
+    """
+    man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
+    ids = np.asarray(ids).astype(str)
+    audio = _check_embeddings("audio", audio, man.embed_dim)
+    if ids.shape != (audio.shape[0],):
+        raise ValueError(f"ids must be ({audio.shape[0]},) to match audio, got {ids.shape}")
+    if len(set(ids.tolist())) != len(ids):
+        raise ValueError("gallery ids must be unique")
+    t0 = time.perf_counter()
+    with AudioToTextBridge(man, backend, precision, seed=seed, guidance_scale=guidance_scale) as a2t:
+        ga = a2t.bridge_embeddings(_l2n(audio))
+        head_dim = a2t.head_dim
+    arrays: dict[str, np.ndarray] = {
+        "ids": ids,
+        "audio_clap": ga.source,
+        "audio_head": ga.projected,
+        "audio_bridged": ga.bridged,    # gallery-side: audio bridged into text head space
+    }
+    if captions is not None or text is not None:
+        with TextToAudioBridge(man, backend, precision, seed=seed, guidance_scale=guidance_scale) as t2a:
+            if text is None:
+                if captions is None:
+                    raise ValueError("pass captions (and optionally their CLAP text embeddings)")
+                text = t2a.encode(list(np.asarray(captions).astype(str)))
+            text = _check_embeddings("text", text, man.embed_dim)
+            gt = t2a.bridge_embeddings(_l2n(text))
+        M = text.shape[0]
+        cap = np.asarray(captions).astype(str) if captions is not None else np.array([""] * M)
+        cid = np.asarray(caption_ids).astype(str) if caption_ids is not None else np.array([str(i) for i in range(M)])
+        if cap.shape != (M,) or cid.shape != (M,):
+            raise ValueError(f"captions and caption_ids must be ({M},) to match text, got {cap.shape} and {cid.shape}")
+        arrays.update({
+            "caption_ids": cid, "captions": cap, "text_clap": gt.source,
+            "text_head": gt.projected, "text_bridged": gt.bridged,   # caption side bridged into audio head space
+        })
+    meta = {
+        "format": INDEX_FORMAT,
+        "model": _model_identity(man, head_dim),
+        "seed": int(seed),
+        "guidance_scale": guidance_scale,
+        "backend": backend,
+        "precision": precision,
+        "export_dir": str(man.root.resolve()),
+        "count": int(audio.shape[0]),
+        "captions": int(arrays["caption_ids"].shape[0]) if "caption_ids" in arrays else 0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "index_seconds": round(time.perf_counter() - t0, 3),
+    }
+    arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:  # a file object stops np.savez appending ".npz" to the temp name
+            np.savez(f, **arrays)
+    log.info("wrote index %s (%d audio, %d captions)", out, meta["count"], meta["captions"])
+    return out
+
+
+@dataclass
+class GalleryIndex:
+    path: Path
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GalleryIndex":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"index {path} not found; build it with `diffgap index EXPORT_DIR ... --out {path}`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable index file ({e}); rebuild it with `diffgap index`") from None
+        if "meta" not in arrays:
+            raise ValueError(f"{path} is not a diffgap index (no meta); rebuild it with `diffgap index`")
+        try:
+            meta = json.loads(str(arrays.pop("meta")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: index metadata is not valid json ({e}); rebuild it") from None
+        if meta.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path} has format {meta.get('format')!r}, expected {INDEX_FORMAT!r}; rebuild it with `diffgap index`")
+        need = ("ids", "audio_clap", "audio_head", "audio_bridged")
+        missing = [k for k in need if k not in arrays]
+        if missing:
+            raise ValueError(f"{path} lacks arrays {missing}; rebuild it with `diffgap index`")
+        m = meta["model"]
+        n = arrays["ids"].shape[0]
+        shapes = {"audio_clap": (n, m["embed_dim"]), "audio_head": (n, m["head_dim"]), "audio_bridged": (n, m["head_dim"])}
+        if "caption_ids" in arrays:
+            c = arrays["caption_ids"].shape[0]
+            shapes.update({"text_clap": (c, m["embed_dim"]), "text_head": (c, m["head_dim"]), "text_bridged": (c, m["head_dim"])})
+        for k, s in shapes.items():
+            if arrays.get(k) is None or arrays[k].shape != s:
+                raise ValueError(f"{path}: array {k} has shape {None if arrays.get(k) is None else arrays[k].shape}, expected {s}; rebuild the index")
+        return cls(path, meta, arrays)
+
+    @property
+    def has_captions(self) -> bool:
+        return "caption_ids" in self.arrays
+
+    def check_model(self, man: Manifest, head_dim: int) -> None:
+        """Refuse an index made by another model (dim, preset or checkpoint differ)."""
+        want = _model_identity(man, head_dim)
+        have = self.meta["model"]
+        diff = [f"{k} {have.get(k)!r} (index) vs {want[k]!r} (export)" for k in want if have.get(k) != want[k]]
+        if diff:
+            raise ValueError(f"index {self.path} was built with another model: {'; '.join(diff)}; rebuild it with `diffgap index` for this export")
+
+
+def fuse_scores(
+    query: BridgeResult,
+    gallery_clap: np.ndarray,
+    gallery_head: np.ndarray,
+    gallery_bridged: np.ndarray,
+    weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+) -> np.ndarray:
+    """Fused similarity (Q, N) of bridged queries against a gallery (see the module docstring).
+
+    ``query``: the queries' :class:`BridgeResult`; ``gallery_clap (N, E)``, ``gallery_head (N, D)``,
+    ``gallery_bridged (N, D)``: the gallery's raw, head-space and bridged embeddings (an index's
+    ``audio_*`` or ``text_*`` arrays).
+    """
+    w = {k: float(weights.get(k, 0.0)) for k in SCORE_TERMS}
+    s = np.zeros((query.source.shape[0], gallery_clap.shape[0]), np.float32)
+    if w["raw"]:
+        s += w["raw"] * (_l2n(query.source) @ gallery_clap.T)
+    if w["head"]:
+        s += w["head"] * (query.projected @ gallery_head.T)
+    if w["query_bridge"]:
+        s += w["query_bridge"] * (query.bridged @ gallery_head.T)
+    if w["gallery_bridge"]:
+        s += w["gallery_bridge"] * (query.projected @ gallery_bridged.T)
+    return s
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (Q, k'), scores (Q, k')) of the k best per row, best first, k' = min(k, N); ties
+    go to the lower index (stable sort), so results are deterministic."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
+    return idx, np.take_along_axis(scores, idx, axis=1)
+
+
+class AudioSearch:
+    """Text -> audio search over a gallery index (and audio -> caption search when it has captions).
+
+    ``search(texts, k)`` returns ``(ids (Q, k) str, scores (Q, k) float32)``, best first.
+    """
+
+    def __init__(
+        self,
+        index: str | os.PathLike,
+        export_dir: str | os.PathLike | Manifest,
+        backend: str = "ort-cpu",
+        precision: str = "fp32",
+        *,
+        seed: int = DEFAULT_SEED,
+        weights: Mapping[str, float] | None = None,
+        **session_options: Any,
+    ) -> None:
+        self.manifest = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
+        self.index = GalleryIndex.load(index)
+        self.weights = fusion_weights(self.manifest, weights)
+        gs = self.index.meta.get("guidance_scale")
+        self.t2a = TextToAudioBridge(self.manifest, backend, precision, seed=seed, guidance_scale=gs, **session_options)
+        self.index.check_model(self.manifest, self.t2a.head_dim)
+        self._a2t: AudioToTextBridge | None = None
+        self._opts = dict(backend=backend, precision=precision, seed=seed, guidance_scale=gs, **session_options)
+
+    @property
+    def a2t(self) -> AudioToTextBridge:
+        if self._a2t is None:
+            self._a2t = AudioToTextBridge(self.manifest, **self._opts)
+        return self._a2t
+
+    # -- text -> audio ----------------------------------------------------------------------
+    def score_text_embeddings(self, text: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
+        """CLAP text embeddings (Q, E) -> fused scores against every gallery audio (Q, N)."""
+        q = self.t2a.bridge_embeddings(_l2n(_check_embeddings("text", text, self.t2a.embed_dim)), seed=seed)
+        a = self.index.arrays
+        return fuse_scores(q, a["audio_clap"], a["audio_head"], a["audio_bridged"], self.weights)
+
+    def search_embeddings(self, text: np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """CLAP text embeddings (Q, E) -> (ids (Q, k), scores (Q, k)), best first."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        idx, scores = top_k(self.score_text_embeddings(text, seed), k)
+        return self.index.arrays["ids"][idx], scores
+
+    def search(self, texts: Sequence[str], k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Captions -> (ids (Q, k), scores (Q, k)) of the best-matching gallery audio."""
+        return self.search_embeddings(self.t2a.encode(texts), k, seed)
+
+    # -- audio -> captions ------------------------------------------------------------------
+    def _require_captions(self) -> None:
+        if not self.index.has_captions:
+            raise ValueError(f"index {self.index.path} has no captions; rebuild it with captions (`diffgap index --npz` with a text array)")
+
+    def score_audio_embeddings(self, audio: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
+        self._require_captions()
+        q = self.a2t.bridge_embeddings(_l2n(_check_embeddings("audio", audio, self.a2t.embed_dim)), seed=seed)
+        a = self.index.arrays
+        return fuse_scores(q, a["text_clap"], a["text_head"], a["text_bridged"], self.weights)
+
+    def search_captions_embeddings(self, audio: np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CLAP audio embeddings -> (caption ids, captions, scores), each (Q, k)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        idx, scores = top_k(self.score_audio_embeddings(audio, seed), k)
+        a = self.index.arrays
+        return a["caption_ids"][idx], a["captions"][idx], scores
+
+    def search_captions(self, audio: Sequence[str | os.PathLike] | np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Audio files (or prepared waveforms) -> (caption ids, captions, scores), each (Q, k)."""
+        self._require_captions()
+        return self.search_captions_embeddings(self.a2t.encode(audio), k, seed)
+
+    def close(self) -> None:
+        self.t2a.close()
+        if self._a2t is not None:
+            self._a2t.close()
+
+    def __enter__(self) -> "AudioSearch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,360 @@
+"""One small inference interface for every backend: ``load -> infer(dict) -> dict``.
+
+Backends (the caller names one and gets it, or a clear error — never a silent fallback):
+
+- ``"ort-cpu"``   onnxruntime, CPU execution provider (the embedded default);
+- ``"ort-cuda"``  onnxruntime, CUDA execution provider;
+- ``"ort-trt"``   onnxruntime, TensorRT execution provider;
+- ``"tensorrt"``  TensorRT engine + pycuda (:class:`diffgap.runtime.trt_session.TrtSession`).
+
+Every session carries the module's :class:`~diffgap.iospec.IOSpec` (from the export manifest, the
+ONNX ``metadata_props`` key :data:`ONNX_IO_SPEC_KEY`, or an engine's sidecar json), checks every feed
+against it (dtype, rank, shape, batch vs the profile, NaN/Inf) before running, fills omitted optional
+inputs with their declared default, and checks every output against it afterwards.
+
+Torch-free: numpy + onnxruntime (imported lazily) + the contract modules.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from diffgap.fsutil import sha256_file
+from diffgap.iospec import IOSpec, TensorSpec
+from diffgap.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+# The ONNX metadata_props key under which the exporter stores ``IOSpec.to_dict()`` as json
+# (agreed with export/onnx_export.py).
+ONNX_IO_SPEC_KEY = "diffgap.io_spec"
+
+# Execution providers each ORT backend asks for, in priority order. The CPU provider is listed last
+# on purpose: ORT runs the few nodes an accelerator EP does not claim on CPU (per-node placement,
+# documented ORT behaviour); whether the *requested* EP is active is checked after creation.
+_ORT_PROVIDERS = {
+    "ort-cpu": ["CPUExecutionProvider"],
+    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+# onnxruntime's NodeArg.type strings for the dtypes IOSpec knows.
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
+
+
+def check_backend(backend: str, precision: str = "fp32") -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+
+
+class Session:
+    """The interface every backend implements.
+
+    ``infer(feeds)`` takes ``{input name: ndarray}`` exactly as the IOSpec declares them (optional
+    inputs may be omitted) and returns ``{output name: ndarray}`` with the declared dtypes and shapes.
+    """
+
+    backend: str = ""
+
+    def __init__(self, io: IOSpec, path: Path, precision: str) -> None:
+        self.io = io
+        self.path = Path(path)
+        self.precision = precision
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.io.name
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.io.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.io.outputs
+
+    @property
+    def max_batch(self) -> int:
+        return self.io.max_batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, backend={self.backend!r}, precision={self.precision!r}, path={str(self.path)!r})"
+
+    # -- running ----------------------------------------------------------------------------
+    def prepare_feeds(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """Validate ``feeds`` against the IOSpec; return (batch, feeds with optional defaults filled)."""
+        batch = self.io.check_feeds(feeds)
+        full: dict[str, np.ndarray] = {}
+        for t in self.io.inputs:
+            if t.name in feeds:
+                full[t.name] = np.ascontiguousarray(feeds[t.name])
+            else:  # check_feeds only lets optional inputs through missing
+                if t.default is None:
+                    raise ValueError(f"{self.name}: optional input {t.name!r} has no declared default; pass it explicitly")
+                full[t.name] = np.full(t.concrete(batch), t.default, dtype=t.np_dtype)
+        return batch, full
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch, full = self.prepare_feeds(feeds)
+        out = self._run(full, batch)
+        self._check_outputs(out, batch)
+        return out
+
+    def _run(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError  # implemented by each backend
+
+    def _check_outputs(self, out: Mapping[str, np.ndarray], batch: int) -> None:
+        for t in self.io.outputs:
+            y = out.get(t.name)
+            if y is None:
+                raise RuntimeError(f"{self.name} ({self.backend}): model produced no output {t.name!r}; the file does not match its I/O declaration")
+            if y.dtype != t.np_dtype or tuple(y.shape) != t.concrete(batch):
+                raise RuntimeError(
+                    f"{self.name} ({self.backend}): output {t.name!r} is {y.dtype}{list(y.shape)}, declared "
+                    f"{t.dtype}{list(t.concrete(batch))}; the file does not match its I/O declaration, re-export"
+                )
+
+    def close(self) -> None:
+        """Release backend resources (idempotent)."""
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# onnxruntime
+# ----------------------------------------------------------------------------------------------
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - the runtime extra is missing
+        raise ImportError("onnxruntime is not installed; `pip install diffgap[runtime]` (or [gpu] on a GPU host)") from e
+    return ort
+
+
+def io_spec_from_metadata(meta: Mapping[str, str], where: str) -> IOSpec:
+    """The IOSpec stored as json under :data:`ONNX_IO_SPEC_KEY` in ONNX ``metadata_props``."""
+    if ONNX_IO_SPEC_KEY not in meta:
+        raise ValueError(
+            f"{where} carries no {ONNX_IO_SPEC_KEY!r} metadata; export it with `diffgap export` or pass the "
+            f"I/O declaration explicitly (open it through the export dir with open_model)"
+        )
+    try:
+        d = json.loads(meta[ONNX_IO_SPEC_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: metadata {ONNX_IO_SPEC_KEY!r} is not valid json ({e}); re-export") from e
+    return IOSpec.from_dict(d)
+
+
+class OrtSession(Session):
+    """An onnxruntime ``InferenceSession`` behind the common interface.
+
+    ``backend`` picks the execution provider; if that provider cannot be created on this machine
+    (ORT itself would quietly fall back to CPU) the constructor raises ``RuntimeError``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        io: IOSpec | None = None,
+        backend: str = "ort-cpu",
+        precision: str = "fp32",
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        graph_optimization: str = "all",
+        provider_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_backend(backend, precision)
+        if backend not in _ORT_PROVIDERS:
+            raise ValueError(f"OrtSession runs {sorted(_ORT_PROVIDERS)}, not {backend!r}; use TrtSession for 'tensorrt'")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {path} not found; run `diffgap export` or check the path")
+        ort = _import_ort()
+        self.backend = backend
+        wanted = _ORT_PROVIDERS[backend][0]
+        if wanted not in ort.get_available_providers():
+            raise RuntimeError(
+                f"backend {backend!r} needs onnxruntime's {wanted}, which this onnxruntime build lacks "
+                f"(has {ort.get_available_providers()}); install onnxruntime-gpu or choose backend='ort-cpu'"
+            )
+
+        so = ort.SessionOptions()
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if graph_optimization not in levels:
+            raise ValueError(f"graph_optimization must be one of {sorted(levels)}, got {graph_optimization!r}")
+        so.graph_optimization_level = levels[graph_optimization]
+        if intra_op_threads is not None:
+            so.intra_op_num_threads = int(intra_op_threads)
+        if inter_op_threads is not None:
+            so.inter_op_num_threads = int(inter_op_threads)
+        so.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+
+        providers: list[Any] = []
+        for p in _ORT_PROVIDERS[backend]:
+            opts = dict(provider_options or {}) if p == wanted and p != "CPUExecutionProvider" else {}
+            providers.append((p, opts) if opts else p)
+        try:
+            self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e:  # InvalidProtobuf / Fail / InvalidGraph: a truncated or foreign file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path} is not a loadable ONNX model ({first[:300]}); re-export it with `diffgap export`") from e
+        active = self._sess.get_providers()
+        if wanted not in active:
+            # ORT drops an EP whose libraries/driver/GPU are missing and carries on with CPU.
+            raise RuntimeError(
+                f"backend {backend!r}: onnxruntime could not initialise {wanted} on this machine (active "
+                f"providers: {active}; check the CUDA/cuDNN/TensorRT libraries and that a GPU is visible), "
+                f"or choose backend='ort-cpu'"
+            )
+        if io is None:
+            io = io_spec_from_metadata(self._sess.get_modelmeta().custom_metadata_map, str(path))
+        super().__init__(io, path, precision)
+        self._check_graph_matches_io()
+        self._output_names = self.io.output_names
+        log.debug("loaded %s with providers %s", path, active)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._sess.get_providers())
+
+    def _check_graph_matches_io(self) -> None:
+        """The graph's own I/O must be exactly the declaration (catches a foreign or stale file)."""
+
+        def compare(kind: str, args, specs: tuple[TensorSpec, ...]) -> None:
+            got = {a.name: a for a in args}
+            want = {t.name for t in specs}
+            if set(got) != want:
+                raise ValueError(
+                    f"{self.path}: graph {kind}s {sorted(got)} differ from the declared {sorted(want)} of "
+                    f"{self.io.name!r}; the file belongs to another model or export, re-export it"
+                )
+            for t in specs:
+                a = got[t.name]
+                dtype = _ORT_TYPES.get(a.type, a.type)
+                if dtype != t.dtype:
+                    raise ValueError(f"{self.path}: {kind} {t.name!r} is {a.type} in the graph but declared {t.dtype}; re-export")
+                if len(a.shape) != len(t.shape):
+                    raise ValueError(f"{self.path}: {kind} {t.name!r} has rank {len(a.shape)} in the graph but declared {list(t.shape)}; re-export")
+                for g, s in zip(a.shape[1:], t.shape[1:]):
+                    if isinstance(g, int) and g != s:
+                        raise ValueError(f"{self.path}: {kind} {t.name!r} has shape {a.shape} in the graph but declared {list(t.shape)}; re-export")
+
+        compare("input", self._sess.get_inputs(), self.io.inputs)
+        compare("output", self._sess.get_outputs(), self.io.outputs)
+
+    def _run(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        if self._sess is None:
+            raise RuntimeError(f"{self.name}: session is closed")
+        ys = self._sess.run(self._output_names, feeds)
+        return dict(zip(self._output_names, ys))
+
+    def close(self) -> None:
+        self._sess = None  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------------------------
+# factories
+# ----------------------------------------------------------------------------------------------
+def load(
+    path: str | Path,
+    backend: str | None = None,
+    io: IOSpec | None = None,
+    precision: str = "fp32",
+    **options: Any,
+) -> Session:
+    """Open one model file: ``.onnx`` with onnxruntime (default backend ``ort-cpu``), ``.plan`` /
+    ``.engine`` with TensorRT. ``io`` defaults to the file's own declaration (ONNX metadata or the
+    engine's sidecar json)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if backend is None:
+        backend = "tensorrt" if suffix in (".plan", ".engine") else "ort-cpu"
+    check_backend(backend, precision)
+    if backend == "tensorrt":
+        if suffix == ".onnx":
+            raise ValueError(f"backend 'tensorrt' runs built engines, not {path.name}; run `diffgap build-engines` first")
+        from .trt_session import TrtSession
+
+        return TrtSession(path, io=io, precision=precision, **options)
+    if suffix not in (".onnx", ""):
+        raise ValueError(f"backend {backend!r} runs ONNX files, not {path.name}")
+    return OrtSession(path, io=io, backend=backend, precision=precision, **options)
+
+
+def verify_export_file(man: Manifest, rel: str) -> None:
+    """Check one exported file against its manifest sha256 (missing, truncated or replaced -> error)."""
+    p = man.root / rel
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} (listed in {man.root}/manifest.json) is missing; re-run `diffgap export`")
+    rec = man.files.get(rel)
+    if rec is None:
+        raise ValueError(f"{rel} is not hashed in {man.root}/manifest.json; re-run `diffgap export`")
+    if p.stat().st_size != rec.get("bytes", p.stat().st_size) or sha256_file(p) != rec["sha256"]:
+        raise ValueError(f"{p} does not match its sha256 in manifest.json (truncated or replaced); re-run `diffgap export`")
+
+
+def open_model(
+    export_dir: str | Path | Manifest,
+    name: str,
+    backend: str = "ort-cpu",
+    precision: str = "fp32",
+    *,
+    verify: bool = True,
+    engine_dir: str | Path | None = None,
+    **options: Any,
+) -> Session:
+    """Open model ``name`` of an export directory on ``backend`` at ``precision``.
+
+    ``ort-*`` backends run ``<name>.onnx`` (fp32) or ``<name>.fp16.onnx`` (fp16); ``tensorrt`` runs
+    the engine ``diffgap build-engines`` made for this host (see :mod:`diffgap.runtime.engine`).
+    The IOSpec always comes from ``manifest.json``; with ``verify`` the file's sha256 is checked
+    against the manifest first. ``options`` go to the backend (``intra_op_threads``,
+    ``provider_options``; ``cuda_graph``, ``device`` for TensorRT).
+    """
+    check_backend(backend, precision)
+    man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
+    entry = man.model(name)
+    rel = entry.file(precision)
+    if verify:
+        verify_export_file(man, rel)
+    if backend == "tensorrt":
+        from .engine import find_engine
+        from .trt_session import TrtSession
+
+        plan = find_engine(man, name, precision, engine_dir=engine_dir)
+        return TrtSession(plan, io=entry.io, precision=precision, **options)
+    if backend == "ort-cpu" and precision == "fp16":
+        log.info("%s: ORT's CPU provider computes FP16 graphs in float32 after casts; this measures weight rounding only", name)
+    if backend == "ort-trt" and "provider_options" not in options:
+        cache = Path(engine_dir) if engine_dir else man.root / "engines" / "ort-trt-cache"
+        options["provider_options"] = {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+        }
+        cache.mkdir(parents=True, exist_ok=True)
+    return OrtSession(man.root / rel, io=entry.io, backend=backend, precision=precision, **options)

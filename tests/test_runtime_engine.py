@@ -1,0 +1,201 @@
+"""diffgap.runtime.engine: the pure-python half of the engine builder (versions, cache keys, sidecars,
+finding and planning engines). The TensorRT half runs in tests/test_runtime_gpu.py on a GPU host."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+import runtime_graphs as rg
+from diffgap.manifest import Manifest
+from diffgap.runtime.engine import (
+    ENGINE_FORMAT,
+    BuildSettings,
+    EngineMeta,
+    HostInfo,
+    cache_key,
+    check_trt_version,
+    engine_path,
+    find_engine,
+    key_digest,
+    key_mismatch,
+    needs_strongly_typed_flag,
+    onnx_sha256,
+    parse_version,
+    plan_builds,
+)
+
+H100 = HostInfo("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+A100 = HostInfo("10.13.0.35", "NVIDIA A100-SXM4-40GB", "8.0")
+H100_TRT11 = HostInfo("11.0.0.1", "NVIDIA H100 80GB HBM3", "9.0")
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return rg.make_export(tmp_path_factory.mktemp("engine") / "export")
+
+
+def _fake_engine(man: Manifest, host: HostInfo, model: str, precision: str = "fp16",
+                 settings: BuildSettings = BuildSettings(), payload: bytes = b"serialized-plan-bytes") -> None:
+    """Write the files build_engine writes (plan + sidecar); the plan bytes are opaque here."""
+    import hashlib
+
+    plan = engine_path(man.root / "engines", host, model, precision)
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_bytes(payload)
+    io = man.model(model).io
+    EngineMeta(model=model, precision=precision, onnx_file=man.model(model).file(precision),
+               key=cache_key(onnx_sha256(man, model, precision), host, io, precision, settings), io=io,
+               engine_sha256=hashlib.sha256(payload).hexdigest(), engine_bytes=len(payload)).write(plan)
+
+
+@pytest.fixture()
+def fresh(tmp_path, export):
+    root = tmp_path / "export"
+    shutil.copytree(export.root, root)
+    return Manifest.load(root)
+
+
+# -- versions -------------------------------------------------------------------------------
+def test_parse_version():
+    assert parse_version("10.13.0.35") == (10, 13, 0, 35)
+    assert parse_version("11.0.0rc1") == (11, 0, 0)
+    with pytest.raises(ValueError):
+        parse_version("abc")
+
+
+def test_version_gate_and_strong_typing_flag():
+    with pytest.raises(RuntimeError, match=r"TensorRT 10.11.0 is too old.*>= 10.12"):
+        check_trt_version("10.11.0")
+    with pytest.raises(RuntimeError, match="too old"):
+        check_trt_version("8.6.1")
+    assert needs_strongly_typed_flag("10.12.0.36") is True    # opt-in on 10.x
+    assert needs_strongly_typed_flag("10.13.3") is True
+    assert needs_strongly_typed_flag("11.0.0") is False       # always strongly typed on 11
+    assert needs_strongly_typed_flag("11.4.1") is False
+
+
+# -- host identity and keys -----------------------------------------------------------------
+def test_host_slug_is_a_safe_folder_name():
+    assert H100.slug == "nvidia-h100-80gb-hbm3_sm90_trt10.13.0.35"
+    assert A100.slug != H100.slug and H100_TRT11.slug != H100.slug
+    assert "/" not in HostInfo("1", "A/B C", "8.6").slug
+
+
+def test_cache_key_covers_onnx_trt_gpu_cc_and_settings(export):
+    io = export.model("diffgap_text_to_audio").io
+    base = cache_key("aa", H100, io, "fp16", BuildSettings())
+    assert key_digest(base) == key_digest(dict(base))
+    variants = [
+        cache_key("bb", H100, io, "fp16", BuildSettings()),
+        cache_key("aa", A100, io, "fp16", BuildSettings()),
+        cache_key("aa", H100_TRT11, io, "fp16", BuildSettings()),
+        cache_key("aa", HostInfo(H100.trt_version, H100.gpu_name, "9.1"), io, "fp16", BuildSettings()),
+        cache_key("aa", H100, io, "fp32", BuildSettings()),
+        cache_key("aa", H100, io.with_batch(1, 4, 32), "fp16", BuildSettings()),
+        cache_key("aa", H100, io, "fp16", BuildSettings(opt_level=5)),
+    ]
+    digests = {key_digest(v) for v in variants} | {key_digest(base)}
+    assert len(digests) == len(variants) + 1
+    assert key_mismatch(base, variants[1]) == [
+        "compute_capability: '9.0' -> '8.0'", "gpu_name: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA A100-SXM4-40GB'"]
+
+
+def test_build_settings_validation():
+    with pytest.raises(ValueError, match="optimisation level must be in 0..5"):
+        BuildSettings(opt_level=7)
+    with pytest.raises(ValueError, match="workspace"):
+        BuildSettings(workspace_mib=0)
+
+
+# -- sidecar --------------------------------------------------------------------------------
+def test_sidecar_round_trip_and_file_checks(fresh):
+    _fake_engine(fresh, H100, "diffgap_text_to_audio")
+    plan = engine_path(fresh.root / "engines", H100, "diffgap_text_to_audio", "fp16")
+    meta = EngineMeta.read(plan)
+    assert meta.host == H100 and meta.io == fresh.model("diffgap_text_to_audio").io
+    assert json.loads(EngineMeta.sidecar(plan).read_text())["format"] == ENGINE_FORMAT
+    meta.check_file(plan)
+    meta.check_host(H100, plan)
+    with pytest.raises(ValueError, match=r"built for NVIDIA H100 80GB HBM3 \(sm 9.0\), TensorRT 10.13.0.35 but this host is NVIDIA A100"):
+        meta.check_host(A100, plan)
+    plan.write_bytes(plan.read_bytes()[:-3])  # truncated
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        meta.check_file(plan)
+    EngineMeta.sidecar(plan).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid json"):
+        EngineMeta.read(plan)
+    EngineMeta.sidecar(plan).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="has format 'something-else'"):
+        EngineMeta.read(plan)
+
+
+# -- finding an engine ----------------------------------------------------------------------
+def test_find_engine(fresh):
+    with pytest.raises(FileNotFoundError, match=r"no fp16 TensorRT engine for 'diffgap_text_to_audio' built on NVIDIA H100.*run `diffgap build-engines"):
+        find_engine(fresh, "diffgap_text_to_audio", host=H100)
+    _fake_engine(fresh, A100, "diffgap_text_to_audio")
+    with pytest.raises(FileNotFoundError, match=r"engines exist for: NVIDIA A100-SXM4-40GB \(sm 8.0\)"):
+        find_engine(fresh, "diffgap_text_to_audio", host=H100)
+    _fake_engine(fresh, H100, "diffgap_text_to_audio")
+    assert find_engine(fresh, "diffgap_text_to_audio", host=H100).name == "diffgap_text_to_audio.fp16.plan"
+    # the export changes afterwards: the engine is stale
+    d = json.loads((fresh.root / "manifest.json").read_text())
+    d["files"]["diffgap_text_to_audio.fp16.onnx"]["sha256"] = "f" * 64
+    (fresh.root / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="built from another version of diffgap_text_to_audio.fp16.onnx"):
+        find_engine(Manifest.load(fresh.root), "diffgap_text_to_audio", host=H100)
+
+
+# -- planning builds: reuse / build / rebuild / refuse --------------------------------------
+def _actions(decisions):
+    return {(d.model, d.precision): d.action for d in decisions}
+
+
+def test_plan_builds(fresh):
+    models = ["diffgap_text_to_audio", "diffgap_audio_to_text"]
+    assert set(_actions(plan_builds(fresh, H100, models)).values()) == {"build"}
+    _fake_engine(fresh, H100, "diffgap_text_to_audio")
+    _fake_engine(fresh, H100, "diffgap_audio_to_text", settings=BuildSettings(opt_level=5))
+    acts = _actions(plan_builds(fresh, H100, models))
+    assert acts == {("diffgap_text_to_audio", "fp16"): "reuse", ("diffgap_audio_to_text", "fp16"): "rebuild"}
+    refused = [d for d in plan_builds(fresh, H100, models, rebuild=False) if d.action == "refuse"]
+    assert [d.model for d in refused] == ["diffgap_audio_to_text"] and "opt_level: 5 -> 3" in refused[0].reason
+    assert set(_actions(plan_builds(fresh, H100, models, force=True)).values()) == {"rebuild"}
+    # another host gets its own folder: nothing to reuse there
+    assert set(_actions(plan_builds(fresh, A100, models)).values()) == {"build"}
+    # the default builds every model of the manifest at fp16; fp32 on request
+    assert len(plan_builds(fresh, H100)) == len(fresh.models)
+    assert {d.precision for d in plan_builds(fresh, H100, models, precisions=("fp16", "fp32"))} == {"fp16", "fp32"}
+
+
+def test_plan_builds_rebuilds_a_truncated_engine(fresh):
+    _fake_engine(fresh, H100, "diffgap_text_to_audio")
+    plan = engine_path(fresh.root / "engines", H100, "diffgap_text_to_audio", "fp16")
+    plan.write_bytes(b"xx")
+    (d,) = plan_builds(fresh, H100, ["diffgap_text_to_audio"])
+    assert d.action == "rebuild" and "sha256" in d.reason
+
+
+# -- no TensorRT here: clear errors ---------------------------------------------------------
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed; this checks the message on machines without it")
+def test_tensorrt_backend_without_tensorrt_is_a_clear_error(fresh):
+    from diffgap.runtime.session import load, open_model
+
+    _fake_engine(fresh, H100, "diffgap_text_to_audio")
+    plan = engine_path(fresh.root / "engines", H100, "diffgap_text_to_audio", "fp16")
+    with pytest.raises(ImportError, match=r"needs the tensorrt package.*pip install -e .\[gpu\]"):
+        load(plan)
+    with pytest.raises(ImportError, match="needs the tensorrt package"):
+        open_model(fresh.root, "diffgap_text_to_audio", backend="tensorrt", precision="fp16")
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed")
+def test_build_engines_cli_without_tensorrt(fresh, capsys):
+    from diffgap.cli import main
+
+    assert main(["build-engines", str(fresh.root)]) == 2
+    assert "needs the tensorrt package" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""`diffgap serve` and TritonServer's lifecycle on the real tritonserver: ready, endpoints printed,
+clean shutdown on SIGTERM / Ctrl-C, always stopped (even when the caller fails), clear errors."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import triton_fixtures
+from diffgap.triton_models import repository as R
+from diffgap.triton_models.server import TritonServer
+
+pytest.importorskip("pytriton")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    export = triton_fixtures.make_export(root / "export")
+    return R.build_repository(export, root / "repo")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, sig):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffgap.cli", "serve", str(repo)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C or SIGTERM" in line or proc.poll() is not None:
+                break
+        text = "".join(lines)
+        m_pid = re.search(r"tritonserver ready \(pid (\d+)\)", text)
+        m_http = re.search(r"HTTP\s+(127\.0\.0\.1:\d+)", text)
+        assert m_pid and m_http and re.search(r"gRPC\s+127\.0\.0\.1:\d+", text), text
+        with urllib.request.urlopen(f"http://{m_http.group(1)}/v2/health/ready", timeout=10) as r:
+            assert r.status == 200
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, text + rest
+    assert "tritonserver stopped" in rest
+    assert _wait_gone(int(m_pid.group(1))), "tritonserver outlived `diffgap serve`"
+
+
+def test_context_manager_stops_the_server_when_the_body_fails(repo):
+    server = TritonServer(repo)
+    with pytest.raises(RuntimeError, match="boom"):
+        with server:
+            pid = server.pid
+            assert server.http_client().is_server_ready()
+            raise RuntimeError("boom")
+    assert not server.running() and _wait_gone(pid)
+    with pytest.raises(RuntimeError, match="not running"):
+        server.http_url
+
+
+def test_a_model_that_fails_to_load_is_reported_with_the_log(repo, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "bad" / "1").mkdir(parents=True)
+    (broken / "bad" / "config.pbtxt").write_text(
+        'name: "bad"\nbackend: "python"\nmax_batch_size: 1\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
+    (broken / "bad" / "1" / "model.py").write_text("raise ImportError('this model cannot load')\n")
+    server = TritonServer(broken, startup_timeout=120)
+    with pytest.raises(RuntimeError, match="(?s)before becoming ready.*bad"):
+        server.start()
+    assert not server.running()
+
+
+def test_not_a_repository(tmp_path):
+    with pytest.raises(FileNotFoundError, match="triton-repo"):
+        TritonServer(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.pbtxt"):
+        TritonServer(tmp_path)
+
+
+def test_binding_beyond_loopback_warns(repo, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffgap.triton_models.server"):
+        TritonServer(repo, host="0.0.0.0")
+    assert "other machines" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffgap.triton_models.server"):
+        TritonServer(repo)
+    assert not caplog.text

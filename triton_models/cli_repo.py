@@ -1,0 +1,41 @@
+"""``diffgap triton-repo EXPORT_DIR --flavor gpu|portable --out DIR``: write a Triton model repository."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "write a Triton model repository (encoders, samplers, tokenizer, ensembles) for an export dir"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export_dir", help="export directory made by `diffgap export` (manifest.json)")
+    p.add_argument("--out", default="triton_repo", help="repository directory to write (default: %(default)s)")
+    p.add_argument("--flavor", choices=("portable", "gpu"), default="portable",
+                   help="portable: python models on onnxruntime CPU (serves anywhere, the default); "
+                        "gpu: TensorRT plans on KIND_GPU with dynamic batching and CUDA graphs")
+    p.add_argument("--index", help="gallery index (`diffgap index`) to ship with the text_to_audio_search ensemble")
+    p.add_argument("--top-k", type=int, default=10, help="results per query of text_to_audio_search (default: %(default)s)")
+    p.add_argument("--gpu-platform", choices=("tensorrt_plan", "onnxruntime_onnx"), default="tensorrt_plan",
+                   help="gpu flavour: prebuilt TensorRT engines (default) or ONNX on onnxruntime with the TensorRT accelerator")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="gpu flavour: which graphs/engines (default: %(default)s)")
+    p.add_argument("--engine-dir", help="gpu flavour: engine cache of `diffgap build-engines` (default: EXPORT_DIR/engines)")
+    p.add_argument("--default-seed", type=int, default=None, help="sampler seed when a request sends none (default: the runtime's)")
+    p.add_argument("--instances", type=int, default=1, help="instances per model (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .repository import build_repository, read_repository_info
+
+    opts = dict(
+        flavor=args.flavor, index=args.index, top_k=args.top_k, gpu_platform=args.gpu_platform,
+        precision=args.precision, engine_dir=args.engine_dir, instances=args.instances,
+    )
+    if args.default_seed is not None:
+        opts["default_seed"] = args.default_seed
+    out = build_repository(args.export_dir, args.out, overwrite=args.overwrite, **opts)
+    info = read_repository_info(out)
+    print(f"wrote {info['flavor']} Triton repository {out} ({len(info['models'])} models)")
+    for name in info["models"]:
+        print(f"  {name}")
+    print(f"serve it with: diffgap serve {out}")
+    return 0

@@ -1,0 +1,234 @@
+"""The python-backend model of every diffgap Triton model that runs in Python.
+
+This file is a *template*: ``diffgap triton-repo`` copies it unchanged to ``<model>/1/model.py`` and
+the model's ``config.pbtxt`` names its role in ``parameters { key: "diffgap_role" ... }``:
+
+- ``onnx``      an exported graph (encoder or fused sampler) on onnxruntime CPU through
+                :func:`diffgap.runtime.session.load` (the portable flavour's stand-in for
+                ``onnxruntime_onnx``); files ``model.onnx`` + ``io.json`` (its IOSpec);
+- ``tokenizer`` ``TYPE_STRING`` captions -> the text encoder's token feeds, with the tokenizer the
+                encoder declares (``io.json`` is the text encoder's IOSpec; the vocab asset sits here);
+- ``noise``     the sampler's initial noise from an optional per-row seed (fixed default), row b from
+                :func:`diffgap.runtime.make_noise` exactly as the in-process Pipeline makes it, plus
+                the sampler's optional inputs filled with their declared defaults (a TensorRT plan
+                needs every input bound); ``io.json`` is the sampler's IOSpec;
+- ``search``    fused scores of a bridged query against the gallery index shipped in ``index.npz``
+                (:func:`diffgap.runtime.fuse_scores`), top-k ids and scores.
+
+Dynamic batching hands ``execute`` several requests at once: each request is validated on its own
+(a bad one gets its own error response, the others still run), the good ones are concatenated
+along the batch axis, run once, and split back.
+
+Imports: numpy, ``triton_python_backend_utils`` and torch-free ``diffgap`` modules only (the same
+repository runs on a lean Triton image with ``pip install diffgap[runtime]``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from diffgap.iospec import IOSpec
+from diffgap.runtime import fuse_scores, make_noise, top_k
+from diffgap.runtime.pipeline import GalleryIndex
+from diffgap.runtime.session import load
+
+log = logging.getLogger("diffgap.triton")
+
+
+def _param(config: dict, key: str, default: str | None = None) -> str:
+    p = config.get("parameters", {}).get(key)
+    if p is None:
+        if default is None:
+            raise pb_utils.TritonModelException(f"config.pbtxt of {config.get('name')} lacks parameter {key!r}; regenerate the repository")
+        return default
+    return p["string_value"]
+
+
+def _input(request, name: str) -> np.ndarray | None:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.config = json.loads(args["model_config"])
+        self.name = self.config["name"]
+        self.dir = Path(args["model_repository"]) / args["model_version"]
+        self.role = _param(self.config, "diffgap_role")
+        self.io = IOSpec.from_dict(json.loads((self.dir / "io.json").read_text()))
+        self.max_batch = int(self.config.get("max_batch_size", 0))
+        init = getattr(self, f"_init_{self.role}", None)
+        if init is None:
+            raise pb_utils.TritonModelException(f"{self.name}: unknown diffgap_role {self.role!r}; regenerate the repository")
+        init()
+
+    # -- roles: setup ----------------------------------------------------------------------
+    def _init_onnx(self) -> None:
+        threads = int(_param(self.config, "intra_op_threads", "1"))
+        self.session = load(self.dir / "model.onnx", backend="ort-cpu", io=self.io, intra_op_threads=threads)
+
+    def _init_tokenizer(self) -> None:
+        from diffgap.tokenizer import load_tokenizer
+
+        kind = _param(self.config, "tokenizer")
+        asset = self.dir / _param(self.config, "tokenizer_asset")
+        self.tokenizer = load_tokenizer(kind, asset.parent if kind == "roberta" and asset.is_file() else asset)
+        self.text_input = _param(self.config, "text_input")
+        self.max_text_bytes = int(_param(self.config, "max_text_bytes"))
+
+    def _init_noise(self) -> None:
+        self.default_seed = int(_param(self.config, "default_seed"))
+        self.seed_input = _param(self.config, "seed_input")
+        self.condition = _param(self.config, "condition")
+        self.noise = self.io.input(_param(self.config, "noise"))
+        self.optional = [t for t in self.io.inputs if t.optional]
+
+    def _init_search(self) -> None:
+        spec = json.loads((self.dir / "search.json").read_text())
+        self.index = GalleryIndex.load(self.dir / "index.npz")
+        self.k = int(spec["k"])
+        self.weights = {k: float(v) for k, v in spec["weights"].items()}
+        self.tensors = spec["tensors"]  # role -> tensor name (clap, projected, bridged, ids, scores)
+
+    # -- execution -------------------------------------------------------------------------
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        good: list[tuple[int, dict[str, np.ndarray]]] = []
+        for i, req in enumerate(requests):
+            try:
+                good.append((i, getattr(self, f"_feeds_{self.role}")(req)))
+            except (_BadRequest, ValueError, KeyError) as e:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {e}"))
+        if good:
+            sizes = [len(next(iter(f.values()))) for _, f in good]
+            try:
+                outs = self._run_batch([f for _, f in good])
+            except (ValueError, RuntimeError) as e:
+                err = pb_utils.TritonError(f"{self.name}: {e}")
+                for i, _ in good:
+                    responses[i] = pb_utils.InferenceResponse(error=err)
+                return responses
+            start = 0
+            for (i, _), n in zip(good, sizes):
+                tensors = [pb_utils.Tensor(k, np.ascontiguousarray(v[start:start + n])) for k, v in outs.items()]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+                start += n
+        return responses
+
+    def _run_batch(self, feeds_list: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        if self.role == "noise":  # per-request work only: concatenating changes nothing
+            parts = [self._noise(f) for f in feeds_list]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        keys = feeds_list[0].keys()
+        feeds = {k: np.concatenate([f[k] for f in feeds_list]) for k in keys}
+        return getattr(self, f"_run_{self.role}")(feeds)
+
+    # onnx ---------------------------------------------------------------------------------
+    def _feeds_onnx(self, request) -> dict[str, np.ndarray]:
+        feeds = {}
+        for t in self.io.inputs:
+            x = _input(request, t.name)
+            if x is not None:
+                feeds[t.name] = x
+        self.io.check_feeds(feeds)  # dtype/shape/NaN/Inf per request, before batching with others
+        if any(t.optional and t.name not in feeds for t in self.io.inputs):
+            # Fill optional defaults here so requests with and without them can share one batch.
+            b = len(next(iter(feeds.values())))
+            for t in self.io.inputs:
+                if t.optional and t.name not in feeds:
+                    feeds[t.name] = np.full(t.concrete(b), t.default, dtype=t.np_dtype)
+        return feeds
+
+    def _run_onnx(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.session.infer(feeds)
+
+    # tokenizer ----------------------------------------------------------------------------
+    def _feeds_tokenizer(self, request) -> dict[str, np.ndarray]:
+        raw = _input(request, self.text_input)  # (B, 1) object array of bytes
+        texts = []
+        for row in raw.reshape(len(raw), -1):
+            if row.shape[0] != 1:
+                raise _BadRequest(f"{self.text_input} must be (B, 1) strings, got {raw.shape}")
+            b = row[0]
+            if not isinstance(b, (bytes, np.bytes_)):
+                raise _BadRequest(f"{self.text_input} must hold UTF-8 bytes, got {type(b).__name__}")
+            if len(b) > self.max_text_bytes:
+                raise _BadRequest(
+                    f"caption of {len(b)} bytes exceeds the limit of {self.max_text_bytes}; "
+                    f"CLAP reads only {self.io.inputs[0].feature_shape[0]} tokens, send a shorter caption"
+                )
+            try:
+                text = bytes(b).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _BadRequest(f"caption is not valid UTF-8 ({e}); send UTF-8 text") from None
+            if not text.strip():
+                raise _BadRequest("empty caption; every query needs some text")
+            texts.append(text)
+        return {"texts": np.array(texts, dtype=object)}
+
+    def _run_tokenizer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.tokenizer.feeds(list(feeds["texts"]))
+        return {t.name: out[t.name].astype(t.np_dtype, copy=False) for t in self.io.inputs}
+
+    # noise ----------------------------------------------------------------------------------
+    def _feeds_noise(self, request) -> dict[str, np.ndarray]:
+        cond = _input(request, self.condition)
+        feeds = {"condition": cond}
+        seed = _input(request, self.seed_input)
+        b = len(cond)
+        if seed is not None:
+            if seed.shape != (b, 1):
+                raise _BadRequest(f"{self.seed_input} must be ({b}, 1) int64, got {seed.shape}")
+            if (seed < 0).any():
+                raise _BadRequest(f"{self.seed_input} must be non-negative")
+            feeds["seed"] = seed.reshape(b).astype(np.int64)
+        for t in self.optional:
+            x = _input(request, t.name)
+            if x is not None:
+                # Triton has checked dtype and feature dims against config.pbtxt; batch and values remain.
+                if x.shape != t.concrete(b):
+                    raise _BadRequest(f"{t.name} must be {list(t.concrete(b))} to match {self.condition}, got {list(x.shape)}")
+                if x.dtype.kind == "f" and not np.isfinite(x).all():
+                    raise _BadRequest(f"{t.name} contains NaN/Inf; send finite values")
+                feeds[t.name] = x
+        return feeds
+
+    def _noise(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b = len(feeds["condition"])
+        seeds = feeds.get("seed", self.default_seed)
+        out = {self.noise.name: make_noise(seeds, b, self.noise.feature_shape[0]).reshape(self.noise.concrete(b))}
+        for t in self.optional:
+            out[t.name] = feeds[t.name] if t.name in feeds else np.full(t.concrete(b), t.default, dtype=t.np_dtype)
+        return out
+
+    # search ---------------------------------------------------------------------------------
+    def _feeds_search(self, request) -> dict[str, np.ndarray]:
+        feeds = {}
+        for role in ("clap", "projected", "bridged"):
+            x = _input(request, self.tensors[role])
+            if not np.isfinite(x).all():
+                raise _BadRequest(f"{self.tensors[role]} contains NaN/Inf; clean the input")
+            feeds[role] = x
+        return feeds
+
+    def _run_search(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from diffgap.runtime import BridgeResult
+
+        q = BridgeResult(source=feeds["clap"], projected=feeds["projected"], bridged=feeds["bridged"])
+        a = self.index.arrays
+        scores = fuse_scores(q, a["audio_clap"], a["audio_head"], a["audio_bridged"], self.weights)
+        idx, best = top_k(scores, self.k)
+        ids = np.char.encode(a["ids"][idx].astype(str), "utf-8").astype(object)
+        return {self.tensors["ids"]: ids, self.tensors["scores"]: best.astype(np.float32)}
+
+    def finalize(self) -> None:
+        if getattr(self, "session", None) is not None:
+            self.session.close()

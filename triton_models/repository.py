@@ -1,0 +1,495 @@
+"""Generate a Triton model repository from a diffgap export directory.
+
+Triton's own layout (``<model>/config.pbtxt``, ``<model>/1/model.*``). Models:
+
+==============================  =================================================================
+``clap_tokenizer``              python: ``TYPE_STRING`` captions -> the text encoder's token feeds
+``clap_text_encoder``           exported graph (python+ORT CPU | ``tensorrt_plan`` | ``onnxruntime_onnx``)
+``clap_audio_encoder``          exported graph
+``diffgap_text_to_audio``       fused sampler (exported graph)
+``diffgap_audio_to_text``       fused sampler (exported graph)
+``diffgap_<dir>_noise``         python: sampler noise from an optional per-row seed (fixed default)
+``audio_gallery_search``        python: fused scores against the shipped gallery index, top-k
+``text_to_audio_embedding``     ensemble: tokenizer -> text encoder -> noise -> sampler
+``audio_to_text_embedding``     ensemble: audio encoder -> noise -> sampler
+``text_to_audio_search``        ensemble: ... -> sampler -> gallery search (ids, scores)
+==============================  =================================================================
+
+Every tensor name, dtype and dim of every ``config.pbtxt`` is read from the IOSpec in the export's
+``manifest.json``. The only names declared here are the ensembles' own client-facing tensors
+(:data:`TEXT`, :data:`SEED`, :data:`OUTPUTS`, :data:`SEARCH_IDS`, :data:`SEARCH_SCORES`) -- tensors
+no exported module has -- each written once, below.
+
+Flavours (both from the same declarations):
+
+- ``portable``: every model is a python-backend model (:mod:`diffgap.triton_models.python_model`);
+  the exported graphs run on onnxruntime CPU through ``diffgap.runtime``. Serves on the bundled
+  tritonserver of nvidia-pytriton, on any CPU box.
+- ``gpu``: the exported graphs as ``tensorrt_plan`` engines (built by ``diffgap build-engines`` on the
+  serving GPU; copied from the engine cache), ``KIND_GPU``, dynamic batching with preferred sizes, and
+  CUDA graphs for the preferred batch sizes (every non-batch dim is static, so each batch size is one
+  graph). ``--gpu-platform onnxruntime_onnx`` is the documented alternative when engines cannot be
+  prebuilt: the FP16 ONNX graphs with onnxruntime's TensorRT execution accelerator (FP16). The
+  tokenizer, noise and search models stay python models on CPU in both.
+
+Written atomically (:func:`diffgap.fsutil.atomic_dir`): a failed generation leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from diffgap.fsutil import atomic_dir, atomic_write_json
+from diffgap.iospec import IOSpec, TensorSpec, triton_dtype
+from diffgap.manifest import Manifest
+# The sampler tensors' roles: the runtime's Pipeline declares these names once and both it and this
+# module check them against the manifest's IOSpec (_sampler_roles), never assume them.
+from diffgap.runtime.pipeline import (
+    DEFAULT_SEED, SAMPLER_BRIDGED, SAMPLER_CONDITION, SAMPLER_NOISE, SAMPLER_PROJECTED,
+)
+
+log = logging.getLogger(__name__)
+
+FLAVORS = ("portable", "gpu")
+GPU_PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
+REPO_FORMAT = "diffgap-triton-repo/1"
+REPO_INFO = "diffgap_repository.json"
+
+# -- model names (the export names are fixed by the brief; the rest are this module's) -----------
+TOKENIZER = "clap_tokenizer"
+SEARCH = "audio_gallery_search"
+DIRECTIONS = (("text", "audio"), ("audio", "text"))
+
+
+def encoder_name(modality: str) -> str:
+    return f"clap_{modality}_encoder"
+
+
+def sampler_name(source: str, target: str) -> str:
+    return f"diffgap_{source}_to_{target}"
+
+
+def noise_name(source: str, target: str) -> str:
+    return f"{sampler_name(source, target)}_noise"
+
+
+def embedding_ensemble(source: str, target: str) -> str:
+    return f"{source}_to_{target}_embedding"
+
+
+SEARCH_ENSEMBLE = "text_to_audio_search"
+
+# -- the ensembles' client-facing tensors (the only names declared here) ---------------------------
+TEXT = "text"                      # (B, 1) TYPE_STRING, one UTF-8 caption per row
+SEED = "seed"                      # (B, 1) TYPE_INT64, optional: per-row sampler seed
+# role -> ensemble output name, mirroring diffgap.runtime.BridgeResult (source, projected, bridged)
+OUTPUTS = {"clap": "clap_embedding", "projected": "projected_embedding", "bridged": "bridged_embedding"}
+SEARCH_IDS = "ids"                 # (B, k) TYPE_STRING gallery ids, best first
+SEARCH_SCORES = "scores"           # (B, k) TYPE_FP32 fused scores
+
+# CLAP reads 77 tokens; a caption is a sentence. 2 KiB bounds the tokenizer's work per row and
+# rejects pasted documents with a clear error instead of silently truncating them.
+MAX_TEXT_BYTES = 2048
+# Dynamic batching: wait up to 1 ms to grow a batch. On CPU one sampler call costs far more, so the
+# delay is cheap and lets concurrent clients share a call (see Triton's dynamic batcher docs).
+PORTABLE_QUEUE_DELAY_US = 1000
+GPU_QUEUE_DELAY_US = 100
+
+
+# ------------------------------------------------------------------------------------------------
+# config.pbtxt text format
+# ------------------------------------------------------------------------------------------------
+class Enum(str):
+    """A protobuf enum value (written unquoted), e.g. ``TYPE_FP32``, ``KIND_GPU``."""
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, Enum):
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v), ensure_ascii=False)  # \" and \\ escapes are valid protobuf text format
+
+
+def to_pbtxt(msg: Mapping[str, Any], indent: int = 0) -> str:
+    """A nested dict as protobuf text format (lists of dicts are repeated messages)."""
+    pad = "  " * indent
+    lines = []
+    for key, v in msg.items():
+        if v is None:
+            continue
+        if isinstance(v, Mapping):
+            lines += [f"{pad}{key} {{", to_pbtxt(v, indent + 1), f"{pad}}}"]
+        elif isinstance(v, (list, tuple)):
+            if v and isinstance(v[0], Mapping):
+                lines.append(f"{pad}{key} [")
+                for i, item in enumerate(v):
+                    lines += [f"{pad}  {{", to_pbtxt(item, indent + 2), f"{pad}  }}{',' if i < len(v) - 1 else ''}"]
+                lines.append(f"{pad}]")
+            else:
+                lines.append(f"{pad}{key}: [ {', '.join(_scalar(x) for x in v)} ]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(v)}")
+    return "\n".join(l for l in lines if l)
+
+
+def tensor_config(t: TensorSpec, name: str | None = None, optional: bool | None = None) -> dict[str, Any]:
+    """One ``input``/``output`` entry from its declaration (Triton's dims omit the batch axis)."""
+    d: dict[str, Any] = {"name": name or t.name, "data_type": Enum(triton_dtype(t.dtype)), "dims": list(t.feature_shape)}
+    if (t.optional if optional is None else optional):
+        d["optional"] = True
+    return d
+
+
+def string_tensor(name: str, dims: Sequence[int], optional: bool = False) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": name, "data_type": Enum("TYPE_STRING"), "dims": list(dims)}
+    if optional:
+        d["optional"] = True
+    return d
+
+
+def seed_tensor(optional: bool = True) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": SEED, "data_type": Enum(triton_dtype("int64")), "dims": [1]}
+    if optional:
+        d["optional"] = True
+    return d
+
+
+def parameters(**kv: Any) -> list[dict[str, Any]]:
+    return [{"key": k, "value": {"string_value": str(v)}} for k, v in kv.items()]
+
+
+def preferred_sizes(io: IOSpec, max_batch: int) -> list[int]:
+    return sorted({b for b in (io.opt_batch, max_batch) if 1 <= b <= max_batch})
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan: what goes into the repository
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ModelDir:
+    """One ``<model>/`` directory: its config and the files of version 1 (dest name -> source or text)."""
+
+    name: str
+    config: dict[str, Any]
+    files: dict[str, Path | str] = field(default_factory=dict)
+
+
+@dataclass
+class RepoOptions:
+    flavor: str = "portable"
+    gpu_platform: str = "tensorrt_plan"
+    precision: str = "fp16"            # the gpu flavour's graphs (portable always runs fp32 on CPU)
+    engine_dir: str | Path | None = None
+    index: str | Path | None = None     # gallery index (diffgap index) -> text_to_audio_search
+    top_k: int = 10
+    default_seed: int = DEFAULT_SEED
+    instances: int = 1
+    intra_op_threads: int = 1
+    max_text_bytes: int = MAX_TEXT_BYTES
+
+    def __post_init__(self) -> None:
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"unknown flavour {self.flavor!r}; use one of {', '.join(FLAVORS)}")
+        if self.gpu_platform not in GPU_PLATFORMS:
+            raise ValueError(f"unknown gpu platform {self.gpu_platform!r}; use one of {', '.join(GPU_PLATFORMS)}")
+        if self.precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.default_seed < 0:
+            raise ValueError(f"--default-seed must be >= 0, got {self.default_seed}")
+        if self.instances < 1 or self.intra_op_threads < 1:
+            raise ValueError("instances and intra_op_threads must be >= 1")
+
+
+def _template() -> str:
+    return resources.files("diffgap.triton_models").joinpath("python_model.py").read_text()
+
+
+def _sampler_roles(io: IOSpec) -> None:
+    for role in (SAMPLER_CONDITION, SAMPLER_NOISE):
+        if role not in io.input_names:
+            raise ValueError(f"{io.name} declares inputs {io.input_names}, expected {role!r}; re-export with this diffgap version")
+    for role in (SAMPLER_BRIDGED, SAMPLER_PROJECTED):
+        if role not in io.output_names:
+            raise ValueError(f"{io.name} declares outputs {io.output_names}, expected {role!r}; re-export with this diffgap version")
+
+
+class _Planner:
+    def __init__(self, man: Manifest, opts: RepoOptions) -> None:
+        self.man, self.opts = man, opts
+        self.models: dict[str, ModelDir] = {}
+
+    # -- composing models ------------------------------------------------------------------
+    def io(self, name: str) -> IOSpec:
+        return self.man.model(name).io
+
+    def _python(self, name: str, io: IOSpec, inputs: list, outputs: list, max_batch: int, role: str,
+                files: dict[str, Path | str] | None = None, **params: Any) -> ModelDir:
+        cfg = {
+            "name": name,
+            "backend": "python",
+            "max_batch_size": max_batch,
+            "input": inputs,
+            "output": outputs,
+            "instance_group": [{"count": self.opts.instances, "kind": Enum("KIND_CPU")}],
+            "dynamic_batching": {
+                "preferred_batch_size": preferred_sizes(io, max_batch),
+                "max_queue_delay_microseconds": PORTABLE_QUEUE_DELAY_US,
+            },
+            "parameters": parameters(diffgap_role=role, **params),
+        }
+        f: dict[str, Path | str] = {"model.py": _template(), "io.json": json.dumps(io.to_dict(), indent=2, sort_keys=True)}
+        f.update(files or {})
+        return ModelDir(name, cfg, f)
+
+    def exported(self, name: str) -> ModelDir:
+        io = self.io(name)
+        o = self.opts
+        if o.flavor == "portable":
+            return self._python(
+                name, io, [tensor_config(t) for t in io.inputs], [tensor_config(t) for t in io.outputs],
+                io.max_batch, "onnx", files={"model.onnx": self.man.path(name, "fp32")},
+                intra_op_threads=o.intra_op_threads, precision="fp32",
+            )
+        sizes = preferred_sizes(io, io.max_batch)
+        cfg: dict[str, Any] = {"name": name, "platform": o.gpu_platform, "max_batch_size": io.max_batch}
+        if o.gpu_platform == "tensorrt_plan":
+            from diffgap.runtime.engine import find_engine
+
+            # A plan binds every input: optional ones are always fed by the noise model, so none is optional here.
+            cfg["input"] = [tensor_config(t, optional=False) for t in io.inputs]
+            try:
+                plan = find_engine(self.man, name, o.precision, engine_dir=o.engine_dir)
+            except ImportError as e:
+                # Engines are keyed by the GPU and TensorRT version they were built with, so they can
+                # only be looked up (and served) on the GPU host itself.
+                raise FileNotFoundError(
+                    f"cannot look up TensorRT engines here ({e}); on the serving GPU host run "
+                    f"`diffgap build-engines {self.man.root}` and then this command, or pass "
+                    "--gpu-platform onnxruntime_onnx"
+                ) from e
+            files = {"model.plan": plan}
+        else:
+            cfg["input"] = [tensor_config(t) for t in io.inputs]
+            files = {"model.onnx": self.man.path(name, o.precision)}
+        cfg["output"] = [tensor_config(t) for t in io.outputs]
+        cfg["instance_group"] = [{"count": o.instances, "kind": Enum("KIND_GPU")}]
+        cfg["dynamic_batching"] = {"preferred_batch_size": sizes, "max_queue_delay_microseconds": GPU_QUEUE_DELAY_US}
+        if o.gpu_platform == "tensorrt_plan":
+            # Static feature dims: one CUDA graph per preferred batch size (Triton TensorRT backend).
+            cfg["optimization"] = {"cuda": {"graphs": True, "graph_spec": [{"batch_size": b} for b in sizes]}}
+        else:
+            cfg["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
+                # Accelerator parameters are a map<string, string> (not ModelParameter messages).
+                {"name": "tensorrt", "parameters": [
+                    {"key": "precision_mode", "value": o.precision.upper()},
+                    {"key": "max_workspace_size_bytes", "value": str(1 << 30)},
+                ]},
+            ]}}
+        return ModelDir(name, cfg, files)
+
+    def tokenizer(self) -> ModelDir:
+        enc = self.io(encoder_name("text"))
+        kind = enc.meta.get("tokenizer")
+        if not kind:
+            raise ValueError(f"{enc.name} declares no tokenizer in its I/O metadata; re-export with `diffgap export`")
+        asset = self.man.asset("tokenizer")
+        return self._python(
+            TOKENIZER, enc, [string_tensor(TEXT, [1])], [tensor_config(t, optional=False) for t in enc.inputs],
+            enc.max_batch, "tokenizer", files={asset.name: asset},
+            tokenizer=kind, tokenizer_asset=asset.name, text_input=TEXT, max_text_bytes=self.opts.max_text_bytes,
+        )
+
+    def noise(self, source: str, target: str) -> ModelDir:
+        io = self.io(sampler_name(source, target))
+        _sampler_roles(io)
+        cond, nz = io.input(SAMPLER_CONDITION), io.input(SAMPLER_NOISE)
+        optional = [t for t in io.inputs if t.optional]
+        return self._python(
+            noise_name(source, target), io,
+            [tensor_config(cond), seed_tensor(), *(tensor_config(t) for t in optional)],
+            [tensor_config(nz), *(tensor_config(t, optional=False) for t in optional)],
+            io.max_batch, "noise",
+            default_seed=self.opts.default_seed, seed_input=SEED, condition=cond.name, noise=nz.name,
+        )
+
+    def search(self, index_path: Path) -> ModelDir:
+        from diffgap.runtime.pipeline import GalleryIndex, fusion_weights
+
+        io = self.io(sampler_name("text", "audio"))
+        enc = self.io(encoder_name("text"))
+        head_dim = io.input(SAMPLER_NOISE).feature_shape[0]
+        index = GalleryIndex.load(index_path)
+        index.check_model(self.man, head_dim)
+        gs = index.meta.get("guidance_scale")
+        if gs is not None:
+            raise ValueError(
+                f"index {index_path} was built with guidance_scale={gs}; the repository's sampler runs its declared "
+                "default, so rebuild the index without --guidance-scale"
+            )
+        n = int(index.arrays["ids"].shape[0])
+        k = min(self.opts.top_k, n)
+        if k < self.opts.top_k:
+            log.warning("top-k %d > gallery size %d; serving k=%d", self.opts.top_k, n, k)
+        clap = enc.outputs[0]
+        tensors = {
+            "clap": OUTPUTS["clap"], "projected": OUTPUTS["projected"], "bridged": OUTPUTS["bridged"],
+            "ids": SEARCH_IDS, "scores": SEARCH_SCORES,
+        }
+        spec = {"k": k, "weights": fusion_weights(self.man), "tensors": tensors, "gallery_size": n}
+        md = self._python(
+            SEARCH, io,
+            [tensor_config(clap, OUTPUTS["clap"]), tensor_config(io.output(SAMPLER_PROJECTED), OUTPUTS["projected"]),
+             tensor_config(io.output(SAMPLER_BRIDGED), OUTPUTS["bridged"])],
+            [string_tensor(SEARCH_IDS, [k]), {"name": SEARCH_SCORES, "data_type": Enum(triton_dtype("float32")), "dims": [k]}],
+            io.max_batch, "search", files={"index.npz": index_path, "search.json": json.dumps(spec, indent=2, sort_keys=True)},
+        )
+        md.files["io.json"] = json.dumps(io.to_dict(), indent=2, sort_keys=True)
+        return md
+
+    # -- ensembles -------------------------------------------------------------------------
+    def _max_batch(self, names: Iterable[str]) -> int:
+        return min(int(self.models[n].config["max_batch_size"]) for n in names)
+
+    def _front(self, source: str, target: str) -> tuple[list, list, dict[str, str], list[str]]:
+        """Steps source input -> encoder -> noise -> sampler; returns (inputs, steps, role -> tensor, models)."""
+        enc_name, smp_name, nz_name = encoder_name(source), sampler_name(source, target), noise_name(source, target)
+        enc, smp = self.io(enc_name), self.io(smp_name)
+        steps: list[dict[str, Any]] = []
+        models = [enc_name, nz_name, smp_name]
+        if source == "text":
+            inputs = [string_tensor(TEXT, [1])]
+            tok = {t.name: f"{TOKENIZER}.{t.name}" for t in enc.inputs}
+            steps.append(_step(TOKENIZER, {TEXT: TEXT}, tok))
+            steps.append(_step(enc_name, tok, {enc.outputs[0].name: OUTPUTS["clap"]}))
+            models.insert(0, TOKENIZER)
+        else:
+            inputs = [tensor_config(t) for t in enc.inputs]
+            steps.append(_step(enc_name, {t.name: t.name for t in enc.inputs}, {enc.outputs[0].name: OUTPUTS["clap"]}))
+        cond = smp.input(SAMPLER_CONDITION)
+        optional = [t for t in smp.inputs if t.optional]
+        inputs.append(seed_tensor())
+        inputs += [tensor_config(t) for t in optional]
+        nz_out = {t.name: f"{nz_name}.{t.name}" for t in (smp.input(SAMPLER_NOISE), *optional)}
+        steps.append(_step(nz_name, {cond.name: OUTPUTS["clap"], SEED: SEED, **{t.name: t.name for t in optional}}, nz_out))
+        steps.append(_step(
+            smp_name, {cond.name: OUTPUTS["clap"], **nz_out},
+            {SAMPLER_BRIDGED: OUTPUTS["bridged"], SAMPLER_PROJECTED: OUTPUTS["projected"]},
+        ))
+        return inputs, steps, {"clap": enc.outputs[0], "projected": smp.output(SAMPLER_PROJECTED), "bridged": smp.output(SAMPLER_BRIDGED)}, models
+
+    def embedding_ensemble(self, source: str, target: str) -> ModelDir:
+        inputs, steps, specs, models = self._front(source, target)
+        name = embedding_ensemble(source, target)
+        cfg = {
+            "name": name, "platform": "ensemble", "max_batch_size": self._max_batch(models),
+            "input": inputs,
+            "output": [tensor_config(specs[r], OUTPUTS[r]) for r in ("clap", "projected", "bridged")],
+            "ensemble_scheduling": {"step": steps},
+        }
+        return ModelDir(name, cfg, {})
+
+    def search_ensemble(self) -> ModelDir:
+        inputs, steps, specs, models = self._front("text", "audio")
+        # The index was built with the sampler's default guidance: the search exposes no guidance input.
+        opt = {t.name for t in self.io(sampler_name("text", "audio")).inputs if t.optional}
+        inputs = [i for i in inputs if i["name"] not in opt]
+        for s in steps:
+            s["input_map"] = [m for m in s["input_map"] if m["value"] not in opt]
+        steps.append(_step(SEARCH, {OUTPUTS[r]: OUTPUTS[r] for r in ("clap", "projected", "bridged")},
+                           {SEARCH_IDS: SEARCH_IDS, SEARCH_SCORES: SEARCH_SCORES}))
+        search_out = self.models[SEARCH].config["output"]
+        cfg = {
+            "name": SEARCH_ENSEMBLE, "platform": "ensemble", "max_batch_size": self._max_batch([*models, SEARCH]),
+            "input": inputs, "output": search_out, "ensemble_scheduling": {"step": steps},
+        }
+        return ModelDir(SEARCH_ENSEMBLE, cfg, {})
+
+    def plan(self) -> dict[str, ModelDir]:
+        add = lambda md: self.models.__setitem__(md.name, md)  # noqa: E731
+        add(self.tokenizer())
+        for m in ("text", "audio"):
+            add(self.exported(encoder_name(m)))
+        for s, t in DIRECTIONS:
+            add(self.exported(sampler_name(s, t)))
+            add(self.noise(s, t))
+        for s, t in DIRECTIONS:
+            add(self.embedding_ensemble(s, t))
+        if self.opts.index is not None:
+            add(self.search(Path(self.opts.index)))
+            add(self.search_ensemble())
+        return self.models
+
+
+def _step(model: str, input_map: Mapping[str, str], output_map: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "model_name": model,
+        "model_version": -1,
+        "input_map": [{"key": k, "value": v} for k, v in input_map.items()],
+        "output_map": [{"key": k, "value": v} for k, v in output_map.items()],
+    }
+
+
+def plan_repository(export_dir: str | Path | Manifest, **options: Any) -> dict[str, ModelDir]:
+    """What :func:`build_repository` would write (configs as dicts, files as sources), without writing."""
+    man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir, verify=True)
+    return _Planner(man, RepoOptions(**options)).plan()
+
+
+def build_repository(
+    export_dir: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    **options: Any,
+) -> Path:
+    """Write a Triton model repository for ``export_dir`` to ``out`` (atomically); return ``out``.
+
+    ``options``: see :class:`RepoOptions` (``flavor``, ``index``, ``top_k``, ``gpu_platform`` ...).
+    """
+    man = Manifest.load(export_dir, verify=True)
+    opts = RepoOptions(**options)
+    models = _Planner(man, opts).plan()
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for md in models.values():
+            d = tmp / md.name
+            (d / "1").mkdir(parents=True)
+            (d / "config.pbtxt").write_text(to_pbtxt(md.config) + "\n")
+            for dest, src in md.files.items():
+                if isinstance(src, Path):
+                    shutil.copyfile(src, d / "1" / dest)
+                else:
+                    (d / "1" / dest).write_text(src)
+        info = {
+            "format": REPO_FORMAT,
+            "flavor": opts.flavor,
+            "gpu_platform": opts.gpu_platform if opts.flavor == "gpu" else None,
+            "precision": opts.precision if opts.flavor == "gpu" else "fp32",
+            "export_dir": str(man.root.resolve()),
+            "preset": man.preset,
+            "checkpoint_sha256": man.checkpoint_sha256,
+            "package_version": man.package_version,
+            "default_seed": opts.default_seed,
+            "top_k": json.loads(str(models[SEARCH].files["search.json"]))["k"] if SEARCH in models else None,
+            "models": sorted(models),
+        }
+        atomic_write_json(tmp / REPO_INFO, info)
+    log.info("wrote %s Triton repository %s (%d models)", opts.flavor, out, len(models))
+    return out
+
+
+def read_repository_info(repo: str | Path) -> dict[str, Any]:
+    p = Path(repo) / REPO_INFO
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: {repo} was not made by `diffgap triton-repo`")
+    return json.loads(p.read_text())

@@ -1,0 +1,361 @@
+"""Start and stop the tritonserver bundled in nvidia-pytriton (server 2.51.0, python backend only).
+
+Recipe (verified on a CPU-only machine, /work/shared/TRITON_CPU.md):
+
+- a private copy of pytriton's ``tritonserver`` folder, with the python backend stub built for the
+  running interpreter copied into ``backends/python/`` (site-packages is never mutated);
+- ``LD_LIBRARY_PATH`` gets ``nvidia_pytriton.libs`` (the copied binaries lose their ``$ORIGIN`` rpath)
+  and this interpreter's ``LIBDIR`` (the stub links ``libpython3.X``);
+- this virtualenv's ``bin/`` first on ``PATH``: the stub imports numpy/onnxruntime/diffgap through
+  the first ``python3`` it finds;
+- loopback binding on free ports, ``--model-control-mode=none``, ``--allow-gpu-metrics=false``;
+- ready when ``GET /v2/health/ready`` answers 200; stopped by SIGTERM to the PID we started, then
+  SIGKILL if it has not exited within the grace period.
+
+:class:`TritonServer` is a context manager that always stops the server (tests, demo, benchmarks).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+_LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http(self) -> str:
+        """``host:port`` as tritonclient.http expects it (no scheme)."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def _pytriton_dist() -> tuple[Path, Path]:
+    """(pytriton's tritonserver folder, its bundled shared-library folder)."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise FileNotFoundError(
+            "nvidia-pytriton is not installed, so there is no tritonserver binary; "
+            "`pip install -e .[serving]` (nvidia-pytriton==0.7.0)"
+        ) from e
+    root = Path(pytriton.__file__).parent
+    dist, libs = root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+    if not (dist / "bin" / "tritonserver").exists():
+        raise FileNotFoundError(f"{dist}/bin/tritonserver missing; reinstall nvidia-pytriton==0.7.0")
+    return dist, libs
+
+
+def prepare_server_dir(dest: Path) -> Path:
+    """Copy the bundled server into ``dest`` with the python stub for this interpreter; return ``dest``."""
+    dist, _ = _pytriton_dist()
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / ver / "triton_python_backend_stub"
+    if not stub.exists():
+        raise FileNotFoundError(f"nvidia-pytriton has no python backend stub for Python {ver} ({stub}); use Python 3.8-3.13")
+    shutil.copytree(dist, dest, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+    shutil.copy2(stub, dest / "backends" / "python" / "triton_python_backend_stub")
+    return dest
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def server_env() -> dict[str, str]:
+    """Environment for tritonserver and its python stubs (see module docstring for why)."""
+    _, libs = _pytriton_dist()
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    ld = [str(libs)]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and Path(libdir).is_dir():
+        ld.append(libdir)
+    if env.get("LD_LIBRARY_PATH"):
+        ld.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
+    # The python models must not spin extra threads per instance on a small CPU box; ORT reads these.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # PR_SET_PDEATHSIG (1) = SIGTERM: a server never outlives a crashed/killed parent (pytest -x, kill -9).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def check_repository(repo: Path) -> list[str]:
+    """Names of the models in a Triton repository; a clear error when it is not one."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise FileNotFoundError(f"model repository {repo} does not exist; make one with `diffgap triton-repo EXPORT_DIR --out {repo}`")
+    models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+    if not models:
+        raise FileNotFoundError(f"{repo} holds no <model>/config.pbtxt; it is not a Triton model repository (make one with `diffgap triton-repo`)")
+    return models
+
+
+class TritonServer:
+    """A tritonserver process serving ``repository``; use as a context manager.
+
+    Ports left as ``None`` are picked free on ``host``. ``start()`` returns once the server reports
+    ready (or raises with the tail of its log); ``stop()`` is idempotent and always runs on exit.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        host: str = LOOPBACK,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        startup_timeout: float = 180.0,
+        log_verbose: int = 0,
+        extra_args: Sequence[str] = (),  # more tritonserver flags
+        log_path: str | os.PathLike | None = None,
+        exit_timeout: int = 5,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.models = check_repository(self.repository)
+        self.host = host
+        self._ports = (http_port, grpc_port, metrics_port)
+        self.startup_timeout = startup_timeout
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args)
+        self._log_path = Path(log_path) if log_path else None
+        # Triton waits up to --exit-timeout-secs (default 30) for open client connections on SIGTERM.
+        self.exit_timeout = exit_timeout
+        self._clients: list = []
+        self.extra_env = dict(env or {})
+        self._workdir: Path | None = None
+        self._log_file = None
+        self.proc: subprocess.Popen | None = None
+        self.endpoints: Endpoints | None = None
+        if host not in (LOOPBACK, "localhost", "::1"):
+            log.warning("binding tritonserver to %s: it will accept requests from other machines, with no authentication", host)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        if self._log_path is None:
+            raise RuntimeError("server not started")
+        return self._log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _command(self, ep: Endpoints, server_dir: Path) -> list[str]:
+        return [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--backend-directory={server_dir / 'backends'}",
+            f"--cache-directory={server_dir / 'caches'}",
+            f"--http-address={ep.host}", f"--http-port={ep.http_port}",
+            f"--grpc-address={ep.host}", f"--grpc-port={ep.grpc_port}",
+            f"--metrics-address={ep.host}", f"--metrics-port={ep.metrics_port}",
+            "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def start(self) -> "TritonServer":
+        if self.running():
+            return self
+        self._workdir = Path(tempfile.mkdtemp(prefix="diffgap-tritonserver-"))
+        try:
+            server_dir = prepare_server_dir(self._workdir / "tritonserver")
+            if self._log_path is None:
+                self._log_path = self._workdir / "tritonserver.log"
+            attempts = 1 if all(self._ports) else 3  # a free port can be taken between pick and bind
+            for attempt in range(attempts):
+                h, g, m = (p or free_port(self.host if self.host != "0.0.0.0" else LOOPBACK) for p in self._ports)
+                ep = Endpoints(self.host, h, g, m)
+                self._launch(self._command(ep, server_dir))
+                try:
+                    self._wait_ready(ep)
+                    self.endpoints = ep
+                    break
+                except _PortInUse:
+                    self._terminate()
+                    if attempt == attempts - 1:
+                        raise RuntimeError(f"tritonserver could not bind its ports; see {self.log_path}")
+            _LIVE.add(self)
+            log.info("tritonserver ready (pid %d): http %s grpc %s", self.proc.pid, ep.http, ep.grpc)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch(self, cmd: list[str]) -> None:
+        log.debug("starting %s", " ".join(cmd))
+        self._log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**server_env(), **self.extra_env}, cwd=self._workdir,
+            # Own session: Ctrl-C in a terminal reaches only us; we stop the server in order.
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except (OSError, RuntimeError):
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _wait_ready(self, ep: Endpoints) -> None:
+        probe = LOOPBACK if ep.host in ("0.0.0.0", "") else ep.host
+        url = f"http://{probe}:{ep.http_port}/v2/health/ready"
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_tail()
+                if "Address already in use" in tail or "address already in use" in tail:
+                    raise _PortInUse()
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.proc.returncode} before becoming ready "
+                    f"(repository {self.repository}); last log lines:\n{tail}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"tritonserver not ready after {self.startup_timeout:.0f}s (repository {self.repository}); "
+            f"last log lines:\n{self.log_tail()}"
+        )
+
+    def _terminate(self, grace: float = 30.0) -> None:
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        self._clients.clear()
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver (pid %d) ignored SIGTERM for %.0fs; killing it", proc.pid, grace)
+                proc.kill()
+                proc.wait(timeout=10)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``grace`` s) and remove the private copy."""
+        self._terminate(grace)
+        _LIVE.discard(self)
+        self.endpoints = None
+        if self._workdir is not None:
+            # The server copy goes; the log stays next to it (for a post-mortem) unless the caller
+            # chose its own log path, in which case nothing of ours is left behind.
+            shutil.rmtree(self._workdir / "tritonserver", ignore_errors=True)
+            if self._log_path is not None and not self._log_path.is_relative_to(self._workdir):
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- clients ---------------------------------------------------------------------------
+    def _ep(self) -> Endpoints:
+        if self.endpoints is None:
+            raise RuntimeError("tritonserver is not running; call start() or use `with TritonServer(...)`")
+        return self.endpoints
+
+    def _client_host(self) -> str:
+        return LOOPBACK if self._ep().host in ("0.0.0.0", "") else self._ep().host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host()}:{self._ep().http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host()}:{self._ep().grpc_port}"
+
+    def http_client(self, **kw):
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url, **kw)
+        self._clients.append(client)  # closed on stop(): open connections delay Triton's exit
+        return client
+
+    def grpc_client(self, **kw):
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.grpc_url, **kw)
+        self._clients.append(client)
+        return client
+
+
+class _PortInUse(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def serve(repository: str | os.PathLike, **kw) -> Iterator[TritonServer]:
+    """``with serve(repo) as server:`` — started, ready, and always stopped."""
+    server = TritonServer(repository, **kw)
+    with server:
+        yield server
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.stop(grace=10)
