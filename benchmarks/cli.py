@@ -154,7 +154,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         if "knobs" in groups:
             from . import knobs
 
-            k = GOAL_STEPS if GOAL_STEPS in ctx.exports else max(ctx.exports)
+            k = GOAL_STEPS if GOAL_STEPS in ctx.steps else ctx.steps[len(ctx.steps) // 2]
             bs = tuple(sorted({GOAL_SPEEDUP_BATCH if GOAL_SPEEDUP_BATCH in ctx.batches else min(ctx.batches),
                                GOAL_ROOFLINE_BATCH if GOAL_ROOFLINE_BATCH in ctx.batches else max(ctx.batches)}))
             res["rows"] += [r.to_dict() for r in knobs.run(ctx, k, bs)]

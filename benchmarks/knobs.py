@@ -64,11 +64,20 @@ def _iobinding(path: str, io, batch: int, threads: int) -> Callable[[], Callable
 
         sess = _session(path, threads)
         binding = sess.io_binding()
-        for name, x in _full_feeds(io, batch).items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x))
+        # OrtValue.ortvalue_from_numpy borrows the array's memory: the arrays must outlive the binding
+        # (a temporary here would let ORT write into freed memory).
+        arrays = dict(_full_feeds(io, batch))
+        arrays.update({t.name: np.empty(t.concrete(batch), t.np_dtype) for t in io.outputs})
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+        for t in io.inputs:
+            binding.bind_ortvalue_input(t.name, values[t.name])
         for t in io.outputs:
-            binding.bind_ortvalue_output(t.name, ort.OrtValue.ortvalue_from_numpy(np.empty(t.concrete(batch), t.np_dtype)))
-        return lambda: sess.run_with_iobinding(binding)
+            binding.bind_ortvalue_output(t.name, values[t.name])
+
+        def fn(sess=sess, binding=binding, keep=(arrays, values)):
+            sess.run_with_iobinding(binding)
+
+        return fn
 
     return factory
 

@@ -36,56 +36,65 @@ def random_model(preset: str, seed: int = 0):
     return model
 
 
-def _export(checkpoint: Path, out: Path, steps: int, samplers_only: bool) -> Path:
-    from diffgap.export import export_all
+def _export(ctx: Context, out: Path, steps: int, samplers_only: bool) -> Path:
+    """``export_all`` at K = ``steps``: FP32 + FP16 graphs, the samplers with their guidance input (as
+    `diffgap export` makes them). Encoders: laion-clap's HTSAT-tiny + transformer text tower (the real
+    architecture, random weights) for the full run; the tiny variant with --quick."""
+    try:
+        from diffgap.export import export_all
+    except ImportError:
+        from diffgap.export.cli import export_all
 
     t0 = time.perf_counter()
-    kw: dict[str, Any] = {"steps": steps}
-    if samplers_only:
-        kw["encoders"] = False
-    export_all(checkpoint, out, **kw)
-    log.info("exported %s (K=%d%s) in %.1f s", out, steps, ", samplers only" if samplers_only else "", time.perf_counter() - t0)
+    encoders = None if samplers_only else ("tiny" if ctx.quick else "htsat-tiny")
+    export_all(ctx.checkpoint, out, steps=steps, encoders=encoders)
+    log.info("exported %s (K=%d, encoders %s) in %.1f s", out, steps, encoders, time.perf_counter() - t0)
     return out
 
 
 def prepare(ctx: Context, groups: tuple[str, ...], export_dir: Path | None = None, checkpoint: Path | None = None) -> None:
-    """Fill ``ctx.model``, ``ctx.checkpoint``, ``ctx.exports`` and ``ctx.main_export``."""
-    from diffgap.checkpoint import load_checkpoint, save_checkpoint
+    """Fill ``ctx.model``, ``ctx.checkpoint``, ``ctx.exports`` and ``ctx.main_export`` as ``groups`` need."""
     from diffgap.manifest import Manifest
 
-    preset = ctx.preset
     if export_dir is not None:
         man = Manifest.load(export_dir, verify=True)
-        preset = man.preset or preset
-        ctx.preset = preset
+        ctx.preset = man.preset or ctx.preset
+        ctx.main_export = Path(export_dir)
+        ctx.main_steps = _export_steps(man, ctx.sampler_name)
+        if ctx.main_steps is not None:
+            ctx.exports[ctx.main_steps] = ctx.main_export
+    needs_main = bool(set(groups) & {"encoders", "pipeline", "triton"}) and ctx.main_export is None
+    grid = set(groups) & {"denoiser", "knobs"}
+    missing = [k for k in ctx.steps if k not in ctx.exports] if grid else []
+    if not (grid or needs_main or missing):
+        return
+    _load_model(ctx, checkpoint)
+    if needs_main:
+        # What `diffgap export` makes by default: the preset's K.
+        k = int(ctx.model.config.diffusion.sample_steps)
+        ctx.main_export = _export(ctx, ctx.work / f"export-main-k{k}", k, samplers_only=False)
+        ctx.main_steps = k
+        ctx.exports.setdefault(k, ctx.main_export)
+    for k in missing:
+        if k not in ctx.exports:
+            ctx.exports[k] = _export(ctx, ctx.work / f"export-k{k}", k, samplers_only=True)
+
+
+def _load_model(ctx: Context, checkpoint: Path | None) -> None:
+    from diffgap.checkpoint import load_checkpoint, save_checkpoint
+
     if checkpoint is not None:
         ctx.model, _ = load_checkpoint(checkpoint)
         ctx.checkpoint = checkpoint
         ctx.preset = ctx.model.config.name
     else:
-        ctx.model = random_model(preset)
+        ctx.model = random_model(ctx.preset)
         ctx.checkpoint = save_checkpoint(ctx.work / "checkpoint", ctx.model, meta={"note": "benchmark: random weights"})
 
-    if export_dir is not None:
-        ctx.main_export = Path(export_dir)
-        ctx.main_steps = _export_steps(Manifest.load(export_dir), ctx.sampler_name)
-        ctx.exports[ctx.main_steps] = ctx.main_export
-    needs_main = set(groups) & {"encoders", "pipeline", "triton"}
-    if needs_main and ctx.main_export is None:
-        # What `diffgap export` makes by default: the preset's K.
-        k = int(ctx.model.config.diffusion.sample_steps)
-        ctx.main_export = _export(ctx.checkpoint, ctx.work / f"export-main-k{k}", k, samplers_only=False)
-        ctx.main_steps = k
-        ctx.exports.setdefault(k, ctx.main_export)
-    if set(groups) & {"denoiser", "knobs"}:
-        for k in ctx.steps:
-            if k not in ctx.exports:
-                ctx.exports[k] = _export(ctx.checkpoint, ctx.work / f"export-k{k}", k, samplers_only=True)
 
-
-def _export_steps(man, sampler: str) -> int:
-    meta = man.model(sampler).meta
-    for key in ("steps", "K", "sample_steps", "num_steps"):
-        if key in meta:
-            return int(meta[key])
-    raise ValueError(f"{man.root}: {sampler} records no step count K in its manifest meta; re-export with this diffgap version")
+def _export_steps(man, sampler: str) -> int | None:
+    """K of the export's sampler (manifest meta ``steps``), or None when it records none."""
+    if sampler not in man.models:
+        return None
+    meta = {**man.model(sampler).io.meta, **man.model(sampler).meta}
+    return int(meta["steps"]) if "steps" in meta else None

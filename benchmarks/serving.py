@@ -65,6 +65,7 @@ def build_repository(ctx: Context, out: Path, **options: Any) -> Path:
 
     options = dict(options)
     delay = options.pop(QUEUE_DELAY_KEY, None)
+    options.setdefault("index", gallery_index(ctx, out.parent / "gallery.npz"))
     repo = Path(generate(ctx.main_export, out, flavor="portable", **options))
     if delay is not None:
         for cfg in repo.glob("*/config.pbtxt"):
@@ -73,6 +74,23 @@ def build_repository(ctx: Context, out: Path, **options: Any) -> Path:
             if new != text:
                 cfg.write_text(new)
     return repo
+
+
+GALLERY = 1000  # gallery size of the search ensemble's index (random unit audio embeddings)
+
+
+def gallery_index(ctx: Context, out: Path) -> Path:
+    """A gallery index for ``text_to_audio_search``: random unit CLAP audio embeddings, ids clipNNNN."""
+    from diffgap.manifest import Manifest
+    from diffgap.runtime.pipeline import build_index
+
+    if out.exists():
+        return out
+    n = 24 if ctx.quick else GALLERY
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal((n, Manifest.load(ctx.main_export).embed_dim)).astype(np.float32)
+    audio /= np.linalg.norm(audio, axis=1, keepdims=True)
+    return build_index(ctx.main_export, out, audio=audio, ids=[f"clip{i:04d}" for i in range(n)])
 
 
 def batching_knob(ctx: Context) -> dict[str, Any]:
@@ -280,7 +298,7 @@ def run(ctx: Context, repo_options: dict[str, Any] | None = None, label: str = "
     wave_len = None
     with TritonServer(repo) as server:
         result["server"] = {"pid": server.pid, "http": server.http_url, "grpc": server.grpc_url}
-        present = [m for m in ENSEMBLES if m in server.models]
+        present = [m for m in (ENSEMBLES[:1] if ctx.quick else ENSEMBLES) if m in server.models]
         result["ensembles"] = present
         for model in present:
             config = _model_config(server.http_url, model)

@@ -28,7 +28,7 @@ class HeadsConfig:
     """Light projection heads: frozen CLAP/CAVP embedding (B, E) -> contrastive space (B, dim)."""
 
     dim: int = 512                 # head-space (contrastive space) dimension D
-    hidden: int = 512              # residual MLP width beside the linear map; 0 = linear head only
+    hidden: int = 256              # residual MLP width beside the linear map; 0 = linear head only
     init_temperature: float = 0.07  # CLIP's initial InfoNCE temperature (Radford et al. 2021)
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100 to keep training stable
 
@@ -37,9 +37,9 @@ class HeadsConfig:
 class DenoiserConfig:
     """One conditional denoiser x0_hat = f(x_t, t, condition) in head space."""
 
-    hidden: int = 512              # residual stream width H
+    hidden: int = 384              # residual stream width H
     depth: int = 3                 # number of adaLN-zero residual MLP blocks
-    mlp_ratio: float = 1.0         # block MLP width = mlp_ratio * H
+    mlp_ratio: float = 2.0         # block MLP width = mlp_ratio * H
     time_freq_dim: int = 128       # sinusoidal timestep features before the timestep MLP
     concat_condition: bool = True  # also feed the condition as input (issue 2: adaLN alone was ignored)
     cond_dropout: float = 0.1      # P(condition -> learned null) during training, for CFG

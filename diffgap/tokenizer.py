@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
-import json
 import os
 import shutil
 from functools import lru_cache

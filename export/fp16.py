@@ -105,6 +105,10 @@ def convert_fp16(
     if kind not in ("denoiser", "audio_encoder", "text_encoder"):
         raise ValueError(f"unknown graph kind {kind!r}; use denoiser, audio_encoder or text_encoder")
     from modelopt.onnx.autocast import convert_to_mixed_precision
+    from modelopt.onnx.autocast.logging_config import configure_logging
+
+    # AutoCast logs every node it keeps in FP32 at INFO; surface that only with --verbose.
+    configure_logging(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))

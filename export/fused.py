@@ -10,7 +10,9 @@ x0 renormalisation, un-standardisation and the final L2 normalisation. Its I/O d
 * ``guidance_scale (B, 1) float32`` -- classifier-free guidance per row, optional (the runtime fills
   the exported default); absent when exported with ``guidance=False`` (conditional branch only,
   half the graph);
-* ``embedding (B, D) float32`` -- the bridged, L2-normalised head-space embedding of the *target*.
+* ``embedding (B, D) float32`` -- the bridged, L2-normalised head-space embedding of the *target*;
+* ``source_embedding (B, D) float32`` -- the condition's own L2-normalised head-space embedding
+  (``model.project(source, condition)``), which the runtime's fused search scores need.
 
 The sampler runs DDIM with eta = 0 (deterministic given ``noise``); the bridge mode ("noise": start
 from N(0, I) at t = T-1; "source": SDEdit-style start from the noised source at t0) is fixed at
@@ -46,7 +48,7 @@ def direction_of(name: str) -> str:
 
 
 class FusedSampler(nn.Module):
-    """``forward(condition (B, E), noise (B, D)[, guidance_scale (B, 1)]) -> embedding (B, D)``."""
+    """``forward(condition (B, E), noise (B, D)[, guidance_scale (B, 1)]) -> (embedding (B, D), source_embedding (B, D))``."""
 
     def __init__(
         self,
@@ -105,7 +107,14 @@ class FusedSampler(nn.Module):
         return IOSpec(
             name=self.name,
             inputs=tuple(inputs),
-            outputs=(TensorSpec("embedding", "float32", (BATCH, D), doc=f"bridged L2-normalised {target} head-space embedding"),),
+            outputs=(
+                TensorSpec("embedding", "float32", (BATCH, D), doc=f"bridged L2-normalised {target} head-space embedding"),
+                # The runtime's search scores (raw, head-space and both bridged similarities) need the
+                # query's own head-space embedding too; the graph computes it anyway (added for
+                # diffgap.runtime.pipeline.SAMPLER_PROJECTED).
+                TensorSpec("source_embedding", "float32", (BATCH, D),
+                           doc=f"the condition's own L2-normalised {source} head-space embedding (model.project)"),
+            ),
             min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
             meta=self.metadata(),
         )
@@ -139,6 +148,8 @@ class FusedSampler(nn.Module):
         if self.guidance and guidance_scale is None:
             raise ValueError(f"{self.name} was built with a guidance_scale input; pass guidance_scale (B, 1)")
         g = guidance_scale if self.guidance else 1.0
-        return self.model.bridge(
+        bridged = self.model.bridge(
             self.direction, condition, noise, steps=self.steps, guidance_scale=g, mode=self.mode, t0=self.t0, eta=0.0,
         )
+        _, source = parse_direction(self.direction)
+        return bridged, self.model.project(source, condition)

@@ -17,6 +17,12 @@ Exporter choice (measured on torch 2.14.1, this CPU box): the **TorchScript-base
   encoder module's ``batch_agnostic_htsat`` fix targets exactly this exporter, and the parity checks
   (:mod:`diffgap.export.check`) prove the dynamic batch at B = 1, 3, 8.
 
+After export the graph is simplified with ``onnxslim`` (constant folding, common-subexpression and
+dead-code elimination; node names, I/O and metadata are kept): the TorchScript exporter leaves one
+``Constant`` per scalar and recomputes shape arithmetic per sampler step, which halves the node
+count and keeps ModelOpt AutoCast -- whose graph passes scale with the square of the node count --
+usable for K up to 50 (see :mod:`diffgap.export.fp16`). Parity is always measured on the final file.
+
 Opset 17 (the lowest the brief allows, inside every TensorRT 10.x parser's documented range, and
 the first with a LayerNormalization op). ONNX's ``dim_param`` for the batch axis is the IOSpec's
 ``"batch"``; feature dims are written as fixed values so consumers (TensorRT profiles, Triton
@@ -113,6 +119,17 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        import onnxslim
+    except ImportError as e:
+        raise ImportError(f"graph simplification needs onnxslim ({e}); install the export extra: pip install -e '.[export]'") from e
+    n0 = len(model.graph.node)
+    out = onnxslim.slim(model)
+    log.debug("onnxslim: %d -> %d nodes", n0, len(out.graph.node))
+    return out
+
+
 def export_module(
     module,
     io_spec: IOSpec,
@@ -121,6 +138,7 @@ def export_module(
     opset: int = DEFAULT_OPSET,
     metadata: Mapping[str, Any] | None = None,
     trace_batch: int = TRACE_BATCH,
+    simplify: bool = True,
 ) -> onnx.ModelProto:
     """Export ``module`` (an ``nn.Module`` whose ``forward`` takes the IOSpec inputs in order) to ``path``.
 
@@ -149,6 +167,8 @@ def export_module(
             dynamo=False,
         )
         model = onnx.load(str(tmp))
+        if simplify:
+            model = _simplify(model)
         model.graph.name = io_spec.name
         model.producer_name = "diffgap"
         from diffgap import __version__

@@ -34,6 +34,15 @@ def _audio_files(d: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffgap.cli import UserError
+
+    try:
+        return _run(args)
+    except (ImportError, RuntimeError) as e:  # the chosen backend cannot run here: say so, no fallback
+        raise UserError(str(e)) from e
+
+
+def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from diffgap.manifest import Manifest

@@ -32,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
     if not export:
         raise UserError("the index records no export directory; pass --export DIR")
     results = []
-    with AudioSearch(args.index, export, args.backend, args.precision, seed=args.seed) as s:
+    try:
+        search = AudioSearch(args.index, export, args.backend, args.precision, seed=args.seed)
+    except (ImportError, RuntimeError) as e:  # the chosen backend cannot run here: say so, no fallback
+        raise UserError(str(e)) from e
+    with search as s:
         if args.queries:
             ids, scores = s.search(args.queries, k=args.k)
             for q, i, sc in zip(args.queries, ids, scores):

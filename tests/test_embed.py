@@ -161,3 +161,12 @@ def test_cli_embed(clotho, tmp_path, capsys):
     assert cli.main(["embed", "--captions", str(clotho / "captions.csv"), "--out", str(tmp_path / "y.npz"),
                      "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
+
+
+def test_demo_embed(tmp_path):
+    from diffgap.encoders.clap import demo_embed
+
+    r = demo_embed(tmp_path / "demo")
+    assert r["n_pairs"] == 5 and r["embed_dim"] == 512 and r["unit_norm"]
+    assert len(r["text_audio_cosine"]) == 5 and r["first_tokens"][0] == 49406  # <start_of_text>
+    assert len(load_pairs(r["npz"])) == 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,12 @@ model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    return triton_fixtures.make_export(tmp_path_factory.mktemp("repo") / "export")
+    return triton_fixtures.shared_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def index(export, tmp_path_factory):
-    return triton_fixtures.make_index(export, tmp_path_factory.mktemp("index") / "index.npz")
+    return triton_fixtures.shared_index(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +151,7 @@ def test_no_tensor_name_is_retyped(export, tmp_path):
     enc["inputs"][0]["name"] = "token_ids"
     d["models"][R.sampler_name("text", "audio")]["io"]["max_batch"] = 6
     d["models"][R.sampler_name("text", "audio")]["io"]["opt_batch"] = 3
-    (export_copy := tmp_path / "export").mkdir()
-    for rel in man.files:
-        (export_copy / rel).write_bytes((export / rel).read_bytes())
+    export_copy = _copy_export(export, tmp_path / "export")
     (export_copy / "manifest.json").write_text(json.dumps(d))
     cfgs = {n: md.config for n, md in R.plan_repository(Manifest.load(export_copy, verify=True)).items()}
     assert [t["name"] for t in cfgs[R.encoder_name("text")]["output"]] == ["text_features"]
@@ -224,6 +223,11 @@ def test_gpu_flavour_tensorrt_plans(export, tmp_path):
         assert [g.batch_size for g in cfg.optimization.cuda.graph_spec] == list(cfg.dynamic_batching.preferred_batch_size)
 
 
+def _copy_export(export: Path, dest: Path) -> Path:
+    shutil.copytree(export, dest)
+    return dest
+
+
 def test_bad_inputs_leave_nothing_behind(export, index, tmp_path):
     with pytest.raises(ValueError, match="flavour"):
         R.build_repository(export, tmp_path / "a", flavor="cpu")
@@ -232,8 +236,7 @@ def test_bad_inputs_leave_nothing_behind(export, index, tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         R.build_repository(tmp_path, tmp_path / "a")
     # an index of another model (different checkpoint) is refused
-    other = tmp_path / "other_export"
-    triton_fixtures.make_export(other)
+    other = _copy_export(export, tmp_path / "other_export")
     d = json.loads((other / "manifest.json").read_text())
     d["checkpoint_sha256"] = "1" * 64
     (other / "manifest.json").write_text(json.dumps(d))
@@ -247,10 +250,7 @@ def test_bad_inputs_leave_nothing_behind(export, index, tmp_path):
 
 
 def test_corrupt_export_file_is_refused(export, tmp_path):
-    copy = tmp_path / "export"
-    copy.mkdir()
-    for p in export.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = _copy_export(export, tmp_path / "export")
     onnx_file = copy / f"{R.sampler_name('text', 'audio')}.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:100])
     with pytest.raises(ValueError, match="sha256"):
@@ -272,7 +272,7 @@ def test_cli_triton_repo(export, index, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-ALLOWED_IMPORTS = {"__future__", "json", "logging", "pathlib", "numpy", "triton_python_backend_utils",
+ALLOWED_IMPORTS = {"__future__", "json", "pathlib", "numpy", "triton_python_backend_utils",
                    "diffgap.iospec", "diffgap.runtime", "diffgap.runtime.pipeline", "diffgap.runtime.session",
                    "diffgap.tokenizer"}
 

@@ -23,9 +23,8 @@ pytest.importorskip("pytriton")
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    export = triton_fixtures.make_export(root / "export")
-    return R.build_repository(export, root / "repo")
+    export = triton_fixtures.shared_export(tmp_path_factory)
+    return R.build_repository(export, tmp_path_factory.mktemp("serve") / "repo")
 
 
 def _alive(pid: int) -> bool:
@@ -102,6 +101,21 @@ def test_a_model_that_fails_to_load_is_reported_with_the_log(repo, tmp_path):
     with pytest.raises(RuntimeError, match="(?s)before becoming ready.*bad"):
         server.start()
     assert not server.running()
+
+
+def test_the_torch_blocker_used_by_the_server_tests_works(tmp_path):
+    """test_triton_server.py serves with torch blocked; prove the blocker blocks."""
+    repo = tmp_path / "repo"
+    (repo / "uses_torch" / "1").mkdir(parents=True)
+    (repo / "uses_torch" / "config.pbtxt").write_text(
+        'name: "uses_torch"\nbackend: "python"\nmax_batch_size: 1\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
+    (repo / "uses_torch" / "1" / "model.py").write_text("import torch\n")
+    (tmp_path / "blocker").mkdir()
+    server = TritonServer(repo, cwd=triton_fixtures.torch_blocker(tmp_path / "blocker"))
+    with pytest.raises(RuntimeError, match="torch is blocked"):
+        server.start()
 
 
 def test_not_a_repository(tmp_path):

@@ -32,19 +32,15 @@ PROTOCOLS = ("http", "grpc")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """(export dir, index path, repository path)."""
-    root = tmp_path_factory.mktemp("triton")
-    export = triton_fixtures.make_export(root / "export")
-    index = triton_fixtures.make_index(export, root / "index.npz")
-    repo = R.build_repository(export, root / "repo", flavor="portable", index=index, top_k=K)
+    export = triton_fixtures.shared_export(tmp_path_factory)
+    index = triton_fixtures.shared_index(tmp_path_factory)
+    repo = R.build_repository(export, tmp_path_factory.mktemp("triton") / "repo", flavor="portable", index=index, top_k=K)
     return export, index, repo
 
 
 @pytest.fixture(scope="module")
 def server(env, tmp_path_factory):
-    blocker = tmp_path_factory.mktemp("notorch")
-    (blocker / "torch").mkdir()
-    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: Triton python models must be torch-free')\n")
-    srv = TritonServer(env[2], env={"PYTHONPATH": str(blocker)})
+    srv = TritonServer(env[2], cwd=triton_fixtures.torch_blocker(tmp_path_factory.mktemp("notorch")))
     with srv:
         yield srv
     assert not srv.running()
@@ -266,3 +262,40 @@ def test_concurrent_load_is_correct_and_dynamically_batched(server, env):
         assert inf == CLIENTS * REQUESTS, (m, inf)
         # Dynamic batching happened: fewer model executions than requests served.
         assert exe < inf, f"{m}: {exe} executions for {inf} inferences (no dynamic batching)"
+
+
+# -- perf_analyzer (Triton's load generator, unpacked by diffgap.triton_models.tools) --------------
+@pytest.fixture(scope="module")
+def perf_analyzer():
+    from diffgap.triton_models.tools import perf_analyzer as get
+
+    try:
+        return get()
+    except RuntimeError as e:  # only when the wheel cannot be downloaded (offline) and was never unpacked
+        pytest.skip(f"perf_analyzer unavailable: {e}")
+
+
+def test_perf_analyzer_is_idempotent(perf_analyzer):
+    from diffgap.triton_models.tools import ensure_perf_analyzer, tools_dir
+
+    binary, env = perf_analyzer
+    assert ensure_perf_analyzer() == binary and binary.is_relative_to(tools_dir())
+    assert str(tools_dir() / "lib") in env["LD_LIBRARY_PATH"].split(":")
+
+
+def test_perf_analyzer_drives_the_search_ensemble(server, perf_analyzer, tmp_path):
+    import json
+    import subprocess
+
+    binary, penv = perf_analyzer
+    data = tmp_path / "input.json"
+    data.write_text(json.dumps({"data": [{R.TEXT: ["a dog barks"], R.SEED: [3]}, {R.TEXT: ["rain on a roof"]}]}))
+    proc = subprocess.run(
+        [str(binary), "-m", R.SEARCH_ENSEMBLE, "-u", server.grpc_url, "-i", "grpc", "--concurrency-range", "2:2",
+         "--input-data", str(data), "--measurement-mode", "count_windows", "--measurement-request-count", "30",
+         "-s", "50", "--max-trials", "6"],
+        env=penv, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Concurrency: 2, throughput:" in proc.stdout
+    assert R.SEARCH in proc.stdout  # composing-model statistics of the ensemble are reported

@@ -32,9 +32,7 @@ def _raise_stop(signum, frame):  # noqa: ARG001
 def run(args: argparse.Namespace) -> int:
     from .server import TritonServer
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"diffgap serve: warning: binding to {args.host}: other machines can reach this server, "
-              "which has no authentication", file=sys.stderr)
+    # TritonServer logs a warning when --host is not loopback (no authentication on these endpoints).
     server = TritonServer(
         args.repo, host=args.host, http_port=args.http_port or None, grpc_port=args.grpc_port or None,
         metrics_port=args.metrics_port or None, startup_timeout=args.startup_timeout,

@@ -25,7 +25,6 @@ repository runs on a lean Triton image with ``pip install diffgap[runtime]``).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,6 @@ from diffgap.iospec import IOSpec
 from diffgap.runtime import fuse_scores, make_noise, top_k
 from diffgap.runtime.pipeline import GalleryIndex
 from diffgap.runtime.session import load
-
-log = logging.getLogger("diffgap.triton")
 
 
 def _param(config: dict, key: str, default: str | None = None) -> str:

@@ -258,7 +258,7 @@ class _Planner:
             return self._python(
                 name, io, [tensor_config(t) for t in io.inputs], [tensor_config(t) for t in io.outputs],
                 io.max_batch, "onnx", files={"model.onnx": self.man.path(name, "fp32")},
-                intra_op_threads=o.intra_op_threads, precision="fp32",
+                intra_op_threads=o.intra_op_threads,
             )
         sizes = preferred_sizes(io, io.max_batch)
         cfg: dict[str, Any] = {"name": name, "platform": o.gpu_platform, "max_batch_size": io.max_batch}

@@ -152,6 +152,7 @@ class TritonServer:
         log_path: str | os.PathLike | None = None,
         exit_timeout: int = 5,
         env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.models = check_repository(self.repository)
@@ -165,6 +166,8 @@ class TritonServer:
         self.exit_timeout = exit_timeout
         self._clients: list = []
         self.extra_env = dict(env or {})
+        # The python stubs put the working directory first on sys.path (they ignore PYTHONPATH).
+        self.cwd = Path(cwd) if cwd else None
         self._workdir: Path | None = None
         self._log_file = None
         self.proc: subprocess.Popen | None = None
@@ -214,7 +217,7 @@ class TritonServer:
                 self._log_path = self._workdir / "tritonserver.log"
             attempts = 1 if all(self._ports) else 3  # a free port can be taken between pick and bind
             for attempt in range(attempts):
-                h, g, m = (p or free_port(self.host if self.host != "0.0.0.0" else LOOPBACK) for p in self._ports)
+                h, g, m = (p or free_port(self.host) for p in self._ports)
                 ep = Endpoints(self.host, h, g, m)
                 self._launch(self._command(ep, server_dir))
                 try:
@@ -237,7 +240,7 @@ class TritonServer:
         self._log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**server_env(), **self.extra_env}, cwd=self._workdir,
+            env={**server_env(), **self.extra_env}, cwd=self.cwd or self._workdir,
             # Own session: Ctrl-C in a terminal reaches only us; we stop the server in order.
             start_new_session=True, preexec_fn=_die_with_parent,
         )
@@ -248,6 +251,16 @@ class TritonServer:
         except (OSError, RuntimeError):
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def log_errors(self, limit: int = 20) -> str:
+        """Triton's error lines (``E<date> ...``, e.g. a model that failed to load) and its last line."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except (OSError, RuntimeError):
+            return ""
+        errors = [l for l in lines if len(l) > 1 and l[0] == "E" and l[1:5].isdigit()][:limit]
+        last = next((l for l in reversed(lines) if l.strip()), "")
+        return "\n".join([*errors, *([last] if last not in errors else [])])
 
     def _wait_ready(self, ep: Endpoints) -> None:
         probe = LOOPBACK if ep.host in ("0.0.0.0", "") else ep.host
@@ -260,7 +273,7 @@ class TritonServer:
                     raise _PortInUse()
                 raise RuntimeError(
                     f"tritonserver exited with code {self.proc.returncode} before becoming ready "
-                    f"(repository {self.repository}); last log lines:\n{tail}"
+                    f"(repository {self.repository}; full log {self.log_path}); errors:\n{self.log_errors()}"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:

@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -48,7 +49,6 @@ EMBED_DIM = 512            # laion-clap's joint_embed_shape: every CLAP model's 
 CONTEXT_LENGTH = 77        # laion-clap text context (CLIP BPE and RoBERTa alike)
 SAMPLE_RATE = daudio.SAMPLE_RATE
 CLIP_SAMPLES = daudio.CLIP_SAMPLES
-MIN_TOKENIZER_VOCAB = 1000  # roberta-base has 50265, CLIP BPE 49408; offline fallbacks yield ~5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +159,18 @@ def build_clap_model(arch: ClapArch | str, seed: int = 0, roberta_config: Any = 
     """
     if isinstance(arch, str):
         arch = get_arch(arch)
+    if arch.tmodel == "roberta" and roberta_config is None:
+        raise ValueError("a RoBERTa text tower needs roberta-base's config (see load_clap_checkpoint)")
     _, htsat_mod, clap_model_mod = _import_laion_clap()
     cfg = _model_cfg(arch)
-    with torch.random.fork_rng(devices=[]), _htsat_size(clap_model_mod, htsat_mod, arch.htsat), \
+    # The scoped substitutions below swap laion-clap module globals: hold the patch lock meanwhile.
+    with _PATCH_LOCK, torch.random.fork_rng(devices=[]), _htsat_size(clap_model_mod, htsat_mod, arch.htsat), \
             _roberta_from_config(clap_model_mod, roberta_config):
         torch.manual_seed(seed)
-        model = clap_model_mod.CLAP(**cfg)
+        with warnings.catch_warnings():
+            # laion-clap's WindowAttention calls torch.meshgrid without indexing= (harmless: "ij").
+            warnings.filterwarnings("ignore", message=".*torch.meshgrid.*")
+            model = clap_model_mod.CLAP(**cfg)
     model.eval()
     return model, cfg
 
@@ -545,9 +551,11 @@ class ClapEncoder:
         longer clips follow ``long_clip`` ("chunks" averages the normalised chunk embeddings).
         """
         per_item = [daudio.prepare_clips(np.asarray(w), sample_rate, long_clip) for w in waveforms]
-        return self._pool(per_item, batch_size)
+        return self.encode_clip_groups(per_item, batch_size)
 
-    def _pool(self, per_item: list[np.ndarray], batch_size: int) -> np.ndarray:
+    def encode_clip_groups(self, per_item: list[np.ndarray], batch_size: int = 8) -> np.ndarray:
+        """One (n_i, 480000) group of prepared clips per item -> (items, 512); groups of n_i > 1
+        (long_clip="chunks") average their L2-normalised embeddings and re-normalise."""
         if not per_item:
             return np.zeros((0, EMBED_DIM), np.float32)
         emb = self.encode_clips(np.concatenate(per_item), batch_size)

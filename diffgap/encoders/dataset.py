@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -266,7 +266,7 @@ def embed_plan(
                     except daudio.AudioError as e:
                         failed.append(rel)
                         reasons.append(f"{e.kind}: {daudio.AUDIO_ERRORS[e.kind]}")
-                emb = encoder._pool(clips, batch_size) if clips else np.zeros((0, 512), np.float32)
+                emb = encoder.encode_clip_groups(clips, batch_size) if clips else np.zeros((0, 512), np.float32)
                 _save_shard(shard, keys=np.array(ok, dtype=str), emb=emb,
                             failed=np.array(failed, dtype=str), reasons=np.array(reasons, dtype=str))
             else:
@@ -276,6 +276,10 @@ def embed_plan(
                 bar.update(1)
             if on_shard is not None:
                 on_shard(shard.name)
+    except KeyboardInterrupt:
+        done = sum(1 for j in jobs if (parts / f"{j[0]}_{j[1]:06d}.npz").exists())
+        log.warning("interrupted: %d of %d shards kept in %s; rerun the same command to resume", done, len(jobs), parts)
+        raise
     finally:
         if bar is not None:
             bar.close()

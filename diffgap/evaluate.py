@@ -1,0 +1,272 @@
+"""Retrieval evaluation of a trained DiffGAP model: the ablation table, the condition-usage table
+and sample sanity statistics.
+
+Text-to-audio (T2A) and audio-to-text (A2T), on a paired test split, for every row:
+
+* ``raw``            cosine of the frozen CLAP embeddings
+* ``heads``          cosine in the contrastive (head) space
+* ``raw+heads``      fusion of the two (the strongest system without diffusion)
+* ``q-bridge src``   query-side bridge from the noised source (t0), scored against gallery heads
+* ``q-bridge noise`` query-side bridge from pure noise (K steps, averaged over samples)
+* ``g-bridge src``   gallery-side bridge (each gallery item bridged into the query modality,
+  precomputable at index time) from the noised source
+* ``g-bridge noise`` gallery-side bridge from noise
+* ``full``           fusion of raw + heads + query-side + gallery-side bridges (bridge mode from
+  the model config)
+
+Fusion = weighted sum of per-query z-scored similarities; weights are grid-searched on the
+validation split only. Every R@1 carries a 95% percentile-bootstrap interval over test queries,
+and the contribution rows (``full - raw+heads`` ...) are *paired* bootstrap intervals.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Pairs
+from .models import DiffGAP, parse_direction
+from .retrieval import (bootstrap_ci, choose_fusion_weights, cosine, fuse, metrics_from_ranks,
+                        ranks_of_diagonal)
+
+log = logging.getLogger(__name__)
+
+# Sanity tolerances for bridged samples vs real target-modality head embeddings:
+# mean pairwise cosine within 0.05 (absolute), and the per-dimension mean within a quarter of
+# the real per-dimension spread (RMS over dims) -- a shift smaller than that cannot move
+# cosine rankings much, a larger one would mean the bridge lands off the target distribution.
+TOL_MEAN_PAIRWISE_COS = 0.05
+TOL_MEAN_SHIFT_OVER_STD = 0.25
+
+
+@dataclass
+class EvalConfig:
+    source_steps: int | None = None    # K for bridging from the noised source (None: model config)
+    noise_steps: int = 10              # K for bridging from noise
+    noise_samples: int = 4             # samples averaged when bridging from noise (issue 2: +up to 10 points)
+    source_samples: int = 1
+    guidance_scale: float | None = None
+    fusion_step: float = 0.1           # fusion weight grid on the simplex
+    n_boot: int = 1000
+    usage_buckets: int = 10            # timestep buckets of the condition-usage table
+    seed: int = 0
+    batch_size: int = 1000
+
+
+# ---- embedding a split ------------------------------------------------------------------------
+@torch.no_grad()
+def _project(model: DiffGAP, modality: str, x: np.ndarray, bs: int) -> np.ndarray:
+    return torch.cat([model.project(modality, torch.from_numpy(x[i:i + bs])) for i in range(0, len(x), bs)]).numpy()
+
+
+@torch.no_grad()
+def bridge_array(
+    model: DiffGAP, direction: str, cond: np.ndarray, mode: str, steps: int, samples: int,
+    seed: int, guidance_scale: float | None, bs: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Bridge every row of ``cond`` (N, E). Returns (mean of ``samples`` bridges re-normalised (N, D),
+    the first sample alone (N, D), seconds per 1,000 queries)."""
+    D = model.config.heads.dim
+    outs = []
+    t0 = time.perf_counter()
+    for s in range(samples):
+        g = torch.Generator().manual_seed(seed * 1009 + s)
+        noise = torch.randn(len(cond), D, generator=g)
+        parts = [
+            model.bridge(direction, torch.from_numpy(cond[i:i + bs]), noise[i:i + bs], steps=steps,
+                         guidance_scale=guidance_scale, mode=mode)
+            for i in range(0, len(cond), bs)
+        ]
+        outs.append(torch.cat(parts))
+    secs = time.perf_counter() - t0
+    mean = F.normalize(torch.stack(outs).mean(0), dim=-1)
+    return mean.numpy(), outs[0].numpy(), secs * 1000.0 / len(cond)
+
+
+def embed_split(model: DiffGAP, pairs: Pairs, ecfg: EvalConfig) -> dict[str, Any]:
+    """Raw, head-space and bridged embeddings of one split (both bridge modes, both directions)."""
+    a, b = model.config.modalities
+    bs = ecfg.batch_size
+    k_src = ecfg.source_steps or model.config.diffusion.sample_steps
+    emb: dict[str, Any] = {"raw": {m: pairs[m] for m in (a, b)},
+                           "heads": {m: _project(model, m, pairs[m], bs) for m in (a, b)},
+                           "bridged": {}, "single": {}, "ms_per_query": {}}
+    for mode, steps, samples in (("source", k_src, ecfg.source_samples), ("noise", ecfg.noise_steps, ecfg.noise_samples)):
+        for direction in model.config.directions:
+            _, source = parse_direction(direction)
+            mean, single, sec_per_1k = bridge_array(model, direction, pairs[source], mode, steps, samples,
+                                                    ecfg.seed, ecfg.guidance_scale, bs)
+            emb["bridged"][(mode, direction)] = mean
+            emb["single"][(mode, direction)] = single
+            emb["ms_per_query"][(mode, direction)] = sec_per_1k  # seconds per 1,000 queries
+    return emb
+
+
+def similarity_sets(emb: dict[str, Any], q: str, g: str) -> dict[str, np.ndarray]:
+    """All (N_q, N_g) similarity matrices for queries of modality q against a gallery of g."""
+    sims = {"raw": cosine(emb["raw"][q], emb["raw"][g]), "heads": cosine(emb["heads"][q], emb["heads"][g])}
+    for mode, tag in (("source", "src"), ("noise", "noise")):
+        # query-side: the query bridged into the gallery's modality, scored in the gallery's head space
+        sims[f"q-bridge {tag}"] = cosine(emb["bridged"][(mode, f"{g}_given_{q}")], emb["heads"][g])
+        # gallery-side: each gallery item bridged into the query's modality (index-time work)
+        sims[f"g-bridge {tag}"] = cosine(emb["heads"][q], emb["bridged"][(mode, f"{q}_given_{g}")])
+    return sims
+
+
+# ---- the tables -----------------------------------------------------------------------------
+def _rows(bridge_mode: str) -> list[tuple[str, list[str]]]:
+    tag = "src" if bridge_mode == "source" else "noise"
+    return [
+        ("raw", ["raw"]),
+        ("heads", ["heads"]),
+        ("raw+heads", ["raw", "heads"]),
+        ("q-bridge src", ["q-bridge src"]),
+        ("q-bridge noise", ["q-bridge noise"]),
+        ("g-bridge src", ["g-bridge src"]),
+        ("g-bridge noise", ["g-bridge noise"]),
+        ("q+g bridges", [f"q-bridge {tag}", f"g-bridge {tag}"]),
+        ("full", ["raw", "heads", f"q-bridge {tag}", f"g-bridge {tag}"]),
+    ]
+
+
+CONTRASTS = [("full", "raw+heads"), ("full", "raw"), ("heads", "raw"), ("raw+heads", "raw")]
+
+
+@torch.no_grad()
+def condition_usage(model: DiffGAP, pairs: Pairs, buckets: int = 10, seed: int = 0, bs: int = 1000) -> list[dict[str, Any]]:
+    """Held-out x0 error (MSE per coordinate, standardised head space) with the true condition,
+    a shuffled condition (rows permuted) and the null condition, per timestep bucket."""
+    T = model.schedule.T
+    a, b = model.config.modalities
+    z = {m: model.standardize(m, torch.from_numpy(_project(model, m, pairs[m], bs))) for m in (a, b)}
+    g = torch.Generator().manual_seed(seed)
+    n = len(pairs)
+    perm = torch.randperm(n, generator=g)
+    if n > 1:  # a derangement-ish shuffle: no row keeps its own condition
+        perm = torch.where(perm == torch.arange(n), (perm + 1) % n, perm)
+    rows = []
+    edges = np.linspace(0, T, buckets + 1).astype(int)
+    for direction in model.config.directions:
+        target, source = parse_direction(direction)
+        x0, cond = z[target], z[source]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            t = torch.randint(int(lo), int(hi), (n,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            x_t = model.schedule.q_sample(x0, t, noise)
+            err = {}
+            for name, c, unc in (("true", cond, False), ("shuffled", cond[perm], False), ("null", cond, True)):
+                _, x0_hat = model.predict_x0(direction, x_t, t, c, unconditional=unc)
+                err[name] = float(((x0_hat - x0) ** 2).mean())
+            rows.append({"direction": direction, "t_lo": int(lo), "t_hi": int(hi), **err,
+                         "ratio": err["true"] / max(err["shuffled"], 1e-12)})
+    return rows
+
+
+def sample_sanity(emb: dict[str, Any], model: DiffGAP) -> list[dict[str, Any]]:
+    """NaN/Inf, mean pairwise cosine and per-dimension mean of single bridged samples vs the real
+    target modality's head embeddings."""
+    out = []
+
+    def mpc(x: np.ndarray) -> float:  # mean pairwise cosine of unit rows, O(N D)
+        s = x.sum(0)
+        n = len(x)
+        return float((s @ s - (x * x).sum()) / (n * (n - 1)))
+
+    for (mode, direction), x in emb["single"].items():
+        target, _ = parse_direction(direction)
+        real = emb["heads"][target]
+        finite = bool(np.isfinite(x).all())
+        xs = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        shift = float(np.sqrt(np.mean((xs.mean(0) - real.mean(0)) ** 2)))
+        spread = float(np.sqrt(np.mean(real.std(0) ** 2)))
+        d_mpc = mpc(xs) - mpc(real)
+        out.append({
+            "mode": mode, "direction": direction, "finite": finite,
+            "mean_pairwise_cos": mpc(xs), "real_mean_pairwise_cos": mpc(real),
+            "mean_shift_over_std": shift / max(spread, 1e-12),
+            "ok": finite and abs(d_mpc) <= TOL_MEAN_PAIRWISE_COS and shift / max(spread, 1e-12) <= TOL_MEAN_SHIFT_OVER_STD,
+        })
+    return out
+
+
+def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalConfig()) -> dict[str, Any]:
+    """The full evaluation as a JSON-able dict (see :func:`format_report`)."""
+    model.eval()
+    a, b = model.config.modalities
+    for split, p in (("test", test), ("val", val)):
+        for m in (a, b):
+            p[m]  # raises a clear KeyError naming the file and modality
+        if p.embed_dim != model.config.embed_dim:
+            raise ValueError(f"{split} split {p.path} has dim {p.embed_dim}, model expects {model.config.embed_dim}")
+    t_start = time.perf_counter()
+    emb = {"val": embed_split(model, val, ecfg), "test": embed_split(model, test, ecfg)}
+    result: dict[str, Any] = {"eval_config": asdict(ecfg), "n_test": len(test), "n_val": len(val),
+                              "bridge_mode": model.config.diffusion.bridge_mode, "tasks": {}}
+    # Retrieval tasks named by query->gallery, e.g. text->audio (T2A) and audio->text (A2T).
+    for q, g in ((a, b), (b, a)):
+        task = f"{q}->{g}"
+        sims = {s: similarity_sets(emb[s], q, g) for s in ("val", "test")}
+        rows, ranks = {}, {}
+        for name, comps in _rows(model.config.diffusion.bridge_mode):
+            if len(comps) == 1:
+                w = (1.0,)
+                test_sim = sims["test"][comps[0]]
+            else:
+                w = choose_fusion_weights([sims["val"][c] for c in comps], ecfg.fusion_step).weights
+                test_sim = fuse([sims["test"][c] for c in comps], w)
+            r = ranks_of_diagonal(test_sim)
+            ranks[name] = r
+            m = metrics_from_ranks(r)
+            m["R@1_ci"] = bootstrap_ci(r, n_boot=ecfg.n_boot, seed=ecfg.seed)
+            m["weights"] = dict(zip(comps, w))
+            rows[name] = m
+        contrasts = {}
+        for x, y in CONTRASTS:
+            d = rows[x]["R@1"] - rows[y]["R@1"]
+            contrasts[f"{x} - {y}"] = {"delta_R@1": d, "ci": bootstrap_ci(ranks[x], ranks[y], n_boot=ecfg.n_boot, seed=ecfg.seed)}
+        result["tasks"][task] = {"rows": rows, "contrasts": contrasts}
+    result["condition_usage"] = condition_usage(model, val, ecfg.usage_buckets, ecfg.seed, ecfg.batch_size)
+    T = model.schedule.T
+    result["condition_used_above_half_T"] = all(
+        r["true"] < r["shuffled"] for r in result["condition_usage"] if r["t_lo"] >= T // 2)
+    result["sanity"] = sample_sanity(emb["test"], model)
+    result["bridge_seconds_per_1000_queries"] = {f"{m} {d}": v for (m, d), v in emb["test"]["ms_per_query"].items()}
+    result["eval_seconds"] = time.perf_counter() - t_start
+    return result
+
+
+# ---- printing ---------------------------------------------------------------------------------
+def format_report(res: dict[str, Any]) -> str:
+    lines = []
+    for task, tr in res["tasks"].items():
+        lines.append(f"\nRetrieval {task} on {res['n_test']} test pairs (fusion weights chosen on {res['n_val']} val pairs)")
+        lines.append(f"{'system':<16}{'R@1':>7}{'95% CI':>15}{'R@5':>7}{'R@10':>7}{'mAP@10':>8}{'MedR':>6}  weights")
+        for name, m in tr["rows"].items():
+            lo, hi = m["R@1_ci"]
+            w = " ".join(f"{k}={v:.1f}" for k, v in m["weights"].items()) if len(m["weights"]) > 1 else ""
+            lines.append(f"{name:<16}{m['R@1']:7.1f}{f'[{lo:.1f},{hi:.1f}]':>15}{m['R@5']:7.1f}{m['R@10']:7.1f}"
+                         f"{m['mAP@10']:8.1f}{m['MedR']:6.0f}  {w}")
+        for name, c in tr["contrasts"].items():
+            lo, hi = c["ci"]
+            lines.append(f"  {name:<22} dR@1 {c['delta_R@1']:+5.1f}  paired 95% CI [{lo:+.1f}, {hi:+.1f}]")
+    lines.append("\nCondition usage: held-out x0 MSE (standardised head space), true vs shuffled vs null condition")
+    lines.append(f"{'direction':<20}{'t bucket':>12}{'true':>8}{'shuffled':>10}{'null':>8}{'true/shuf':>11}")
+    for r in res["condition_usage"]:
+        bucket = "[{},{})".format(r["t_lo"], r["t_hi"])
+        lines.append(f"{r['direction']:<20}{bucket:>12}{r['true']:8.3f}{r['shuffled']:10.3f}"
+                     f"{r['null']:8.3f}{r['ratio']:11.2f}")
+    lines.append(f"condition used in every bucket above T/2: {res['condition_used_above_half_T']}")
+    lines.append(f"\nSample sanity (single samples, test split; tolerances |d mean-pairwise-cos| <= {TOL_MEAN_PAIRWISE_COS}, "
+                 f"mean shift <= {TOL_MEAN_SHIFT_OVER_STD} x per-dim std)")
+    for s in res["sanity"]:
+        lines.append(f"  {s['mode']:<7}{s['direction']:<20} finite={s['finite']} mpc={s['mean_pairwise_cos']:.3f} "
+                     f"(real {s['real_mean_pairwise_cos']:.3f}) shift/std={s['mean_shift_over_std']:.2f} ok={s['ok']}")
+    lines.append("\nBridge cost (seconds per 1,000 queries, this machine, all samples):")
+    for k, v in res["bridge_seconds_per_1000_queries"].items():
+        lines.append(f"  {k:<28}{v:8.2f}")
+    return "\n".join(lines)

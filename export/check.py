@@ -1,0 +1,202 @@
+"""Parity checks of exported graphs against PyTorch (``diffgap export --check`` and the tests).
+
+Bounds (issue 4), and exactly what each figure measures:
+
+* **FP32 graph vs PyTorch FP32** (every model): max abs difference over all rows and batch sizes,
+  ONNX Runtime CPU, bound :data:`FP32_MAX_ABS` = 1e-4 (float32 rounding across a few hundred ops is
+  ~1e-6; anything near 1e-4 means a real graph difference such as a frozen batch axis).
+* **FP16 graph vs PyTorch FP32, denoisers** (fused samplers): per-row cosine, minimum over rows,
+  bound :data:`FP16_MIN_COS_DENOISER` = 0.999, measured with ``onnx.reference.ReferenceEvaluator``,
+  which executes every FP16 node in numpy float16 (real FP16 rounding of every activation; its dot
+  products accumulate in higher precision, as TensorRT's tensor cores do). ONNX Runtime CPU would not
+  do: it upcasts FP16 Gemm/MatMul/Add to float32 kernels (see /work/shared/FP16.md).
+* **FP16 graph vs PyTorch FP32, encoders**: per-row cosine, minimum over rows, bound
+  :data:`FP16_MIN_COS_ENCODER` = 0.995, measured with **ONNX Runtime CPU**, so the figure measures the
+  rounding of weights/constants to FP16 and of every tensor that crosses an FP16 Cast, *not* FP16
+  arithmetic inside Gemm/MatMul/Conv (ORT CPU computes those in float32). The reference evaluator
+  would take minutes per 10 s clip for the audio tower; the FP16 arithmetic of the encoders is
+  covered on a GPU host by ``tests/test_export_*`` ``@pytest.mark.gpu`` and ``diffgap build-engines``.
+
+Encoder parity runs at B = 1, 3 and 8: graphs are traced at B = 2, so a batch size frozen into the
+graph (laion-clap HTS-AT's ``window_reverse``) fails at every other size.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from diffgap.iospec import IOSpec
+
+log = logging.getLogger(__name__)
+
+FP32_MAX_ABS = 1e-4
+FP16_MIN_COS_DENOISER = 0.999
+FP16_MIN_COS_ENCODER = 0.995
+BATCHES = (1, 3, 8)
+
+MEASURE_FP32 = "ORT CPU fp32 vs torch fp32, max abs"
+MEASURE_FP16_REF = "onnx.reference (numpy float16 arithmetic) vs torch fp32, min row cosine"
+MEASURE_FP16_ORT = "ORT CPU on fp16 graph (fp16 weights/casts, fp32 kernels) vs torch fp32, min row cosine"
+
+
+@dataclass
+class Parity:
+    """Figures of one model (one row of the parity table)."""
+
+    model: str
+    kind: str                         # "denoiser" | "encoder"
+    batches: tuple[int, ...]
+    fp32_max_abs: float
+    fp16_min_cos: float | None = None
+    fp16_max_abs: float | None = None
+    fp16_measure: str = ""
+    fp32_bound: float = FP32_MAX_ABS
+    fp16_bound: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        ok = self.fp32_max_abs <= self.fp32_bound
+        if self.fp16_min_cos is not None and self.fp16_bound is not None:
+            ok = ok and self.fp16_min_cos >= self.fp16_bound
+        return bool(ok)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["batches"] = list(self.batches)
+        d["ok"] = self.ok
+        return d
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per row.  a, b: (B, D) -> (B,)."""
+    a = a.astype(np.float64).reshape(len(a), -1)
+    b = b.astype(np.float64).reshape(len(b), -1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(den, 1e-30)
+
+
+def ort_session(path: str | Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def reference_session(path: str | Path):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(onnx.load(str(path)))
+
+
+def torch_forward(module, io: IOSpec, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in io.input_names))
+    if isinstance(out, (tuple, list)):  # the fused samplers also return source_embedding; compare output 0
+        out = out[0]
+    return out.detach().cpu().numpy()
+
+
+def _first_output(sess, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(sess.run(None, dict(feeds))[0])
+
+
+def denoiser_feeds(io: IOSpec, batch: int, seed: int, guidance: Sequence[float] = (1.0, 3.0)) -> dict[str, np.ndarray]:
+    """IOSpec sample inputs with unit-norm conditions (as CLAP emits) and per-row guidance scales."""
+    feeds = io.sample_inputs(batch, seed=seed)
+    c = feeds["condition"]
+    feeds["condition"] = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    if "guidance_scale" in feeds:
+        feeds["guidance_scale"] = np.array([[guidance[i % len(guidance)]] for i in range(batch)], np.float32)
+    return feeds
+
+
+def check_model(
+    module,
+    io: IOSpec,
+    fp32_path: str | Path,
+    fp16_path: str | Path | None,
+    *,
+    kind: str,
+    batches: Sequence[int] = BATCHES,
+    feeds_fn: Callable[[int, int], dict[str, np.ndarray]] | None = None,
+) -> Parity:
+    """Parity of one exported model (FP32 and, if given, FP16) against its PyTorch module.
+
+    ``kind``: ``"denoiser"`` (FP16 via the reference evaluator, bound 0.999) or ``"encoder"`` (FP16 via
+    ORT CPU, bound 0.995). ``feeds_fn(batch, seed)`` makes inputs (default: the IOSpec's samples;
+    :func:`denoiser_feeds` for denoisers).
+    """
+    if kind not in ("denoiser", "encoder"):
+        raise ValueError(f"kind must be 'denoiser' or 'encoder', got {kind!r}")
+    if feeds_fn is None:
+        feeds_fn = (lambda b, s: denoiser_feeds(io, b, s)) if kind == "denoiser" else (lambda b, s: io.sample_inputs(b, seed=s))
+    fp32 = ort_session(fp32_path)
+    fp16 = None
+    if fp16_path is not None:
+        fp16 = reference_session(fp16_path) if kind == "denoiser" else ort_session(fp16_path)
+    max32, min_cos, max16 = 0.0, 1.0, 0.0
+    for i, b in enumerate(batches):
+        feeds = feeds_fn(b, 100 + i)
+        io.check_feeds(feeds)
+        ref = torch_forward(module, io, feeds)
+        out32 = _first_output(fp32, feeds)
+        if out32.shape != ref.shape:
+            raise ValueError(f"{io.name}: ONNX output shape {out32.shape} != torch {ref.shape} at batch {b}")
+        max32 = max(max32, float(np.abs(out32 - ref).max()))
+        if fp16 is not None:
+            # numpy float16 Sigmoid/Exp overflow to inf on large negative inputs and warn; the
+            # result (0 or 1) is the correctly rounded FP16 value, as on a GPU.
+            with np.errstate(over="ignore", under="ignore"):
+                out16 = _first_output(fp16, feeds).astype(np.float32)
+            min_cos = min(min_cos, float(row_cosine(out16, ref).min()))
+            max16 = max(max16, float(np.abs(out16 - ref).max()))
+    p = Parity(model=io.name, kind=kind, batches=tuple(batches), fp32_max_abs=max32)
+    if fp16 is not None:
+        p.fp16_min_cos, p.fp16_max_abs = min_cos, max16
+        p.fp16_measure = MEASURE_FP16_REF if kind == "denoiser" else MEASURE_FP16_ORT
+        p.fp16_bound = FP16_MIN_COS_DENOISER if kind == "denoiser" else FP16_MIN_COS_ENCODER
+    log.info("parity %s: fp32 max abs %.2e, fp16 min cos %s", io.name, max32, p.fp16_min_cos)
+    return p
+
+
+def format_table(rows: Sequence[Parity]) -> str:
+    """The parity table ``diffgap export --check`` prints."""
+    head = f"{'model':<24} {'batches':<8} {'fp32 max|d|':>11} {'<=':>2} {'bound':<6} {'fp16 min cos':>12} {'>=':>2} {'bound':<6} {'fp16 measured with':<22} ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        b = ",".join(str(x) for x in r.batches)
+        c = f"{r.fp16_min_cos:.6f}" if r.fp16_min_cos is not None else "-"
+        cb = f"{r.fp16_bound}" if r.fp16_bound is not None else "-"
+        how = {MEASURE_FP16_REF: "onnx.reference fp16", MEASURE_FP16_ORT: "ORT CPU (upcasts)"}.get(r.fp16_measure, "-")
+        lines.append(
+            f"{r.model:<24} {b:<8} {r.fp32_max_abs:>11.2e} {'':>2} {r.fp32_bound:<6.0e} {c:>12} {'':>2} {cb:<6} {how:<22} "
+            f"{'yes' if r.ok else 'NO'}"
+        )
+    lines.append(
+        "fp32: ORT CPU vs PyTorch. fp16 denoisers: onnx.reference evaluator (numpy float16 arithmetic). "
+        "fp16 encoders: ORT CPU, which upcasts FP16 kernels to float32, so it measures weight/cast rounding only."
+    )
+    return "\n".join(lines)
+
+
+def summarize(rows: Sequence[Parity]) -> dict:
+    """JSON-able figures: ``{"ok": bool, "models": {name: {...}}, "bounds": {...}}``."""
+    return {
+        "ok": all(r.ok for r in rows),
+        "models": {r.model: r.to_dict() for r in rows},
+        "bounds": {
+            "fp32_max_abs": FP32_MAX_ABS,
+            "fp16_min_cos_denoiser": FP16_MIN_COS_DENOISER,
+            "fp16_min_cos_encoder": FP16_MIN_COS_ENCODER,
+        },
+        "measures": {"fp32": MEASURE_FP32, "fp16_denoiser": MEASURE_FP16_REF, "fp16_encoder": MEASURE_FP16_ORT},
+    }

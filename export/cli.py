@@ -1,0 +1,356 @@
+"""``diffgap export CHECKPOINT --out DIR``: encoders + fused samplers, FP32 + FP16 ONNX, manifest.
+
+Writes into DIR (built under a temporary sibling and renamed at the end, so a failure leaves nothing)::
+
+    clap_text_encoder.onnx        clap_text_encoder.fp16.onnx
+    clap_audio_encoder.onnx       clap_audio_encoder.fp16.onnx
+    diffgap_text_to_audio.onnx    diffgap_text_to_audio.fp16.onnx
+    diffgap_audio_to_text.onnx    diffgap_audio_to_text.fp16.onnx
+    bpe_simple_vocab_16e6.txt.gz  (or tokenizer.json for RoBERTa towers)
+    manifest.json                 (diffgap.manifest: IOSpecs, files + sha256, parity and lint figures)
+
+Every graph passes the ONNX checker, strict shape inference and the TensorRT lint
+(:mod:`diffgap.export.lint`) or the export fails. ``--check`` adds the PyTorch parity checks
+(:mod:`diffgap.export.check`) and fails the export if a bound is missed.
+
+Python API for the demo, runtime/Triton tests and benchmarks: :func:`export_all`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HELP = "export a checkpoint to ONNX (CLAP encoders + fused K-step samplers, FP32 + FP16) with a manifest"
+ENCODER_ARCHS = ("tiny", "htsat-tiny")
+_CAPTIONS = (
+    "a dog barks twice in the distance",
+    "rain falls steadily on a tin roof",
+    "a steady 440 hertz sine tone",
+    "people talk in a busy cafe",
+    "a car engine starts and idles",
+    "birds chirp in the early morning",
+    "loud white noise hiss",
+    "a rising sine sweep from low to high pitch",
+)
+
+
+class ExportCheckError(ValueError):
+    """``--check`` found a parity figure outside its bound; ``.table`` holds the parity table."""
+
+    def __init__(self, message: str, table: str = "") -> None:
+        super().__init__(message)
+        self.table = table
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_all` wrote and measured."""
+
+    out: Path
+    manifest: Any                                  # diffgap.manifest.Manifest (root = out)
+    lint: dict[str, dict] = field(default_factory=dict)
+    parity: dict | None = None                     # check.summarize(...) when check=True
+    table: str | None = None                       # check.format_table(...) when check=True
+    seconds: float = 0.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory written by `diffgap train`")
+    p.add_argument("--out", required=True, help="export directory to create (must not exist or be empty unless --overwrite)")
+    p.add_argument("--steps", "-K", type=int, default=None,
+                   help="K DDIM steps unrolled in the fused samplers (default: the checkpoint's diffusion.sample_steps)")
+    p.add_argument("--bridge-mode", choices=("source", "noise"), default=None,
+                   help="bridge from the noised source embedding at t0 ('source') or from pure noise ('noise'); "
+                        "default: the checkpoint's diffusion.bridge_mode")
+    p.add_argument("--encoders", default="tiny",
+                   help="CLAP encoders to export: 'tiny' or 'htsat-tiny' (offline architectures, random weights: "
+                        "demos/tests), a LAION-CLAP checkpoint file (e.g. 630k-audioset-best.pt), or 'none'")
+    p.add_argument("--roberta-dir", default=None, help="directory with roberta-base config/tokenizer files (RoBERTa checkpoints)")
+    p.add_argument("--preset", default=None, help="refuse a checkpoint of any other preset")
+    p.add_argument("--no-guidance-input", action="store_true",
+                   help="bake guidance scale 1 into the samplers (no guidance_scale input; half the graph)")
+    p.add_argument("--check", action="store_true", help="validate parity against PyTorch and print the parity table")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = export_all(
+        args.checkpoint, args.out, steps=args.steps, bridge_mode=args.bridge_mode,
+        encoders=None if args.encoders == "none" else args.encoders, roberta_dir=args.roberta_dir,
+        expect_preset=args.preset, guidance=not args.no_guidance_input, check=args.check,
+        overwrite=args.overwrite, on_table=print,
+    )
+    man = res.manifest
+    print(f"exported {len(man.models)} models ({', '.join(sorted(man.models))}) to {res.out} in {res.seconds:.0f} s")
+    for name, rep in sorted(res.lint.items()):
+        warn = f", {len(rep['warnings'])} warning(s)" if rep["warnings"] else ""
+        print(f"  TensorRT lint {name}: {'PASS' if rep['ok'] else 'FAIL'}{warn}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers (fast, before anything heavy runs)
+# ---------------------------------------------------------------------------------------------
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a directory path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    anc = out.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"cannot create --out {out}: {anc} is a file, not a directory; choose another --out")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write under {anc} (permission denied); choose a writable --out")
+
+
+def _check_steps(steps: int | None, T: int) -> None:
+    if steps is None:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(f"--steps must be an integer, got {steps!r}")
+    if steps < 1 or steps > T:
+        raise ValueError(f"--steps {steps} is out of range: use 1 <= K <= T = {T} (the schedule's training timesteps)")
+
+
+def _audio_feeds(batch: int, seed: int) -> dict:
+    """Realistic prepared clips (48 kHz, 10 s, int16 round trip): tones + noise, distinct per row."""
+    import numpy as np
+
+    from diffgap.encoders.clap import CLIP_SAMPLES, SAMPLE_RATE
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
+    rows = []
+    for i in range(batch):
+        f = 110.0 * 2 ** (i * 0.75)
+        x = 0.4 * np.sin(2 * np.pi * f * t) + 0.05 * (i % 3) * rng.standard_normal(CLIP_SAMPLES)
+        x = np.clip(x, -1.0, 1.0)
+        rows.append(np.round(x * 32767.0) / 32767.0)  # laion-clap's int16 quantisation round trip
+    return {"waveform": np.stack(rows).astype(np.float32)}
+
+
+def _text_feeds(encoder, batch: int, seed: int) -> dict:
+    caps = [_CAPTIONS[(seed + i) % len(_CAPTIONS)] for i in range(batch)]
+    return encoder.tokenize(caps)
+
+
+# ---------------------------------------------------------------------------------------------
+# the API
+# ---------------------------------------------------------------------------------------------
+def export_all(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    steps: int | None = None,
+    bridge_mode: str | None = None,
+    encoders: str | os.PathLike | None = "tiny",
+    roberta_dir: str | os.PathLike | None = None,
+    expect_preset: str | None = None,
+    guidance: bool = True,
+    fp16: bool = True,
+    check: bool = False,
+    overwrite: bool = False,
+    opset: int | None = None,
+    encoder_seed: int = 0,
+    on_table=None,
+) -> ExportResult:
+    """Export a DiffGAP checkpoint (+ CLAP encoders) to the ONNX export directory ``out``.
+
+    Args:
+        checkpoint: checkpoint directory (``diffgap train``).
+        out: export directory; built atomically (nothing is left behind on failure).
+        steps: K for the fused samplers (default: the checkpoint's ``diffusion.sample_steps``).
+        bridge_mode: ``"source"`` | ``"noise"`` (default: the checkpoint's).
+        encoders: ``"tiny"`` | ``"htsat-tiny"`` | path of a LAION-CLAP checkpoint | ``None`` (samplers only).
+        expect_preset: refuse a checkpoint of another preset.
+        guidance: give the samplers a ``guidance_scale (B, 1)`` input (else g = 1 is baked in).
+        fp16: also write ``<name>.fp16.onnx`` (ModelOpt AutoCast; see :mod:`diffgap.export.fp16`).
+        check: run the PyTorch parity checks; raise :class:`ExportCheckError` if a bound is missed.
+        on_table: callable receiving the parity table text (the CLI passes ``print``), also on failure.
+
+    Returns an :class:`ExportResult`; ``result.manifest`` is the saved :class:`~diffgap.manifest.Manifest`.
+    """
+    t_start = time.time()
+    out = Path(out)
+    ckpt = Path(checkpoint)
+    _check_out_dir(out, overwrite)
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        raise ValueError(f"--steps {steps} is out of range: K must be >= 1")
+
+    import torch
+
+    from diffgap import __version__
+    from diffgap.checkpoint import WEIGHTS, load_checkpoint
+    from diffgap.fsutil import atomic_dir, sha256_file
+    from diffgap.manifest import Manifest, ModelEntry
+
+    from . import check as chk
+    from .fp16 import convert_fp16
+    from .fused import FusedSampler
+    from .lint import lint_model
+    from .onnx_export import DEFAULT_OPSET, export_module
+
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    model, meta = load_checkpoint(ckpt, expect_preset=expect_preset)
+    cfg = model.config
+    _check_steps(steps, cfg.diffusion.num_train_timesteps)
+    samplers = [
+        FusedSampler(model, d, steps, guidance=guidance, mode=bridge_mode) for d in cfg.directions
+    ]  # validates K against the bridge start (source mode: K <= t0*T)
+
+    enc = None
+    if encoders is not None:
+        from diffgap.encoders.clap import EMBED_DIM, ClapEncoder
+
+        if tuple(sorted(cfg.modalities)) != ("audio", "text"):
+            raise ValueError(
+                f"checkpoint preset {cfg.name!r} bridges {cfg.modalities}, not text<->audio: CLAP encoders do not "
+                "apply; pass --encoders none or a CLAP-space checkpoint"
+            )
+        if cfg.embed_dim != EMBED_DIM:
+            raise ValueError(
+                f"checkpoint preset {cfg.name!r} takes {cfg.embed_dim}-d embeddings but CLAP encoders output "
+                f"{EMBED_DIM}-d; pass a checkpoint trained on CLAP embeddings"
+            )
+        enc_src = str(encoders)
+        if enc_src in ENCODER_ARCHS:
+            log.warning("exporting the offline %r CLAP architecture with random weights (demo/test use); "
+                        "pass --encoders PATH to a LAION-CLAP checkpoint for real embeddings", enc_src)
+            enc = ClapEncoder.from_arch(enc_src, seed=encoder_seed)
+        else:
+            p = Path(enc_src)
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"--encoders {enc_src!r} is neither one of {ENCODER_ARCHS} nor an existing LAION-CLAP checkpoint file"
+                )
+            enc = ClapEncoder.from_checkpoint(p, roberta_dir=roberta_dir)
+
+    ckpt_sha = sha256_file(ckpt / WEIGHTS)
+    common_meta = {
+        "diffgap.preset": cfg.name,
+        "diffgap.checkpoint_sha256": ckpt_sha,
+        "diffgap.package_version": __version__,
+        "diffgap.embed_dim": str(cfg.embed_dim),
+    }
+    # (module, kind for fp16, kind for check, feeds_fn, per-model meta)
+    jobs: list[tuple[Any, str, str, Any, dict]] = []
+    if enc is not None:
+        enc_meta = {"encoder": enc.info()["source"], "clap_arch": enc.arch.name, "tokenizer": enc.tokenizer.kind}
+        jobs.append((enc.text_module, "text_encoder", "encoder", lambda b, s: _text_feeds(enc, b, s), enc_meta))
+        jobs.append((enc.audio_module, "audio_encoder", "encoder", _audio_feeds, enc_meta))
+    for s in samplers:
+        jobs.append((s, "denoiser", "denoiser", None, s.metadata()))
+
+    models: dict[str, ModelEntry] = {}
+    lint: dict[str, dict] = {}
+    rows: list = []
+    with _atomic_out(atomic_dir, out, overwrite) as tmp, torch.no_grad():
+        for module, fp16_kind, check_kind, feeds_fn, mmeta in jobs:
+            io = module.io_spec()
+            files = {"fp32": f"{io.name}.onnx"}
+            gmeta = {
+                **common_meta,
+                "diffgap.model": io.name,
+                **{f"diffgap.{k}": v if isinstance(v, str) else _json(v) for k, v in mmeta.items()},
+            }
+            if fp16_kind == "denoiser":
+                gmeta["diffgap.K"] = str(module.steps)
+                gmeta["diffgap.schedule"] = cfg.diffusion.schedule
+            t0 = time.time()
+            export_module(module, io, tmp / files["fp32"], opset=opset, metadata={**gmeta, "diffgap.precision": "fp32"})
+            log.info("%s: fp32 graph in %.1f s", io.name, time.time() - t0)
+            if fp16:
+                files["fp16"] = f"{io.name}.fp16.onnx"
+                t0 = time.time()
+                convert_fp16(tmp / files["fp32"], tmp / files["fp16"], io, kind=fp16_kind)
+                log.info("%s: fp16 graph in %.1f s", io.name, time.time() - t0)
+            for prec, rel in files.items():
+                rep = lint_model(tmp / rel)
+                lint[rel] = rep.to_dict()
+                if not rep.ok:
+                    raise ValueError(f"{rel} fails the TensorRT lint:\n{rep.format()}")
+                for w in rep.warnings:
+                    log.warning("%s: %s", rel, w)
+            if check:
+                rows.append(chk.check_model(
+                    module, io, tmp / files["fp32"], tmp / files.get("fp16") if fp16 else None,
+                    kind=check_kind, feeds_fn=feeds_fn,
+                ))
+            models[io.name] = ModelEntry(io=io, files=files, meta=dict(mmeta))
+
+        assets: dict[str, str] = {}
+        if enc is not None:
+            assets["tokenizer"] = enc.tokenizer.save(tmp).relative_to(tmp).as_posix()
+        parity = table = None
+        if check:
+            table = chk.format_table(rows)
+            parity = chk.summarize(rows)
+            if on_table is not None:
+                on_table(table)
+            if not parity["ok"]:
+                bad = [r.model for r in rows if not r.ok]
+                raise ExportCheckError(
+                    f"parity check failed for {bad} (see the parity table); nothing was written -- "
+                    "re-export with --verbose and report the table", table,
+                )
+        man = Manifest(
+            root=tmp, preset=cfg.name, embed_dim=cfg.embed_dim, models=models, checkpoint_sha256=ckpt_sha,
+            package_version=__version__, assets=assets,
+            extra={
+                "exporter": {"torch": torch.__version__, "opset": opset, "onnx_exporter": "torchscript (dynamo=False)",
+                             "fp16": "nvidia-modelopt AutoCast, keep_io_types" if fp16 else None},
+                "checkpoint": {"path": str(ckpt.resolve()), "step": meta.get("step")},
+                "lint": {k: {"ok": v["ok"], "warnings": v["warnings"]} for k, v in lint.items()},
+                **({"parity": parity} if parity is not None else {}),
+            },
+        )
+        man.save()
+        _public_permissions(tmp)
+    man.root = out
+    return ExportResult(out=out, manifest=man, lint=lint, parity=parity, table=table, seconds=time.time() - t_start)
+
+
+@contextlib.contextmanager
+def _atomic_out(atomic_dir, out: Path, overwrite: bool):
+    """``atomic_dir`` with an OS failure to *create* the temporary directory turned into one clear line."""
+    try:
+        cm = atomic_dir(out, overwrite=overwrite)
+        tmp = cm.__enter__()
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            raise
+        raise PermissionError(f"cannot create the export directory {out} ({e.strerror or e}); choose a writable --out") from None
+    try:
+        yield tmp
+    except BaseException:
+        if not cm.__exit__(*sys.exc_info()):
+            raise
+    else:
+        cm.__exit__(None, None, None)
+
+
+def _public_permissions(root: Path) -> None:
+    """Temp files/dirs are created 0600/0700; give the export the caller's umask defaults (0644/0755
+    with the usual umask) so a Triton server running as another user can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _json(v: Any) -> str:
+    import json
+
+    return json.dumps(v, sort_keys=True)
