@@ -43,10 +43,12 @@ class Context:
     direction: str = "audio_given_text"         # the denoiser timed in the K x B grid
     checkpoint: Path | None = None
     model: Any = None                           # diffgap.models.DiffGAP (torch), eval mode
+    compiled_model: Any = None                  # model view with the timed denoiser torch.compile'd
     exports: dict[int, Path] = field(default_factory=dict)  # K -> export dir holding the fused samplers
     main_export: Path | None = None             # full export (encoders too) for pipeline / Triton
     main_steps: int | None = None               # K of main_export's samplers
     roofline: dict[str, Any] = field(default_factory=dict)
+    tensor_guidance: dict[int, bool] = field(default_factory=dict)  # K -> eager loop passes a tensor guidance scale
     notes: list[str] = field(default_factory=list)
 
     @property

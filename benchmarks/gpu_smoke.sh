@@ -103,7 +103,9 @@ else
 fi
 
 # -- 4. GPU tests --------------------------------------------------------------------------------
-timed pytest-gpu "$PY" -m pytest -m gpu -q -rs tests --junitxml="$OUT/junit-gpu.xml" 2>&1 | tee "$OUT/pytest-gpu.log"
+# DIFFGAP_GPU_EXPORT: tests/test_runtime_gpu.py builds its own engines for this export (in a temp dir)
+timed pytest-gpu env DIFFGAP_GPU_EXPORT="$EXPORT_DIR" "$PY" -m pytest -m gpu -q -rs tests \
+    --junitxml="$OUT/junit-gpu.xml" 2>&1 | tee "$OUT/pytest-gpu.log"
 grep -qE "[1-9][0-9]* passed" "$OUT/pytest-gpu.log" || { log "no GPU test passed (all skipped?)"; FAILED=1; }
 
 # -- 5. latency of every backend -----------------------------------------------------------------

@@ -10,6 +10,9 @@ itself one of the variants):
 * ``threads=N``              -- intra-op threads 1 .. cores
 * ``opt=disable|basic|extended|all`` -- graph optimisation level
 * ``no-spin``                -- intra-op thread spinning off (``session.intra_op.allow_spinning=0``)
+
+and, for a fair speed-up figure, the eager PyTorch loop with each thread count too (torch's
+per-op fork/join costs more than it saves on small matrices).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .context import Context
-from .denoiser import sampler_feeds
+from .denoiser import eager_factory, sampler_feeds
 from .harness import Row, run_row
 
 
@@ -107,4 +110,9 @@ def run(ctx: Context, steps: int, batches: tuple[int, ...]) -> list[Row]:
         for label, factory in variants:
             r = Row("knobs", ctx.sampler_name, "ort-cpu", "fp32", batch, steps, extra={"variant": label})
             rows.append(run_row(r, factory, ctx.policy))
+        if ctx.model is not None:
+            tg = ctx.tensor_guidance.get(steps, True)
+            for n in range(1, ctx.threads + 1):
+                r = Row("knobs", ctx.sampler_name, "torch-eager", "fp32", batch, steps, extra={"variant": f"eager threads={n}"})
+                rows.append(run_row(r, eager_factory(ctx, steps, batch, tg, threads=n), ctx.policy))
     return rows

@@ -6,8 +6,8 @@ Layout (``format: diffgap-checkpoint/1``)::
       config.json              {"format", "package_version", "config": DiffGAPConfig.to_dict(),
                                 "meta": {step, metrics, ...}, "files": {name: sha256}, "train_state": {...}}
       model.safetensors        the weights to use (EMA weights after training), buffers included
-      train_state.safetensors  optional, for resuming: live weights ("live.*") and optimiser
-                               tensors ("optim.<param index>.<name>")
+      train_state.safetensors  optional, for resuming: live weights ("live.*"), optimiser
+                               tensors ("optim.<param index>.<name>") and extras ("extra.*", RNG state)
 
 The whole directory is built under a temporary sibling and renamed into place (``atomic_dir``),
 so an interrupted save never leaves a half-written checkpoint. ``load_checkpoint`` verifies the
@@ -72,7 +72,8 @@ def save_checkpoint(
     """Write ``model`` (a :class:`~diffgap.models.DiffGAP`) and its config to the directory ``path``.
 
     ``train_state`` (optional, for resuming) = ``{"live_model": state_dict, "optimizer":
-    optimizer.state_dict(), "json": {...json-able extras, e.g. step...}}``.
+    optimizer.state_dict(), "json": {...json-able extras, e.g. step...}, "tensors": {name: tensor}}``
+    (``tensors``: e.g. RNG states, stored as ``extra.<name>``).
     """
     from safetensors.torch import save_file
 
@@ -90,6 +91,7 @@ def save_checkpoint(
         files = [WEIGHTS]
         if train_state is not None:
             tensors = {f"live.{k}": v for k, v in _contiguous(train_state["live_model"]).items()}
+            tensors.update({f"extra.{k}": v for k, v in _contiguous(train_state.get("tensors", {})).items()})
             info: dict[str, Any] = {"json": train_state.get("json", {})}
             if train_state.get("optimizer") is not None:
                 opt_tensors, opt_info = _flatten_optimizer(train_state["optimizer"])
@@ -184,7 +186,8 @@ def _load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path
 def load_train_state(path: str | Path) -> dict[str, Any] | None:
     """Resumable state of a checkpoint, or None if it has none.
 
-    Returns ``{"live_model": state_dict, "optimizer": optimizer state_dict or None, "json": {...}}``.
+    Returns ``{"live_model": state_dict, "optimizer": optimizer state_dict or None, "json": {...},
+    "tensors": {name: tensor}}``.
     """
     path = Path(path)
     doc = _read_doc(path)
@@ -194,4 +197,5 @@ def load_train_state(path: str | Path) -> dict[str, Any] | None:
     tensors = _read_tensors(path, TRAIN_STATE, doc)
     live = {k[len("live."):]: v for k, v in tensors.items() if k.startswith("live.")}
     opt = _unflatten_optimizer(tensors, info["optimizer"]) if "optimizer" in info else None
-    return {"live_model": live, "optimizer": opt, "json": info.get("json", {})}
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return {"live_model": live, "optimizer": opt, "json": info.get("json", {}), "tensors": extra}

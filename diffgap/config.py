@@ -59,8 +59,9 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2400
-    batch_size: int = 256
+    steps: int = 2000
+    batch_size: int = 512           # pairs per step for the heads' InfoNCE (more negatives, cheap)
+    denoiser_batch_size: int = 128  # the first rows of each batch also train the denoisers (their cost dominates)
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -151,8 +152,12 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
     name="clap-tiny",
     heads=HeadsConfig(dim=64, hidden=64),
     denoiser=DenoiserConfig(hidden=64, depth=1, time_freq_dim=32),
-    train=TrainConfig(steps=60, batch_size=64, warmup_steps=5, lr=3e-3),
+    train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3),
 )
+# Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
+# the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.
+PRESETS["cavp-512"] = PRESETS["clap-512"].replace(name="cavp-512", modalities=["video", "audio"])
+PRESETS["cavp-tiny"] = PRESETS["clap-tiny"].replace(name="cavp-tiny", modalities=["video", "audio"])
 
 
 def get_preset(name: str) -> DiffGAPConfig:

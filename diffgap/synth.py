@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Pairs, save_pairs
+from .data import MODALITY_KEYS, Pairs, save_pairs
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SynthConfig:
     embed_dim: int = 512          # E: CLAP's joint embedding dim (laion-clap HTSAT/RoBERTa heads)
-    semantic_dim: int = 48        # k: shared semantic factors
-    private_dim: int = 24         # p: per-modality private factors
+    semantic_dim: int = 64        # k: shared semantic factors (the shared subspace span(A))
+    private_dim: int = 32         # p: per-modality private factors, a p-dim subspace of span(A)
     distortion_hidden: int = 256  # h: width of the Hermite-2 distortion
-    private_scale: float = 0.9    # a_p
-    distortion_scale: float = 0.9  # a_d
-    inner_noise_scale: float = 0.5  # a_s: isotropic noise inside the semantic subspace
-    noise_scale: float = 0.6      # a_n: isotropic noise in the full E-d space
+    private_scale: float = 0.95   # a_p
+    distortion_scale: float = 0.95  # a_d
+    inner_noise_scale: float = 0.6  # a_s: isotropic noise inside the semantic subspace
+    noise_scale: float = 0.3      # a_n: isotropic noise in the full E-d space
     gap: float = 0.8              # distance between the two modality-gap offsets
     n_train: int = 20000
     n_val: int = 1000
@@ -54,6 +54,12 @@ class SynthConfig:
 _SOUNDS = ["a dog barks", "rain falls", "an engine idles", "birds chirp", "a crowd cheers", "water runs",
            "a bell rings", "wind blows", "a man speaks", "a baby cries", "music plays", "a door slams"]
 _PLACES = ["in the distance", "nearby", "indoors", "outside", "on a street", "in a forest", "in a hall", "by a river"]
+
+TEXT_AUDIO = ("text", "audio")
+VIDEO_AUDIO = ("video", "audio")
+# The video-audio benchmark (issue 8, CAVP space): the same generator and parameters as the
+# text-audio one, only its own seed; nothing in it was tuned toward any method.
+VIDEO_AUDIO_CONFIG = SynthConfig(seed=1)
 
 
 class _Modality:
@@ -69,16 +75,24 @@ class _Modality:
 
 
 class SynthGenerator:
-    """Holds the fixed random maps of one benchmark; ``sample(n, rng)`` draws n paired items."""
+    """Holds the fixed random maps of one benchmark; ``sample(n, rng)`` draws n paired items.
 
-    def __init__(self, cfg: SynthConfig):
+    ``modalities`` only names the two arrays (``("video", "audio")`` for the video-audio benchmark);
+    the generator draws exactly the same random maps in the same order whatever the names.
+    """
+
+    def __init__(self, cfg: SynthConfig, modalities: tuple[str, str] = TEXT_AUDIO):
+        a, b = modalities
+        if a == b or not {a, b} <= set(MODALITY_KEYS):
+            raise ValueError(f"modalities must be two distinct names of {MODALITY_KEYS}, got {modalities}")
         self.cfg = cfg
+        self.modalities = (a, b)
         rng = np.random.default_rng(cfg.seed)
         E = cfg.embed_dim
         self.A = np.linalg.qr(rng.standard_normal((E, cfg.semantic_dim)))[0]  # (E, k)
         gap_dir = rng.standard_normal(E)
         gap_dir /= np.linalg.norm(gap_dir)
-        self.mods = {"text": _Modality(cfg, rng, -1.0, gap_dir), "audio": _Modality(cfg, rng, +1.0, gap_dir)}
+        self.mods = {a: _Modality(cfg, rng, -1.0, gap_dir), b: _Modality(cfg, rng, +1.0, gap_dir)}
 
     def _embed(self, m: str, s: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         c = self.cfg
@@ -96,17 +110,16 @@ class SynthGenerator:
 
     def sample(self, n: int, rng: np.random.Generator, prefix: str) -> Pairs:
         s = rng.standard_normal((n, self.cfg.semantic_dim))
-        text = self._embed("text", s, rng)
-        audio = self._embed("audio", s, rng)
+        emb = {m: self._embed(m, s, rng) for m in self.modalities}
         top = np.argsort(-np.abs(s[:, :24]), axis=1)[:, :2]
-        caps = np.array([f"{_SOUNDS[a % 12]} {_PLACES[b % 8]}" for a, b in top])
+        caps = np.array([f"{_SOUNDS[a % 12]} {_PLACES[b % 8]}" for a, b in top]) if "text" in emb else None
         ids = np.array([f"{prefix}-{i:06d}" for i in range(n)])
-        return Pairs({"text": text, "audio": audio}, ids, caps, prefix)
+        return Pairs(emb, ids, caps, prefix)
 
 
-def generate(cfg: SynthConfig = SynthConfig()) -> dict[str, Pairs]:
+def generate(cfg: SynthConfig = SynthConfig(), modalities: tuple[str, str] = TEXT_AUDIO) -> dict[str, Pairs]:
     """The three splits ``train``/``val``/``test``, each from its own child seed."""
-    gen = SynthGenerator(cfg)
+    gen = SynthGenerator(cfg, modalities)
     seeds = np.random.SeedSequence(cfg.seed).spawn(3)
     return {
         split: gen.sample(n, np.random.default_rng(ss), split)
@@ -114,16 +127,17 @@ def generate(cfg: SynthConfig = SynthConfig()) -> dict[str, Pairs]:
     }
 
 
-def write(out_dir: str | Path, cfg: SynthConfig = SynthConfig()) -> dict[str, Path]:
+def write(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), modalities: tuple[str, str] = TEXT_AUDIO) -> dict[str, Path]:
     """Write ``train.npz``, ``val.npz``, ``test.npz`` and ``synth.json`` (the parameters) to ``out_dir``."""
     from .fsutil import atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, p in generate(cfg).items():
-        paths[split] = save_pairs(out / f"{split}.npz", ids=p.ids, text=p["text"], audio=p["audio"], captions=p.captions)
-    atomic_write_json(out / "synth.json", {"generator": "diffgap.synth", "params": asdict(cfg)})
+    for split, p in generate(cfg, modalities).items():
+        paths[split] = save_pairs(out / f"{split}.npz", ids=p.ids, captions=p.captions, **p.embeddings)
+    atomic_write_json(out / "synth.json", {"generator": "diffgap.synth", "params": asdict(cfg),
+                                           "modalities": list(modalities)})
     return paths
 
 
@@ -135,27 +149,29 @@ def recall_at_1(queries: np.ndarray, gallery: np.ndarray) -> float:
     return float(np.mean(np.argmax(q @ g.T, axis=1) == np.arange(len(q))))
 
 
-def linear_adapter_r1(train: Pairs, test: Pairs, steps: int = 600, batch: int = 512, seed: int = 0) -> float:
-    """Text-to-audio R@1 of a linear contrastive adapter (one E x E affine map per modality, symmetric
-    InfoNCE, learnable temperature) trained on ``train`` -- the calibration yardstick."""
+def linear_adapter_r1(train: Pairs, test: Pairs, steps: int = 600, batch: int = 512, seed: int = 0,
+                      modalities: tuple[str, str] = TEXT_AUDIO) -> float:
+    """First-to-second (text-to-audio) R@1 of a linear contrastive adapter (one E x E affine map per
+    modality, symmetric InfoNCE, learnable temperature) trained on ``train`` -- the calibration yardstick."""
+    src, tgt = modalities
     import torch
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     E = train.embed_dim
-    lin = {m: torch.nn.Linear(E, E) for m in ("text", "audio")}
+    lin = {m: torch.nn.Linear(E, E) for m in (src, tgt)}
     for layer in lin.values():
         torch.nn.init.eye_(layer.weight)
         torch.nn.init.zeros_(layer.bias)
     logit_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
     params = [p for layer in lin.values() for p in layer.parameters()] + [logit_scale]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    X = {m: torch.from_numpy(train[m]) for m in ("text", "audio")}
+    X = {m: torch.from_numpy(train[m]) for m in (src, tgt)}
     for _ in range(steps):
         idx = torch.randint(0, len(train), (batch,), generator=g)
-        t = F.normalize(lin["text"](X["text"][idx]), dim=-1)
-        a = F.normalize(lin["audio"](X["audio"][idx]), dim=-1)
+        t = F.normalize(lin[src](X[src][idx]), dim=-1)
+        a = F.normalize(lin[tgt](X[tgt][idx]), dim=-1)
         logits = logit_scale.exp().clamp(max=100) * t @ a.T
         y = torch.arange(batch)
         loss = 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y))
@@ -163,16 +179,20 @@ def linear_adapter_r1(train: Pairs, test: Pairs, steps: int = 600, batch: int = 
         loss.backward()
         opt.step()
     with torch.no_grad():
-        t = lin["text"](torch.from_numpy(test["text"])).numpy()
-        a = lin["audio"](torch.from_numpy(test["audio"])).numpy()
+        t = lin[src](torch.from_numpy(test[src])).numpy()
+        a = lin[tgt](torch.from_numpy(test[tgt])).numpy()
     return recall_at_1(t, a)
 
 
-def calibration_report(cfg: SynthConfig = SynthConfig(), adapter: bool = True) -> dict[str, float]:
-    """Raw and linear-adapter text-to-audio R@1 on the test split, in percent."""
-    splits = generate(cfg)
-    rep = {"raw_t2a_r1": 100 * recall_at_1(splits["test"]["text"], splits["test"]["audio"])}
+def calibration_report(cfg: SynthConfig = SynthConfig(), adapter: bool = True,
+                       modalities: tuple[str, str] = TEXT_AUDIO) -> dict[str, float]:
+    """Raw and linear-adapter first-to-second R@1 on the test split, in percent (keys ``t2a`` for
+    text->audio, ``v2a`` for video->audio)."""
+    src, tgt = modalities
+    key = f"{src[0]}2{tgt[0]}"
+    splits = generate(cfg, modalities)
+    rep = {f"raw_{key}_r1": 100 * recall_at_1(splits["test"][src], splits["test"][tgt])}
     if adapter:
-        rep["linear_adapter_t2a_r1"] = 100 * linear_adapter_r1(splits["train"], splits["test"])
-        rep["adapter_gain"] = rep["linear_adapter_t2a_r1"] - rep["raw_t2a_r1"]
+        rep[f"linear_adapter_{key}_r1"] = 100 * linear_adapter_r1(splits["train"], splits["test"], modalities=modalities)
+        rep["adapter_gain"] = rep[f"linear_adapter_{key}_r1"] - rep[f"raw_{key}_r1"]
     return rep

@@ -72,7 +72,7 @@ def diffgap_loss(
       condition. Low-noise rows are excluded because there the noised target identifies itself
       (issue 2's prototype: InfoNCE weighted toward low noise did nothing).
       ``lambda = train.lambda_x0`` (default 0.1): the MSE per row in standardised units is O(1)
-      while the InfoNCE starts at log(B) ~ 5.5 for B = 256, so 0.1 keeps the contrastive term a
+      while the InfoNCE starts at log(B) ~ 6.2 for B = 512 negatives, so 0.1 keeps the contrastive term a
       regulariser of the same order as the MSE instead of letting it dominate the denoiser.
 
     Gradients: targets and conditions of the diffusion terms are detached, so the heads learn
@@ -88,8 +88,9 @@ def diffgap_loss(
         for m in (a, b):
             model.update_stats(m, h[m].detach())
         model.stats_updates += 1
-    z = {m: model.standardize(m, h[m].detach()) for m in (a, b)}
-    parts = {"clip": float(loss_clip)}
+    nd = min(tcfg.denoiser_batch_size, h[a].shape[0])
+    z = {m: model.standardize(m, h[m].detach()[:nd]) for m in (a, b)}  # (Bd, D)
+    parts = {"clip": float(loss_clip.detach())}
     total = loss_clip
     t_start = timestep_start(T, cfg.diffusion.bridge_t0)
     nce_scale = model.heads.scale().detach()
@@ -104,15 +105,15 @@ def diffgap_loss(
         out, x0_hat = model.predict_x0(direction, x_t, t, cond, keep=keep)
         loss_diff = F.mse_loss(out, model.schedule.target(x0, noise, t))
         total = total + loss_diff
-        parts[f"diff_{direction}"] = float(loss_diff)
+        parts[f"diff_{direction}"] = float(loss_diff.detach())
         rows = (t > int(tcfg.x0_infonce_min_t * T)) & keep
         if tcfg.lambda_x0 > 0 and int(rows.sum()) > 1:
             h0 = F.normalize(model.unstandardize(target, x0_hat[rows]), dim=-1)  # (M, D)
-            logits = nce_scale * h0 @ h[target].detach().T                       # (M, B)
+            logits = nce_scale * h0 @ h[target].detach().T                       # (M, B): all B rows are negatives
             loss_x0 = F.cross_entropy(logits, torch.nonzero(rows).squeeze(1))
             total = total + tcfg.lambda_x0 * loss_x0
-            parts[f"x0nce_{direction}"] = float(loss_x0)
-    parts["total"] = float(total)
+            parts[f"x0nce_{direction}"] = float(loss_x0.detach())
+    parts["total"] = float(total.detach())
     return total, parts
 
 
@@ -224,6 +225,7 @@ def train(
     ema = copy.deepcopy(model)
     opt = make_optimizer(model, tcfg)
     start = 0
+    rng_state = None
     if resume:
         if out is None or not (Path(out) / "config.json").exists():
             raise FileNotFoundError(f"--resume needs an existing checkpoint in {out}; drop --resume to start fresh")
@@ -238,11 +240,14 @@ def train(
         if st["optimizer"] is not None:
             opt.load_state_dict(st["optimizer"])
         start = int(st["json"]["step"])
+        rng_state = st["tensors"].get(f"rng.{dist_info.rank}")
         log.info("resuming %s from step %d", out, start)
     if dist_info.world > 1:
         _allreduce_mean([p.data for p in model.parameters()], dist_info.world)  # already equal; guards drift
 
-    gen = torch.Generator().manual_seed(tcfg.seed * 1000003 + dist_info.rank * 7919 + start)
+    gen = torch.Generator().manual_seed(tcfg.seed * 1000003 + dist_info.rank * 7919)
+    if rng_state is not None:  # resumed runs continue the exact batch/noise stream
+        gen.set_state(rng_state)
     X = {m: torch.from_numpy(data[m]) for m in (a, b)}
     n = len(data)
     history: list[dict[str, float]] = []
@@ -275,12 +280,16 @@ def train(
             bar.set_postfix(loss=f"{running['total']:.3f}", clip=f"{running['clip']:.3f}")
             log.debug("step %d %s", step + 1, rec)
         if save_every and out is not None and dist_info.main and (step + 1) % save_every == 0 and step + 1 < tcfg.steps:
-            _save(out, model, ema, opt, step + 1, history, time.perf_counter() - t0, extra_meta)
+            _save(out, model, ema, opt, step + 1, history, time.perf_counter() - t0, extra_meta, gen, dist_info)
     bar.close()
     seconds = time.perf_counter() - t0
+    meta = dict(extra_meta or {})
+    meta["world_size"] = dist_info.world
+    if dist_info.world > 1:
+        meta["ranks_in_sync"] = _ranks_in_sync(model, dist_info.world)
     ckpt = None
     if out is not None and dist_info.main:
-        ckpt = _save(out, model, ema, opt, tcfg.steps, history, seconds, extra_meta)
+        ckpt = _save(out, model, ema, opt, tcfg.steps, history, seconds, meta, gen, dist_info)
     if dist_info.world > 1:
         import torch.distributed as dist
 
@@ -289,7 +298,18 @@ def train(
     return TrainResult(ema, tcfg.steps, history, seconds, ckpt)
 
 
-def _save(out, model, ema, opt, step, history, seconds, extra_meta) -> Path:
+def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
+    """True if every rank holds bit-identical weights (gradient averaging kept them in lock-step)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
+def _save(out, model, ema, opt, step, history, seconds, extra_meta, gen, dist_info) -> Path:
     meta = {
         "step": step,
         "train_seconds": round(seconds, 2),
@@ -297,5 +317,7 @@ def _save(out, model, ema, opt, step, history, seconds, extra_meta) -> Path:
         "parameters": ema.parameter_counts(),
         **(extra_meta or {}),
     }
-    state = {"live_model": model.state_dict(), "optimizer": opt.state_dict(), "json": {"step": step}}
+    # Only rank 0 saves; its generator state is stored (other ranks re-derive theirs on resume).
+    state = {"live_model": model.state_dict(), "optimizer": opt.state_dict(), "json": {"step": step},
+             "tensors": {f"rng.{dist_info.rank}": gen.get_state()}}
     return save_checkpoint(out, ema, meta, train_state=state, overwrite=True)

@@ -11,18 +11,20 @@ Reproducibility: the sampler's initial noise comes from :func:`make_noise`, wher
 ``numpy.random.default_rng(seed_b)``; a query's result therefore depends only on its own input and
 seed, never on the batch it was sent with (the Triton models use the same function).
 
-Scoring (issue 2, "retrieval with bridging"): for a query q of modality s and a gallery item g of
-modality t, with raw CLAP embeddings x, head-space projections h and bridged embeddings b (all unit
-norm)::
+Scoring is ``diffgap evaluate``'s ``full`` system (issue 2, "retrieval with bridging"): for a query q
+of modality s against gallery items g of modality t, with raw CLAP embeddings x, head-space
+projections h and bridged embeddings b, four cosine matrices ::
 
-    score = w_raw * <x_q, x_g>  +  w_head * <h_q, h_g>
-          + w_query * <b_{s->t}(q), h_g>  +  w_gallery * <h_q, b_{t->s}(g)>
+    raw = cos(x_q, x_g)   head = cos(h_q, h_g)   query_bridge = cos(b_{s->t}(q), h_g)   gallery_bridge = cos(h_q, b_{t->s}(g))
 
-The weights default to the export's ``fusion_weights`` (manifest ``extra``) when the checkpoint
-recorded them, else :data:`DEFAULT_WEIGHTS`.
+are z-scored per query over the gallery and summed with weights (``diffgap.retrieval.fuse``, the
+very function the evaluation uses). The weights come from the export manifest's
+``extra["fusion_weights"]`` when present (per task ``text_to_audio`` / ``audio_to_text``, or one set
+for both; ``diffgap evaluate``'s component names are accepted), else :data:`DEFAULT_WEIGHTS`.
 """
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -36,6 +38,8 @@ import numpy as np
 
 from diffgap.fsutil import atomic_path
 from diffgap.manifest import Manifest
+from diffgap.retrieval import cosine, fuse  # numpy-only: the evaluation's own scoring
+
 
 from .session import Session, open_model
 
@@ -51,7 +55,11 @@ SAMPLER_GUIDANCE = "guidance_scale"    # optional
 SAMPLER_BRIDGED = "embedding"          # (B, D) bridged, L2-normalised, target head space
 SAMPLER_PROJECTED = "source_embedding"  # (B, D) the condition's own L2-normalised head-space embedding
 SCORE_TERMS = ("raw", "head", "query_bridge", "gallery_bridge")
-# Equal weights: a neutral default when the checkpoint carries no validated fusion weights.
+# diffgap evaluate's names for the same components (diffgap/evaluate.py similarity_sets)
+EVAL_TERM_NAMES = {"raw": "raw", "heads": "head", "q-bridge src": "query_bridge", "q-bridge noise": "query_bridge",
+                   "g-bridge src": "gallery_bridge", "g-bridge noise": "gallery_bridge"}
+TASKS = ("text_to_audio", "audio_to_text")
+# Equal weights: a neutral default when the export carries no validated fusion weights.
 DEFAULT_WEIGHTS = {k: 0.25 for k in SCORE_TERMS}
 
 
@@ -84,10 +92,6 @@ def make_noise(seeds: int | Sequence[int] | np.ndarray, batch: int, dim: int) ->
     return out
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def _check_embeddings(name: str, x: np.ndarray, dim: int) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != dim:
@@ -108,8 +112,9 @@ def _batches(n: int, size: int) -> Iterable[slice]:
 
 @dataclass
 class BridgeResult:
-    """``source``: CLAP embeddings (B, E); ``projected``: their head-space embeddings (B, D);
-    ``bridged``: the sampler's target-modality embeddings (B, D). All L2-normalised float32."""
+    """``source``: the CLAP embeddings (B, E) as bridged (encoder outputs are L2-normalised);
+    ``projected``: their L2-normalised head-space embeddings (B, D); ``bridged``: the sampler's
+    L2-normalised target-modality embeddings (B, D). All float32."""
 
     source: np.ndarray
     projected: np.ndarray
@@ -119,7 +124,7 @@ class BridgeResult:
 # ----------------------------------------------------------------------------------------------
 # bridges
 # ----------------------------------------------------------------------------------------------
-class Bridge:
+class Bridge(abc.ABC):
     """Encoder -> fused sampler for one direction ``source -> target`` of an export directory."""
 
     source = ""
@@ -199,9 +204,9 @@ class Bridge:
             projected[sl] = out[SAMPLER_PROJECTED]
         return BridgeResult(source=cond, projected=projected, bridged=bridged)
 
+    @abc.abstractmethod
     def encode(self, inputs: Any) -> np.ndarray:
-        """Raw inputs -> CLAP embeddings (B, E) float32 (implemented per source modality)."""
-        raise NotImplementedError
+        """Raw inputs -> CLAP embeddings (B, E) float32 (one implementation per source modality)."""
 
     def __call__(self, inputs: Any, seed: int | Sequence[int] | None = None, guidance_scale: float | None = None) -> BridgeResult:
         return self.bridge_embeddings(self.encode(inputs), seed=seed, guidance_scale=guidance_scale)
@@ -302,12 +307,20 @@ def _model_identity(man: Manifest, head_dim: int) -> dict[str, Any]:
     }
 
 
-def fusion_weights(man: Manifest, weights: Mapping[str, float] | None = None) -> dict[str, float]:
-    w = dict(weights) if weights is not None else dict(man.extra.get("fusion_weights", DEFAULT_WEIGHTS))
-    unknown = sorted(set(w) - set(SCORE_TERMS))
-    if unknown:
-        raise ValueError(f"unknown score terms {unknown}; use {list(SCORE_TERMS)}")
-    w = {k: float(w.get(k, 0.0)) for k in SCORE_TERMS}
+def fusion_weights(man: Manifest, weights: Mapping[str, float] | None = None, task: str = "text_to_audio") -> dict[str, float]:
+    """The four fusion weights for ``task``: ``weights`` if given, else the export's, else the default."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+    if weights is None:
+        stored = man.extra.get("fusion_weights", DEFAULT_WEIGHTS)
+        weights = stored.get(task, DEFAULT_WEIGHTS) if any(t in stored for t in TASKS) else stored
+    w: dict[str, float] = {}
+    for k, v in dict(weights).items():
+        term = k if k in SCORE_TERMS else EVAL_TERM_NAMES.get(k)
+        if term is None:
+            raise ValueError(f"unknown score terms [{k!r}]; use {list(SCORE_TERMS)}")
+        w[term] = w.get(term, 0.0) + float(v)
+    w = {k: w.get(k, 0.0) for k in SCORE_TERMS}
     if not any(w.values()) or any(not np.isfinite(v) for v in w.values()):
         raise ValueError(f"fusion weights must be finite and not all zero, got {w}")
     return w
@@ -344,7 +357,7 @@ def build_index(
         raise ValueError("gallery ids must be unique")
     t0 = time.perf_counter()
     with AudioToTextBridge(man, backend, precision, seed=seed, guidance_scale=guidance_scale) as a2t:
-        ga = a2t.bridge_embeddings(_l2n(audio))
+        ga = a2t.bridge_embeddings(audio)
         head_dim = a2t.head_dim
     arrays: dict[str, np.ndarray] = {
         "ids": ids,
@@ -359,7 +372,7 @@ def build_index(
                     raise ValueError("pass captions (and optionally their CLAP text embeddings)")
                 text = t2a.encode(list(np.asarray(captions).astype(str)))
             text = _check_embeddings("text", text, man.embed_dim)
-            gt = t2a.bridge_embeddings(_l2n(text))
+            gt = t2a.bridge_embeddings(text)
         M = text.shape[0]
         cap = np.asarray(captions).astype(str) if captions is not None else np.array([""] * M)
         cid = np.asarray(caption_ids).astype(str) if caption_ids is not None else np.array([str(i) for i in range(M)])
@@ -450,23 +463,22 @@ def fuse_scores(
     gallery_bridged: np.ndarray,
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
 ) -> np.ndarray:
-    """Fused similarity (Q, N) of bridged queries against a gallery (see the module docstring).
+    """Fused scores (Q, N) of bridged queries against a gallery (see the module docstring).
 
     ``query``: the queries' :class:`BridgeResult`; ``gallery_clap (N, E)``, ``gallery_head (N, D)``,
     ``gallery_bridged (N, D)``: the gallery's raw, head-space and bridged embeddings (an index's
-    ``audio_*`` or ``text_*`` arrays).
+    ``audio_*`` or ``text_*`` arrays). Each cosine matrix is z-scored per query over the gallery,
+    then weighted and summed, exactly as ``diffgap evaluate`` fuses them.
     """
     w = {k: float(weights.get(k, 0.0)) for k in SCORE_TERMS}
-    s = np.zeros((query.source.shape[0], gallery_clap.shape[0]), np.float32)
-    if w["raw"]:
-        s += w["raw"] * (_l2n(query.source) @ gallery_clap.T)
-    if w["head"]:
-        s += w["head"] * (query.projected @ gallery_head.T)
-    if w["query_bridge"]:
-        s += w["query_bridge"] * (query.bridged @ gallery_head.T)
-    if w["gallery_bridge"]:
-        s += w["gallery_bridge"] * (query.projected @ gallery_bridged.T)
-    return s
+    sims = {
+        "raw": lambda: cosine(query.source, gallery_clap),
+        "head": lambda: cosine(query.projected, gallery_head),
+        "query_bridge": lambda: cosine(query.bridged, gallery_head),
+        "gallery_bridge": lambda: cosine(query.projected, gallery_bridged),
+    }
+    used = [k for k in SCORE_TERMS if w[k]]
+    return fuse([sims[k]() for k in used], tuple(w[k] for k in used))
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -497,7 +509,8 @@ class AudioSearch:
     ) -> None:
         self.manifest = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
         self.index = GalleryIndex.load(index)
-        self.weights = fusion_weights(self.manifest, weights)
+        self.weights = fusion_weights(self.manifest, weights, "text_to_audio")
+        self.caption_weights = fusion_weights(self.manifest, weights, "audio_to_text")
         gs = self.index.meta.get("guidance_scale")
         self.t2a = TextToAudioBridge(self.manifest, backend, precision, seed=seed, guidance_scale=gs, **session_options)
         self.index.check_model(self.manifest, self.t2a.head_dim)
@@ -513,7 +526,7 @@ class AudioSearch:
     # -- text -> audio ----------------------------------------------------------------------
     def score_text_embeddings(self, text: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
         """CLAP text embeddings (Q, E) -> fused scores against every gallery audio (Q, N)."""
-        q = self.t2a.bridge_embeddings(_l2n(_check_embeddings("text", text, self.t2a.embed_dim)), seed=seed)
+        q = self.t2a.bridge_embeddings(text, seed=seed)  # as given, like diffgap evaluate
         a = self.index.arrays
         return fuse_scores(q, a["audio_clap"], a["audio_head"], a["audio_bridged"], self.weights)
 
@@ -535,9 +548,9 @@ class AudioSearch:
 
     def score_audio_embeddings(self, audio: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
         self._require_captions()
-        q = self.a2t.bridge_embeddings(_l2n(_check_embeddings("audio", audio, self.a2t.embed_dim)), seed=seed)
+        q = self.a2t.bridge_embeddings(audio, seed=seed)
         a = self.index.arrays
-        return fuse_scores(q, a["text_clap"], a["text_head"], a["text_bridged"], self.weights)
+        return fuse_scores(q, a["text_clap"], a["text_head"], a["text_bridged"], self.caption_weights)
 
     def search_captions_embeddings(self, audio: np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CLAP audio embeddings -> (caption ids, captions, scores), each (Q, k)."""

@@ -16,6 +16,7 @@ Torch-free: numpy + onnxruntime (imported lazily) + the contract modules.
 """
 from __future__ import annotations
 
+import abc
 import json
 import logging
 from pathlib import Path
@@ -60,7 +61,7 @@ def check_backend(backend: str, precision: str = "fp32") -> None:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
 
 
-class Session:
+class Session(abc.ABC):
     """The interface every backend implements.
 
     ``infer(feeds)`` takes ``{input name: ndarray}`` exactly as the IOSpec declares them (optional
@@ -114,8 +115,9 @@ class Session:
         self._check_outputs(out, batch)
         return out
 
+    @abc.abstractmethod
     def _run(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        raise NotImplementedError  # implemented by each backend
+        """Run validated, complete feeds; return every declared output."""
 
     def _check_outputs(self, out: Mapping[str, np.ndarray], batch: int) -> None:
         for t in self.io.outputs:
@@ -282,17 +284,18 @@ def load(
     path: str | Path,
     backend: str | None = None,
     io: IOSpec | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     **options: Any,
 ) -> Session:
     """Open one model file: ``.onnx`` with onnxruntime (default backend ``ort-cpu``), ``.plan`` /
     ``.engine`` with TensorRT. ``io`` defaults to the file's own declaration (ONNX metadata or the
-    engine's sidecar json)."""
+    engine's sidecar json); ``precision`` is a label here (the file decides the arithmetic),
+    default ``fp32`` for ONNX and the sidecar's for engines."""
     path = Path(path)
     suffix = path.suffix.lower()
     if backend is None:
         backend = "tensorrt" if suffix in (".plan", ".engine") else "ort-cpu"
-    check_backend(backend, precision)
+    check_backend(backend, precision or "fp32")
     if backend == "tensorrt":
         if suffix == ".onnx":
             raise ValueError(f"backend 'tensorrt' runs built engines, not {path.name}; run `diffgap build-engines` first")
@@ -301,7 +304,7 @@ def load(
         return TrtSession(path, io=io, precision=precision, **options)
     if suffix not in (".onnx", ""):
         raise ValueError(f"backend {backend!r} runs ONNX files, not {path.name}")
-    return OrtSession(path, io=io, backend=backend, precision=precision, **options)
+    return OrtSession(path, io=io, backend=backend, precision=precision or "fp32", **options)
 
 
 def verify_export_file(man: Manifest, rel: str) -> None:
@@ -349,7 +352,8 @@ def open_model(
     if backend == "ort-cpu" and precision == "fp16":
         log.info("%s: ORT's CPU provider computes FP16 graphs in float32 after casts; this measures weight rounding only", name)
     if backend == "ort-trt" and "provider_options" not in options:
-        cache = Path(engine_dir) if engine_dir else man.root / "engines" / "ort-trt-cache"
+        # ORT's TensorRT EP keeps its own engine/timing caches, beside (not inside) ours
+        cache = (Path(engine_dir) if engine_dir else man.root / "engines") / "ort-trt-cache"
         options["provider_options"] = {
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),

@@ -40,16 +40,18 @@ class TrtSession(Session):
         self,
         path: str | Path,
         io: IOSpec | None = None,
-        precision: str = "fp16",
+        precision: str | None = None,
         device: int = 0,
         cuda_graph: bool = False,
         check_host: bool = True,
     ) -> None:
-        check_backend("tensorrt", precision)
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"TensorRT engine {path} not found; build it with `diffgap build-engines EXPORT_DIR`")
         meta = EngineMeta.read(path) if EngineMeta.sidecar(path).exists() else None
+        if precision is None:
+            precision = meta.precision if meta is not None else "fp16"
+        check_backend("tensorrt", precision)
         if io is None:
             if meta is None:
                 raise ValueError(f"{path} has no sidecar {EngineMeta.sidecar(path).name}; pass io= or rebuild with `diffgap build-engines`")
@@ -73,7 +75,11 @@ class TrtSession(Session):
         self._closed = False
         try:
             self._runtime = trt.Runtime(trt_logger())
-            self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            try:
+                self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            except Exception as e:  # some TensorRT builds raise instead of returning None
+                log.debug("deserialize_cuda_engine raised %r", e)
+                self._engine = None
             if self._engine is None:
                 raise ValueError(
                     f"TensorRT {trt.__version__} could not deserialize {path} (truncated, or built by another "

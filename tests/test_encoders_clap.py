@@ -140,13 +140,6 @@ def test_onnx_parity_tiny_any_batch(enc, tmp_path, which):
     assert max(diffs.values()) <= ATOL_ONNX, diffs
 
 
-def test_onnx_parity_dynamo_exporter(enc, tmp_path):
-    """The batch fix also holds for the torch.export-based exporter (torch.onnx.export(dynamo=True))."""
-    spec = _export(enc.audio_module, tmp_path / "audio_dyn.onnx", dynamo=True)
-    diffs = _onnx_max_diff(enc.audio_module, tmp_path / "audio_dyn.onnx", spec)
-    assert max(diffs.values()) <= ATOL_ONNX, diffs
-
-
 def test_window_reverse_batch_freeze_is_real_and_fixed(enc, tmp_path, monkeypatch):
     """Without our fix, laion-clap's window_reverse bakes the example batch (2) into the graph."""
     htsat_mod = sys.modules[enc.audio_module._htsat_module]

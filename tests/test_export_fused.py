@@ -65,8 +65,11 @@ def test_fused_graph_equals_eager_sampler(model, tmp_path, steps, guidance):
     sess = ort_session(path)
     for b in (1, 3, 8):
         feeds = denoiser_feeds(io, b, seed=b, guidance=(1.0, 3.0, 0.5))
-        out = sess.run(None, feeds)[0]
+        out, src = sess.run(None, feeds)
         ref = _eager(model, feeds, steps, mode, guidance)
+        with torch.no_grad():
+            ref_src = model.project("text", torch.from_numpy(feeds["condition"])).numpy()
+        assert np.abs(src - ref_src).max() <= EAGER_TOL
         assert out.shape == (b, model.config.heads.dim)
         assert np.abs(out - ref).max() <= EAGER_TOL, f"K={steps} B={b}"
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
@@ -112,7 +115,8 @@ def test_io_spec_and_metadata(model, tmp_path):
     assert io.input("condition").shape == ("batch", cfg.embed_dim)
     assert io.input("noise").shape == ("batch", cfg.heads.dim)
     assert io.input("guidance_scale").optional and io.input("guidance_scale").default == cfg.diffusion.guidance_scale
-    assert io.output_names == ["embedding"] and io.output("embedding").shape == ("batch", cfg.heads.dim)
+    assert io.output_names == ["embedding", "source_embedding"]
+    assert io.output("embedding").shape == io.output("source_embedding").shape == ("batch", cfg.heads.dim)
     path = tmp_path / "m.onnx"
     export_module(fused, io, path, metadata={"diffgap.K": "7"})
     m = onnx.load(str(path))

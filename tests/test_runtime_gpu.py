@@ -2,14 +2,18 @@
 
 Every test here is ``@pytest.mark.gpu``: tests/conftest.py skips them with a reason where TensorRT,
 pycuda or a CUDA device is missing. On a GPU host (``benchmarks/gpu_smoke.sh``) they build engines
-from the small test export (tests/runtime_graphs.py; strongly typed FP16 graphs with FP32 I/O) and
-check results, never timings.
+(into a temporary engine directory) for the export named by ``DIFFGAP_GPU_EXPORT`` — a real
+``diffgap export`` directory — or, without it, for the small test export of tests/runtime_graphs.py
+(strongly typed FP16 graphs with FP32 I/O), and check results, never timings.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,17 +23,40 @@ from diffgap.manifest import Manifest
 
 pytestmark = pytest.mark.gpu
 
-MODELS = ["diffgap_text_to_audio", "diffgap_audio_to_text", "clap_text_encoder", "clap_audio_encoder"]
+SAMPLER = "diffgap_text_to_audio"
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A test export with fp16 + fp32 engines built on this GPU (module scope: built once)."""
+    """(manifest, build decisions, engine dir): fp16 + fp32 engines built on this GPU, once per module."""
     from diffgap.runtime.engine import build_engines
 
-    man = rg.make_export(tmp_path_factory.mktemp("gpu") / "export")
-    decisions = build_engines(man.root, precisions=("fp16", "fp32"))
-    return man, decisions
+    tmp = tmp_path_factory.mktemp("gpu")
+    if os.environ.get("DIFFGAP_GPU_EXPORT"):
+        man = Manifest.load(os.environ["DIFFGAP_GPU_EXPORT"], verify=True)
+    else:
+        man = rg.make_export(tmp / "export")
+    engines = tmp / "engines"
+    decisions = build_engines(man, precisions=("fp16", "fp32"), engine_dir=engines)
+    return man, decisions, engines
+
+
+def _copy_export(man: Manifest, engines: Path, dst: Path) -> tuple[Manifest, Path]:
+    shutil.copytree(man.root, dst / "export", ignore=shutil.ignore_patterns("engines"))
+    shutil.copytree(engines, dst / "engines")
+    return Manifest.load(dst / "export"), dst / "engines"
+
+
+def _feeds(io, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """IOSpec samples, with unit-norm conditions (as CLAP emits) and guidance 1 / 3 per row (the
+    export's own denoiser check feeds) for the samplers."""
+    feeds = io.sample_inputs(batch, seed=seed)
+    if "condition" in feeds:
+        c = feeds["condition"]
+        feeds["condition"] = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    if "guidance_scale" in feeds:
+        feeds["guidance_scale"] = np.array([[1.0 if i % 2 == 0 else 3.0] for i in range(batch)], np.float32)
+    return feeds
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -41,34 +68,34 @@ def test_engine_build_and_cache(built):
         TIMING_CACHE, BuildSettings, EngineMeta, HostInfo, build_engines, engine_root, find_engine,
     )
 
-    man, decisions = built
+    man, decisions, engines = built
     host = HostInfo.current()
-    assert {d.action for d in decisions} == {"build"} and len(decisions) == 2 * len(MODELS)
+    assert {d.action for d in decisions} == {"build"} and len(decisions) == 2 * len(man.models)
     for d in decisions:
         meta = EngineMeta.read(d.plan)
         meta.check_file(d.plan)
         assert meta.host == host and meta.io == man.model(d.model).io
         assert meta.key["onnx_sha256"] == man.files[man.model(d.model).file(d.precision)]["sha256"]
-        assert find_engine(man, d.model, d.precision) == d.plan
-    assert (engine_root(man) / host.slug / TIMING_CACHE).stat().st_size > 0
+        assert find_engine(man, d.model, d.precision, engine_dir=engines) == d.plan
+    assert (engine_root(man, engines) / host.slug / TIMING_CACHE).stat().st_size > 0
     # same key: reused; other settings with rebuilding off: refused, nothing rebuilt
-    again = build_engines(man.root, precisions=("fp16", "fp32"))
+    again = build_engines(man, precisions=("fp16", "fp32"), engine_dir=engines)
     assert {d.action for d in again} == {"reuse"}
     with pytest.raises(ValueError, match="rebuilding is off"):
-        build_engines(man.root, models=["clap_text_encoder"], settings=BuildSettings(opt_level=1), rebuild=False)
+        build_engines(man, models=[SAMPLER], settings=BuildSettings(opt_level=1), rebuild=False, engine_dir=engines)
 
 
 def test_trt_fp16_matches_ort_fp32(built):
     """Cosine >= 0.999 per row between the TensorRT FP16 engine and ORT's FP32 graph."""
     from diffgap.runtime.session import open_model
 
-    man, _ = built
-    for name in MODELS:
+    man, _, engines = built
+    for name in sorted(man.models):
         io = man.model(name).io
-        with open_model(man.root, name, backend="tensorrt", precision="fp16") as trt16, \
-                open_model(man.root, name, backend="ort-cpu", precision="fp32") as ort32:
+        with open_model(man, name, backend="tensorrt", precision="fp16", engine_dir=engines) as trt16, \
+                open_model(man, name, backend="ort-cpu", precision="fp32") as ort32:
             for batch in sorted({io.min_batch, io.opt_batch, io.max_batch, 3}):
-                feeds = io.sample_inputs(batch, seed=batch)
+                feeds = _feeds(io, batch, seed=batch)
                 a, b = trt16.infer(feeds), ort32.infer(feeds)
                 for t in io.outputs:
                     assert a[t.name].dtype == t.np_dtype and a[t.name].shape == t.concrete(batch)
@@ -78,12 +105,12 @@ def test_trt_fp16_matches_ort_fp32(built):
 def test_trt_fp32_matches_ort_fp32(built):
     from diffgap.runtime.session import open_model
 
-    man, _ = built
-    for name in MODELS:
+    man, _, engines = built
+    for name in sorted(man.models):
         io = man.model(name).io
-        with open_model(man.root, name, backend="tensorrt", precision="fp32") as t, \
-                open_model(man.root, name, backend="ort-cpu") as o:
-            feeds = io.sample_inputs(io.opt_batch, seed=1)
+        with open_model(man, name, backend="tensorrt", precision="fp32", engine_dir=engines) as t, \
+                open_model(man, name, backend="ort-cpu") as o:
+            feeds = _feeds(io, io.opt_batch, seed=1)
             for k, v in t.infer(feeds).items():
                 # TF32 may be used by TensorRT's fp32 GEMMs on Ampere+: 10-bit mantissa inputs
                 np.testing.assert_allclose(v, o.infer(feeds)[k], atol=5e-3)
@@ -93,15 +120,16 @@ def test_cuda_graph_replay_equals_plain_execution(built):
     from diffgap.runtime.engine import find_engine
     from diffgap.runtime.trt_session import TrtSession
 
-    man, _ = built
-    plan = find_engine(man, "diffgap_text_to_audio", "fp16")
+    man, _, engines = built
+    plan = find_engine(man, SAMPLER, "fp16", engine_dir=engines)
     with TrtSession(plan, cuda_graph=False) as plain, TrtSession(plan, cuda_graph=True) as graphed:
-        for batch in (4, 1, 4, 16, 4):  # repeated sizes replay the captured graph
+        top = plain.max_batch
+        for batch in (4, 1, 4, top, 4):  # repeated sizes replay the captured graph
             feeds = plain.io.sample_inputs(batch, seed=batch)
             a, b = plain.infer(feeds), graphed.infer(feeds)
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k])
-        assert sorted(graphed._graphs) == [1, 4, 16]
+        assert sorted(graphed._graphs) == sorted({1, 4, top})
         # new inputs through an already captured graph give new, correct outputs
         feeds = plain.io.sample_inputs(4, seed=99)
         np.testing.assert_array_equal(plain.infer(feeds)["embedding"], graphed.infer(feeds)["embedding"])
@@ -110,8 +138,8 @@ def test_cuda_graph_replay_equals_plain_execution(built):
 def test_trt_session_bad_inputs(built):
     from diffgap.runtime.session import open_model
 
-    man, _ = built
-    with open_model(man.root, "diffgap_text_to_audio", backend="tensorrt", precision="fp16") as s:
+    man, _, engines = built
+    with open_model(man, SAMPLER, backend="tensorrt", precision="fp16", engine_dir=engines) as s:
         feeds = s.io.sample_inputs(2, include_optional=False)
         with pytest.raises(ValueError, match="dtype float64"):
             s.infer({**feeds, "noise": feeds["noise"].astype(np.float64)})
@@ -129,11 +157,10 @@ def test_truncated_foreign_and_stale_engines(built, tmp_path):
     from diffgap.runtime.engine import EngineMeta, HostInfo, find_engine
     from diffgap.runtime.trt_session import TrtSession
 
-    man, _ = built
-    root = tmp_path / "export"
-    shutil.copytree(man.root, root)
-    man2 = Manifest.load(root)
-    plan = find_engine(man2, "clap_text_encoder", "fp16")
+    man, _, engines = built
+    man2, engines2 = _copy_export(man, engines, tmp_path)
+    root = man2.root
+    plan = find_engine(man2, SAMPLER, "fp16", engine_dir=engines2)
     # truncated: the sidecar's sha256 no longer matches
     data = plan.read_bytes()
     plan.write_bytes(data[: len(data) // 2])
@@ -152,23 +179,27 @@ def test_truncated_foreign_and_stale_engines(built, tmp_path):
     here = HostInfo.current()
     meta.key = {**meta.key, "gpu_name": "Some Other GPU", "trt_version": "10.12.0"}
     meta.write(plan)
-    with pytest.raises(ValueError, match=rf"built for Some Other GPU .* but this host is {here.gpu_name}"):
+    with pytest.raises(ValueError, match=rf"built for Some Other GPU .* but this host is {re.escape(here.gpu_name)}"):
         TrtSession(plan)
     # export changed after the build: stale
+    meta.key = {**meta.key, "gpu_name": here.gpu_name, "trt_version": here.trt_version}
+    meta.write(plan)
     d = json.loads((root / "manifest.json").read_text())
-    d["files"]["clap_text_encoder.fp16.onnx"]["sha256"] = "0" * 64
+    d["files"][man2.model(SAMPLER).file("fp16")]["sha256"] = "0" * 64
     (root / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="built from another version"):
-        find_engine(Manifest.load(root), "clap_text_encoder", "fp16")
+        find_engine(Manifest.load(root), SAMPLER, "fp16", engine_dir=engines2)
 
 
 def test_pipeline_on_tensorrt_matches_ort(built):
     from diffgap.runtime.pipeline import TextToAudioBridge
 
-    man, _ = built
+    man, _, engines = built
+    if "clap_text_encoder" not in man.models:
+        pytest.skip("this export has no text encoder (exported with --encoders none)")
     texts = ["a dog barks", "a violin plays a slow melody", "traffic noise"]
-    with TextToAudioBridge(man.root, backend="tensorrt", precision="fp16", seed=3) as t, \
-            TextToAudioBridge(man.root, seed=3) as o:
+    with TextToAudioBridge(man, backend="tensorrt", precision="fp16", seed=3, engine_dir=engines) as t, \
+            TextToAudioBridge(man, seed=3) as o:
         a, b = t(texts), o(texts)
     assert _cos(a.bridged, b.bridged).min() >= 0.999 and _cos(a.projected, b.projected).min() >= 0.999
 
@@ -178,11 +209,10 @@ def test_ort_cuda_backend_matches_cpu(built):
 
     from diffgap.runtime.session import open_model
 
-    man, _ = built
+    man, _, _ = built
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime build has no CUDA provider (install onnxruntime-gpu)")
-    with open_model(man.root, "diffgap_text_to_audio", backend="ort-cuda") as c, \
-            open_model(man.root, "diffgap_text_to_audio") as o:
+    with open_model(man, SAMPLER, backend="ort-cuda") as c, open_model(man, SAMPLER) as o:
         assert c.providers[0] == "CUDAExecutionProvider"
         feeds = c.io.sample_inputs(8, seed=2)
         np.testing.assert_allclose(c.infer(feeds)["embedding"], o.infer(feeds)["embedding"], atol=1e-4)

@@ -18,10 +18,8 @@ torch = pytest.importorskip("torch")
 from diffgap.runtime.pipeline import (  # noqa: E402
     AudioSearch,
     AudioToTextBridge,
-    BridgeResult,
     TextToAudioBridge,
     build_index,
-    fuse_scores,
     make_noise,
     top_k,
 )
@@ -138,7 +136,11 @@ def test_search_equals_pytorch_scoring(stack, tmp_path):
     D = model.config.heads.dim
     qb, qp = _torch_bridge(model, "audio_given_text", q, make_noise(8, len(TEXTS), D))
     gb, gp = _torch_bridge(model, "text_given_audio", audio, make_noise(4, n, D))
-    scores = fuse_scores(BridgeResult(q, qp, qb), audio, gp, gb, weights)
+    # diffgap evaluate's "full" fusion of the four cosine matrices, computed by the evaluation's code
+    from diffgap.retrieval import cosine, fuse
+
+    sims = [cosine(q, audio), cosine(qp, gp), cosine(qb, gp), cosine(qp, gb)]
+    scores = fuse(sims, tuple(weights[k] for k in ("raw", "head", "query_bridge", "gallery_bridge")))
     idx, exp_scores = top_k(scores, 5)
     np.testing.assert_array_equal(got_ids, ids[idx])
     np.testing.assert_allclose(got_scores, exp_scores, atol=ATOL)

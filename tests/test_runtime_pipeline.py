@@ -149,11 +149,16 @@ def test_sampler_without_the_projected_output_is_refused(export, tmp_path):
 
 
 # -- index + search -------------------------------------------------------------------------
+def _z(s):
+    """Per-query z-score over the gallery (how diffgap evaluate makes the four similarities comparable)."""
+    return (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True)
+
+
 def _expected_scores(q_clap, q_seed, g_clap, g_seed, w=DEFAULT_WEIGHTS):
     qb, qp = rg.reference_sampler(q_clap, make_noise(q_seed, len(q_clap), rg.D))
     gb, gp = rg.reference_sampler(g_clap, make_noise(g_seed, len(g_clap), rg.D))
-    return (w["raw"] * q_clap @ g_clap.T + w["head"] * qp @ gp.T
-            + w["query_bridge"] * qb @ gp.T + w["gallery_bridge"] * qp @ gb.T)
+    return (w["raw"] * _z(_unit(q_clap) @ _unit(g_clap).T) + w["head"] * _z(qp @ gp.T)
+            + w["query_bridge"] * _z(qb @ gp.T) + w["gallery_bridge"] * _z(qp @ gb.T))
 
 
 def test_index_contents(index, pairs):
@@ -203,8 +208,13 @@ def test_custom_weights(export, index, pairs):
     audio, text, ids, _ = pairs
     w = {"raw": 1.0, "head": 0.0, "query_bridge": 0.0, "gallery_bridge": 0.0}
     with AudioSearch(index, export, weights=w) as s:
-        _, scores = s.search_embeddings(text[:2], k=1)
-    np.testing.assert_allclose(scores[:, 0], (text[:2] @ audio.T).max(1), atol=1e-6)
+        ids_, scores = s.search_embeddings(text[:2], k=1)
+    raw = text[:2] @ audio.T
+    np.testing.assert_array_equal(ids_[:, 0], ids[raw.argmax(1)])
+    np.testing.assert_allclose(scores[:, 0], _z(raw).max(1), atol=1e-5)
+    # diffgap evaluate's component names are accepted
+    with AudioSearch(index, export, weights={"raw": 0.5, "heads": 0.5, "q-bridge src": 0.0}) as s:
+        assert s.weights == {"raw": 0.5, "head": 0.5, "query_bridge": 0.0, "gallery_bridge": 0.0}
     with pytest.raises(ValueError, match="unknown score terms"):
         AudioSearch(index, export, weights={"bogus": 1.0})
     with pytest.raises(ValueError, match="not all zero"):
@@ -280,6 +290,15 @@ def test_cli_index_and_search(export, pairs, tmp_path, capsys):
     assert main(["search", "a dog barks", "--index", str(out), "--export", str(export.root), "-k", "2"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("query: a dog barks") and exp_ids[0][0] in table
+
+    sf = pytest.importorskip("soundfile")
+    sr = 16000
+    sf.write(tmp_path / "q.wav", (0.2 * np.sin(2 * np.pi * 300 * np.arange(sr) / sr)).astype(np.float32), sr)
+    assert main(["search", "--audio", str(tmp_path / "q.wav"), "--index", str(out), "-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["queries"][0]["results"]
+    with AudioSearch(out, export) as s:
+        exp_cid, exp_caps, _ = s.search_captions([tmp_path / "q.wav"], k=2)
+    assert [h["id"] for h in hits] == list(exp_cid[0]) and [h["caption"] for h in hits] == list(exp_caps[0])
 
     assert main(["search", "x", "--index", str(tmp_path / "none.npz")]) == 2
     assert "not found" in capsys.readouterr().err

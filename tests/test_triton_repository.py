@@ -209,15 +209,19 @@ def test_gpu_flavour_tensorrt_needs_engines(export, tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_flavour_tensorrt_plans(export, tmp_path):
-    from diffgap.runtime.engine import build_engines
+    from diffgap.runtime.engine import build_engines, find_engine
 
-    build_engines(export)
-    repo = R.build_repository(export, tmp_path / "gpu", flavor="gpu")
+    build_engines(export, engine_dir=tmp_path / "engines")
+    repo = R.build_repository(export, tmp_path / "gpu", flavor="gpu", engine_dir=tmp_path / "engines")
     cfgs = load_configs(repo)
     man = Manifest.load(export)
     for name, entry in man.models.items():
         cfg = cfgs[name]
-        assert cfg.platform == "tensorrt_plan" and (repo / name / "1" / "model.plan").is_file()
+        assert cfg.platform == "tensorrt_plan"
+        plan = find_engine(man, name, "fp16", engine_dir=tmp_path / "engines")
+        assert sha256_file(repo / name / "1" / "model.plan") == sha256_file(plan)
+        assert cfg.max_batch_size == entry.io.max_batch
+        assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in cfg.instance_group] == ["KIND_GPU"]
         assert not any(t.optional for t in cfg.input), "a plan binds every input"
         assert cfg.optimization.cuda.graphs
         assert [g.batch_size for g in cfg.optimization.cuda.graph_spec] == list(cfg.dynamic_batching.preferred_batch_size)

@@ -27,6 +27,25 @@ def repo(tmp_path_factory):
     return R.build_repository(export, tmp_path_factory.mktemp("serve") / "repo")
 
 
+@pytest.fixture
+def tiny_repo(tmp_path):
+    """A one-model repository (python identity) for lifecycle tests that need no diffgap model."""
+    _python_model(tmp_path / "tiny", "identity", "import triton_python_backend_utils as pb_utils\n\n"
+                  "class TritonPythonModel:\n    def execute(self, requests):\n"
+                  "        return [pb_utils.InferenceResponse([pb_utils.Tensor('y', pb_utils.get_input_tensor_by_name(r, 'x').as_numpy())])"
+                  " for r in requests]\n")
+    return tmp_path / "tiny"
+
+
+def _python_model(repo: Path, name: str, source: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 1\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
+    (repo / name / "1" / "model.py").write_text(source)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -49,9 +68,11 @@ def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, sig):
+def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, tiny_repo, sig, tmp_path):
+    # the generated diffgap repository for SIGTERM, a one-model one for Ctrl-C (same code path, faster)
+    target = repo if sig == signal.SIGTERM else tiny_repo
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffgap.cli", "serve", str(repo)],
+        [sys.executable, "-m", "diffgap.cli", "serve", str(target), "--log-file", str(tmp_path / "server.log")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
@@ -74,11 +95,12 @@ def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, sig):
             proc.wait()
     assert proc.returncode == 0, text + rest
     assert "tritonserver stopped" in rest
+    assert "Started HTTPService" in (tmp_path / "server.log").read_text()
     assert _wait_gone(int(m_pid.group(1))), "tritonserver outlived `diffgap serve`"
 
 
-def test_context_manager_stops_the_server_when_the_body_fails(repo):
-    server = TritonServer(repo)
+def test_context_manager_stops_the_server_when_the_body_fails(tiny_repo):
+    server = TritonServer(tiny_repo)
     with pytest.raises(RuntimeError, match="boom"):
         with server:
             pid = server.pid
@@ -89,16 +111,11 @@ def test_context_manager_stops_the_server_when_the_body_fails(repo):
         server.http_url
 
 
-def test_a_model_that_fails_to_load_is_reported_with_the_log(repo, tmp_path):
+def test_a_model_that_fails_to_load_is_reported_with_the_log(tmp_path):
     broken = tmp_path / "broken"
-    (broken / "bad" / "1").mkdir(parents=True)
-    (broken / "bad" / "config.pbtxt").write_text(
-        'name: "bad"\nbackend: "python"\nmax_batch_size: 1\n'
-        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-    )
-    (broken / "bad" / "1" / "model.py").write_text("raise ImportError('this model cannot load')\n")
-    server = TritonServer(broken, startup_timeout=120)
-    with pytest.raises(RuntimeError, match="(?s)before becoming ready.*bad"):
+    _python_model(broken, "bad", "raise ImportError('this model cannot load')\n")
+    server = TritonServer(broken, startup_timeout=120, log_path=tmp_path / "server.log")
+    with pytest.raises(RuntimeError, match="(?s)before becoming ready.*failed to load 'bad'.*this model cannot load"):
         server.start()
     assert not server.running()
 
@@ -106,14 +123,9 @@ def test_a_model_that_fails_to_load_is_reported_with_the_log(repo, tmp_path):
 def test_the_torch_blocker_used_by_the_server_tests_works(tmp_path):
     """test_triton_server.py serves with torch blocked; prove the blocker blocks."""
     repo = tmp_path / "repo"
-    (repo / "uses_torch" / "1").mkdir(parents=True)
-    (repo / "uses_torch" / "config.pbtxt").write_text(
-        'name: "uses_torch"\nbackend: "python"\nmax_batch_size: 1\n'
-        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-    )
-    (repo / "uses_torch" / "1" / "model.py").write_text("import torch\n")
+    _python_model(repo, "uses_torch", "import torch\n")
     (tmp_path / "blocker").mkdir()
-    server = TritonServer(repo, cwd=triton_fixtures.torch_blocker(tmp_path / "blocker"))
+    server = TritonServer(repo, cwd=triton_fixtures.torch_blocker(tmp_path / "blocker"), log_path=tmp_path / "server.log")
     with pytest.raises(RuntimeError, match="torch is blocked"):
         server.start()
 
@@ -133,3 +145,29 @@ def test_binding_beyond_loopback_warns(repo, caplog):
     with caplog.at_level(logging.WARNING, logger="diffgap.triton_models.server"):
         TritonServer(repo)
     assert not caplog.text
+
+
+def test_demo_search_answers_like_the_runtime(tmp_path_factory, tmp_path):
+    """The serving leg of `make demo`: pairs -> index -> portable repo -> server -> HTTP queries."""
+    import numpy as np
+
+    from diffgap.data import save_pairs
+    from diffgap.manifest import Manifest
+    from diffgap.runtime import AudioSearch
+    from diffgap.triton_models import demo_search
+
+    export = triton_fixtures.shared_export(tmp_path_factory)
+    rng = np.random.default_rng(5)
+    audio = rng.standard_normal((12, Manifest.load(export).embed_dim)).astype(np.float32)
+    pairs = save_pairs(tmp_path / "pairs.npz", ids=[f"sound{i}" for i in range(12)], audio=audio, text=audio[::-1].copy())
+    queries = ["a dog barks", "rain on a tin roof"]
+    result = demo_search(export, pairs, queries, k=3, work_dir=tmp_path / "work")
+    assert result.queries == queries and len(result.latency_ms) == 2 and all(ms > 0 for ms in result.latency_ms)
+    with AudioSearch(tmp_path / "work" / "index.npz", export) as search:
+        for q, ids, scores in zip(queries, result.ids, result.scores):
+            ref_ids, ref_scores = search.search([q], k=3)
+            assert ids == list(ref_ids[0])
+            assert np.max(np.abs(np.asarray(scores) - ref_scores[0])) <= 1e-5
+    assert "requests over HTTP" in result.table()
+    with pytest.raises(ValueError, match="non-empty"):
+        demo_search(export, pairs, [""])

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     server = TritonServer(
         args.repo, host=args.host, http_port=args.http_port or None, grpc_port=args.grpc_port or None,
         metrics_port=args.metrics_port or None, startup_timeout=args.startup_timeout,
-        log_verbose=args.log_verbose, log_path=args.log_file,
+        log_verbose=args.log_verbose, log_path=args.log_file, keep_log=True,
     )
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:

@@ -415,18 +415,17 @@ class _Planner:
         return ModelDir(SEARCH_ENSEMBLE, cfg, {})
 
     def plan(self) -> dict[str, ModelDir]:
-        add = lambda md: self.models.__setitem__(md.name, md)  # noqa: E731
-        add(self.tokenizer())
-        for m in ("text", "audio"):
-            add(self.exported(encoder_name(m)))
+        # Composing models first: an ensemble's max_batch_size is read from them.
+        composing = [self.tokenizer(), *(self.exported(encoder_name(m)) for m in ("text", "audio"))]
         for s, t in DIRECTIONS:
-            add(self.exported(sampler_name(s, t)))
-            add(self.noise(s, t))
-        for s, t in DIRECTIONS:
-            add(self.embedding_ensemble(s, t))
+            composing += [self.exported(sampler_name(s, t)), self.noise(s, t)]
         if self.opts.index is not None:
-            add(self.search(Path(self.opts.index)))
-            add(self.search_ensemble())
+            composing.append(self.search(Path(self.opts.index)))
+        self.models.update((md.name, md) for md in composing)
+        ensembles = [self.embedding_ensemble(s, t) for s, t in DIRECTIONS]
+        if self.opts.index is not None:
+            ensembles.append(self.search_ensemble())
+        self.models.update((md.name, md) for md in ensembles)
         return self.models
 
 

@@ -153,6 +153,7 @@ class TritonServer:
         exit_timeout: int = 5,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike | None = None,
+        keep_log: bool = False,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.models = check_repository(self.repository)
@@ -161,7 +162,8 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
-        self._log_path = Path(log_path) if log_path else None
+        self._user_log = Path(log_path) if log_path else None
+        self._log_path: Path | None = None
         # Triton waits up to --exit-timeout-secs (default 30) for open client connections on SIGTERM.
         self.exit_timeout = exit_timeout
         self._clients: list = []
@@ -169,6 +171,8 @@ class TritonServer:
         # The python stubs put the working directory first on sys.path (they ignore PYTHONPATH).
         self.cwd = Path(cwd) if cwd else None
         self._workdir: Path | None = None
+        self.keep_log = keep_log
+        self._failed = False
         self._log_file = None
         self.proc: subprocess.Popen | None = None
         self.endpoints: Endpoints | None = None
@@ -213,8 +217,8 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="diffgap-tritonserver-"))
         try:
             server_dir = prepare_server_dir(self._workdir / "tritonserver")
-            if self._log_path is None:
-                self._log_path = self._workdir / "tritonserver.log"
+            self._log_path = self._user_log or self._workdir / "tritonserver.log"
+            self._failed = False
             attempts = 1 if all(self._ports) else 3  # a free port can be taken between pick and bind
             for attempt in range(attempts):
                 h, g, m = (p or free_port(self.host) for p in self._ports)
@@ -232,6 +236,7 @@ class TritonServer:
             log.info("tritonserver ready (pid %d): http %s grpc %s", self.proc.pid, ep.http, ep.grpc)
             return self
         except BaseException:
+            self._failed = True
             self.stop()
             raise
 
@@ -306,16 +311,27 @@ class TritonServer:
             self._log_file = None
 
     def stop(self, grace: float = 30.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``grace`` s) and remove the private copy."""
+        """Stop the server (SIGTERM, then SIGKILL after ``grace`` s) and remove the private copy.
+
+        The log in the private directory is removed too, unless ``keep_log`` was asked for or the
+        server failed (it did not start, or exited on its own with an error): then it is kept for a
+        post-mortem and its path logged.
+        """
+        if self.proc is not None and self.proc.poll() not in (None, 0):
+            self._failed = True
         self._terminate(grace)
         _LIVE.discard(self)
         self.endpoints = None
-        if self._workdir is not None:
-            # The server copy goes; the log stays next to it (for a post-mortem) unless the caller
-            # chose its own log path, in which case nothing of ours is left behind.
-            shutil.rmtree(self._workdir / "tritonserver", ignore_errors=True)
-            if self._log_path is not None and not self._log_path.is_relative_to(self._workdir):
-                shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._workdir is None:
+            return
+        shutil.rmtree(self._workdir / "tritonserver", ignore_errors=True)
+        log_inside = self._log_path is not None and self._log_path.is_relative_to(self._workdir)
+        if log_inside and (self.keep_log or self._failed):
+            if self._failed:
+                log.warning("tritonserver log kept at %s", self._log_path)
+        else:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     def __enter__(self) -> "TritonServer":
         return self.start()
