@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=None, help="minimum seconds of timed calls per row")
     p.add_argument("--max-time", type=float, default=None, help="maximum seconds of timed calls per row")
     p.add_argument("--work", type=Path, default=None, help="keep scratch (checkpoint, exports, Triton repository) here instead of a temp dir")
+    p.add_argument("--cache", type=Path, default=Path("build/bench-cache"),
+                   help="reuse exports made earlier from the same checkpoint weights, K and export code (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="export afresh into the scratch dir")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -81,6 +84,7 @@ def _context(args: argparse.Namespace, work: Path) -> Context:
         policy=policy,
         threads=args.threads or usable,
         work=work,
+        cache=None if args.no_cache else args.cache,
     )
 
 
@@ -137,6 +141,8 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         if needs_model:
             prepare.prepare(ctx, groups, export_dir=args.export_dir, checkpoint=args.checkpoint)
             res["settings"]["main_steps"] = ctx.main_steps
+            res["settings"]["exports"] = {"main": str(ctx.main_export) if ctx.main_export else None,
+                                          **{f"K={k}": str(v) for k, v in sorted(ctx.exports.items())}}
             res["settings"]["parameters"] = ctx.model.parameter_counts() if ctx.model is not None else None
 
         if "denoiser" in groups:
@@ -177,9 +183,9 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _triton(serving, ctx: Context, options: dict[str, Any] | None, label: str) -> dict[str, Any]:
+def _triton(serving, ctx: Context, options: dict[str, Any] | None, label: str, ensembles=None) -> dict[str, Any]:
     try:
-        return serving.run(ctx, options, label)
+        return serving.run(ctx, options, label, ensembles)
     except Exception as e:  # the server or repository failing is a recorded result
         log.warning("triton (%s) not measured: %s: %s", label, type(e).__name__, e)
         return {"label": label, "repository_options": options or {}, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", "runs": []}
@@ -216,7 +222,7 @@ def serving_knobs(serving, ctx: Context, res: dict[str, Any]) -> list[str]:
     options = serving.batching_knob(ctx)
     if options is None:
         return ["dynamic batching goal missed; the repository generator exposes no batching setting to try"]
-    t = _triton(serving, ctx, options, "batching-knob")
+    t = _triton(serving, ctx, options, "batching-knob", serving.ENSEMBLES[:1])
     res["triton"].append(t)
     return [f"dynamic batching goal missed with the default repository; re-ran with {options} (second Triton table)"]
 
@@ -229,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_dir is not None and not (args.export_dir / "manifest.json").is_file():
         print(f"benchmarks: error: {args.export_dir} is not an export directory (no manifest.json); make one with `diffgap export`",
               file=sys.stderr)
+        return 2
+    from diffgap.config import PRESETS
+
+    if args.preset is not None and args.preset not in PRESETS:
+        print(f"benchmarks: error: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"benchmarks: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         print(f"benchmarks: error: checkpoint {args.checkpoint} is not a directory; pass a `diffgap train` output", file=sys.stderr)

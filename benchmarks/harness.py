@@ -1,6 +1,7 @@
 """Timing, the machine record and the result rows shared by every benchmark group.
 
-Every latency is measured the same way: ``warmup`` untimed calls, then timed calls until both
+Every latency is measured the same way: ``warmup`` untimed calls (fewer once they have taken
+``max_warmup_s``; at least one), then timed calls until both
 ``repeats`` calls and ``min_time_s`` seconds have passed (or ``max_time_s``, whichever first, never
 fewer than 3 calls). Reported: median, p10/p90, min, mean and the call count; ratios use medians.
 """
@@ -26,6 +27,7 @@ class TimingPolicy:
     repeats: int = 20
     min_time_s: float = 1.0
     max_time_s: float = 20.0
+    max_warmup_s: float = 2.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,8 +58,11 @@ class Stats:
 
 def measure(fn: Callable[[], Any], policy: TimingPolicy) -> Stats:
     """Time ``fn()`` under ``policy``; see the module docstring."""
+    t_warm = time.perf_counter()
     for _ in range(policy.warmup):
         fn()
+        if time.perf_counter() - t_warm > policy.max_warmup_s:  # slow rows: one warm-up call is enough
+            break
     samples: list[float] = []
     start = time.perf_counter()
     while True:

@@ -8,7 +8,9 @@ untrained denoiser outputs exact zeros, and a benchmark should not time an all-z
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,17 +38,61 @@ def random_model(preset: str, seed: int = 0):
     return model
 
 
+# The sources an export is made from: the model and sampler math, the contract modules, the
+# exporter, and (full exports) the CLAP encoders and tokenizer.
+_EXPORT_SOURCES = ("config.py", "models.py", "diffusion.py", "iospec.py", "manifest.py", "checkpoint.py",
+                   "tokenizer.py", "audio.py", "encoders/clap.py")
+
+
+def code_fingerprint() -> str:
+    """sha256 over the python sources that shape an export."""
+    import diffgap
+    import diffgap.export
+
+    h = hashlib.sha256()
+    pkg = Path(diffgap.__file__).parent
+    files = [pkg / f for f in _EXPORT_SOURCES] + sorted(Path(diffgap.export.__file__).parent.glob("*.py"))
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _export(ctx: Context, out: Path, steps: int, samplers_only: bool) -> Path:
     """``export_all`` at K = ``steps``: FP32 + FP16 graphs, the samplers with their guidance input (as
     `diffgap export` makes them). Encoders: laion-clap's HTSAT-tiny + transformer text tower (the real
-    architecture, random weights) for the full run; the tiny variant with --quick."""
+    architecture, random weights) for the full run; the tiny variant with --quick.
+
+    With ``ctx.cache`` set, an export made earlier from the same checkpoint weights, K, encoders and
+    export code (sha256 of all three) is reused: exporting the K=50 sampler with its FP16 graph takes
+    minutes on 2 cores, and export time is not what is measured here.
+    """
     try:
         from diffgap.export import export_all
     except ImportError:
         from diffgap.export.cli import export_all
+    from diffgap.checkpoint import WEIGHTS
+    from diffgap.fsutil import sha256_file
+    from diffgap.manifest import Manifest
 
-    t0 = time.perf_counter()
     encoders = None if samplers_only else ("tiny" if ctx.quick else "htsat-tiny")
+    if ctx.cache is not None:
+        key = hashlib.sha256(
+            f"{sha256_file(ctx.checkpoint / WEIGHTS)}|K={steps}|enc={encoders}|{code_fingerprint()}".encode()
+        ).hexdigest()[:20]
+        cached = ctx.cache / f"{ctx.preset}-k{steps}-{'samplers' if samplers_only else 'full'}-{key}"
+        if (cached / "manifest.json").is_file():
+            try:
+                Manifest.load(cached, verify=True)
+                log.info("reusing cached export %s (same checkpoint, K, encoders and export code)", cached)
+                return cached
+            except (ValueError, FileNotFoundError) as e:
+                log.warning("cached export %s is unusable (%s); exporting again", cached, e)
+                shutil.rmtree(cached, ignore_errors=True)
+        ctx.cache.mkdir(parents=True, exist_ok=True)
+        out = cached
+    t0 = time.perf_counter()
     export_all(ctx.checkpoint, out, steps=steps, encoders=encoders)
     log.info("exported %s (K=%d, encoders %s) in %.1f s", out, steps, encoders, time.perf_counter() - t0)
     return out

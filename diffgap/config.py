@@ -5,10 +5,11 @@ needs the flags that trained a model; CLI ``--preset`` choices come from :data:`
 
 Presets (parameter counts printed by ``diffgap train`` and asserted in tests/test_model.py):
 
-* ``clap-512`` (default): 512-d CLAP space, 512-d contrastive heads, two denoisers of 3 residual MLP
-  blocks, hidden 512 -- about 4.3M parameters per direction (see :func:`diffgap.models.count_parameters`).
+* ``clap-512`` (default): 512-d CLAP space, 512-d contrastive heads (linear + residual MLP 256,
+  1.05M parameters for both), two denoisers of 3 adaLN-zero residual MLP blocks, width 384, MLP
+  ratio 2 -- 4.53M parameters per direction, 10.1M in total (``DiffGAP.parameter_counts()``).
   Sized after the prototype in issue 2 (4.0M/direction trained ~2,600 CPU steps in ~3.5 minutes).
-* ``clap-tiny``: 512-d inputs, 64-d heads, hidden 64, 1 block -- for tests only.
+* ``clap-tiny``: 512-d inputs, 64-d heads, width 64, 1 block (56k per direction) -- for tests only.
 
 Adding a preset (e.g. ``cavp-512`` for video<->audio) is one ``PRESETS[...] = ...`` line.
 """

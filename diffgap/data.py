@@ -124,6 +124,8 @@ def load_pairs(path: str | Path, embed_dim: int | None = None, require: tuple[st
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; create it with `diffgap synth` or `diffgap embed`")
+    if not zipfile.is_zipfile(path):  # np.load would otherwise try (and refuse) to unpickle it
+        raise ValueError(f"{path} is not a readable .npz file (not a zip archive); regenerate it")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

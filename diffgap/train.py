@@ -60,10 +60,11 @@ def diffgap_loss(
 
     * ``NCE_tau`` -- symmetric InfoNCE between the L2-normalised head outputs of the two
       modalities with the learnable CLIP temperature: it trains the heads (the contrastive space).
-    * diffusion term -- per direction d = target|source: ``x0`` = standardised head embedding of
-      the target, ``c`` = standardised head embedding of the source (replaced by the learned null
-      with probability ``cond_dropout``), ``x_t = q_sample(x0, t, eps)``; ``y_t`` is x0 / eps / v
-      per ``diffusion.prediction``. Averaged over the batch.
+    * diffusion term -- per direction d = target|source, on the first ``denoiser_batch_size`` rows:
+      ``x0`` = standardised head embedding of the target, ``c`` = standardised head embedding of
+      the source (replaced by the learned null with probability ``cond_dropout``),
+      ``x_t = q_sample(x0, t, eps)``; ``y_t`` is x0 / eps / v per ``diffusion.prediction``;
+      t from :func:`sample_timesteps`. Averaged over rows and coordinates.
     * ``lambda * NCE->`` -- one-way InfoNCE from the predicted clean embedding ``h0_hat`` (the x0
       estimate, un-standardised and L2-normalised) to the batch's true target embeddings, only on
       rows with t > ``x0_infonce_min_t`` * T and the condition kept. Why: at high noise x_t says
@@ -201,11 +202,14 @@ def train(
     save_every: int = 0,
     dist_info: Dist | None = None,
     extra_meta: dict[str, Any] | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on ``data`` (paired embeddings); write a checkpoint to ``out`` (rank 0).
 
-    ``resume=True`` continues from the train state in ``out`` (weights, EMA, optimiser, step).
-    Returns the EMA model. Deterministic for a fixed ``cfg.train.seed`` and world size.
+    ``resume=True`` continues from the train state in ``out`` (weights, EMA, optimiser, RNG, step);
+    ``stop_after=N`` ends this invocation after N steps with a resumable checkpoint (preemptible
+    jobs), and a resumed run is bit-identical to an uninterrupted one. Returns the EMA model.
+    Deterministic for a fixed ``cfg.train.seed``, world size and thread count.
     """
     from tqdm.auto import tqdm
 
@@ -253,7 +257,8 @@ def train(
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     model.train()
-    bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, disable=not (progress and dist_info.main),
+    end = tcfg.steps if stop_after is None else min(tcfg.steps, start + stop_after)
+    bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=not (progress and dist_info.main),
                desc=f"train {cfg.name}", dynamic_ncols=True)
     running: dict[str, float] = {}
     for step in bar:
@@ -274,7 +279,7 @@ def train(
         ema_update(ema, model, min(tcfg.ema_decay, (1.0 + step) / (10.0 + step)))
         for k, v in parts.items():
             running[k] = 0.9 * running.get(k, v) + 0.1 * v
-        if (step + 1) % log_every == 0 or step + 1 == tcfg.steps:
+        if (step + 1) % log_every == 0 or step + 1 == end:
             rec = {"step": step + 1, "lr": lr, "grad_norm": float(gnorm), **parts}
             history.append(rec)
             bar.set_postfix(loss=f"{running['total']:.3f}", clip=f"{running['clip']:.3f}")
@@ -289,13 +294,13 @@ def train(
         meta["ranks_in_sync"] = _ranks_in_sync(model, dist_info.world)
     ckpt = None
     if out is not None and dist_info.main:
-        ckpt = _save(out, model, ema, opt, tcfg.steps, history, seconds, meta, gen, dist_info)
+        ckpt = _save(out, model, ema, opt, end, history, seconds, meta, gen, dist_info)
     if dist_info.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     ema.eval()
-    return TrainResult(ema, tcfg.steps, history, seconds, ckpt)
+    return TrainResult(ema, end, history, seconds, ckpt)
 
 
 def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:

@@ -16,12 +16,19 @@ What stays FP32, and why:
   (the ``t * freq`` Mul, the frequency Exp, Casts/Unsqueezes) via ``nodes_to_exclude``. In FP16 the
   Mul rounds ``t * freq`` at t ~ 1000 to +-0.5 rad, which costs ~20x more error than the rest of the
   net (FP16.md: max abs 1-2e-2 vs 7e-4 with the exclusion); excluding Sin/Cos alone does not help.
+  In the fused samplers the timesteps are constants, so the exporter's constant folding already
+  computes the whole embedding (and its MLP) in FP32 at export time and no Sin/Cos remain; the rule
+  matters for graphs with a dynamic timestep and is tested on one (tests/test_export_pipeline.py).
 * **Normalisations, reductions, exp/log/pow/sqrt** (``op_types_to_exclude``, :data:`FP32_OP_TYPES`):
   LayerNorm/Softmax/L2 statistics sum hundreds of squares or exponentials (overflow above 65504,
   underflow of small variances); TensorRT runs them in FP32 at negligible cost.
 * **The audio encoder's mel front end** (STFT convolutions, power, mel matmul, log, ``bn0``), by
   node-name scope: a 10 s waveform's power spectrum spans far more than FP16's dynamic range.
   AutoCast's own range rule keeps most of it anyway (FP16.md); the explicit rule makes it certain.
+
+Cost: AutoCast's graph passes look up producers/consumers by scanning the node list, so conversion
+time grows with the square of the node count: ~2 s for a K = 4 sampler, minutes for K = 50 with
+guidance (~3,600 nodes after simplification). The FP32 export's simplification keeps that in check.
 
 AutoCast's reference pass runs on the IOSpec's sample inputs (written to a temporary ``.npz``), not
 on its default uniform(-1, 1) data, so the range rule sees the declared input distributions.

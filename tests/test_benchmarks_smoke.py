@@ -131,7 +131,7 @@ def test_report_rebuilds_from_json(quick, tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    for argv in (["--only", "nonsense"], ["--export-dir", str(tmp_path / "missing")], ["--steps", "0"]):
+    for argv in (["--only", "nonsense"], ["--export-dir", str(tmp_path / "missing")], ["--steps", "0"], ["--preset", "no-such-preset"]):
         proc = subprocess.run([sys.executable, "-m", "benchmarks", "--out", str(tmp_path), *argv], cwd=REPO, env=_env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (argv, proc.stderr)

@@ -174,6 +174,15 @@ def test_search_model_ships_the_index(portable, index):
         (R.SEARCH_IDS, "TYPE_STRING", [4]), (R.SEARCH_SCORES, "TYPE_FP32", [4])]
 
 
+def test_queue_delay_option(export, tmp_path):
+    repo = R.build_repository(export, tmp_path / "repo", queue_delay_us=250)
+    cfgs = load_configs(repo)
+    delays = {c.dynamic_batching.max_queue_delay_microseconds for c in cfgs.values() if c.platform != "ensemble"}
+    assert delays == {250}
+    with pytest.raises(ValueError, match="queue delay"):
+        R.build_repository(export, tmp_path / "bad", queue_delay_us=-1)
+
+
 def test_without_index_there_is_no_search(export, tmp_path):
     repo = R.build_repository(export, tmp_path / "repo")
     names = set(load_configs(repo))

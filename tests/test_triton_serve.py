@@ -171,3 +171,30 @@ def test_demo_search_answers_like_the_runtime(tmp_path_factory, tmp_path):
     assert "requests over HTTP" in result.table()
     with pytest.raises(ValueError, match="non-empty"):
         demo_search(export, pairs, [""])
+
+
+def test_ports_in_use(tiny_repo, tmp_path, monkeypatch):
+    import socket
+
+    from diffgap.triton_models import server as S
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # an explicit port that is taken: a clear error, nothing left running
+        fixed = TritonServer(tiny_repo, http_port=port, log_path=tmp_path / "fixed.log")
+        with pytest.raises(RuntimeError, match="could not bind"):
+            fixed.start()
+        assert not fixed.running()
+        # a picked port taken before the server binds it: picked again
+        picks = []
+        real = S.free_port
+
+        def first_pick_is_taken(host):
+            picks.append(host)
+            return port if len(picks) == 1 else real(host)
+
+        monkeypatch.setattr(S, "free_port", first_pick_is_taken)
+        with TritonServer(tiny_repo, log_path=tmp_path / "retry.log") as server:
+            assert server.http_client().is_server_ready() and server.endpoints.http_port != port

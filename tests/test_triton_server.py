@@ -154,7 +154,7 @@ def _bad_requests(env, protocol):
         "wrong seed dtype": (t2a, [_text_input(protocol, TEXTS[:1]), _array_input(protocol, R.SEED, np.ones((1, 1), np.float32))], None, "data"),
         "wrong shape": (smp.name, [_array_input(protocol, cond.name, np.ones((1, cond.feature_shape[0] + 1), np.float32)),
                                    _array_input(protocol, noise.name, ok_noise)], None, "shape"),
-        "wrong text shape": (t2a, [_text_input(protocol, [])], None, ""),
+        "wrong text shape": (t2a, [_array_input(protocol, R.TEXT, np.array([[b"a dog", b"barks"]], dtype=object), "BYTES")], None, "shape"),
         "empty string": (t2a, [_text_input(protocol, [""])], None, "empty caption"),
         "blank string": (t2a, [_text_input(protocol, ["   "])], None, "empty caption"),
         "10 kB string": (t2a, [_text_input(protocol, ["a dog barks " * 853])], None, "exceeds the limit"),

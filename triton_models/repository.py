@@ -194,6 +194,7 @@ class RepoOptions:
     instances: int = 1
     intra_op_threads: int = 1
     max_text_bytes: int = MAX_TEXT_BYTES
+    queue_delay_us: int | None = None   # dynamic batching window; None = the flavour's default
 
     def __post_init__(self) -> None:
         if self.flavor not in FLAVORS:
@@ -208,6 +209,13 @@ class RepoOptions:
             raise ValueError(f"--default-seed must be >= 0, got {self.default_seed}")
         if self.instances < 1 or self.intra_op_threads < 1:
             raise ValueError("instances and intra_op_threads must be >= 1")
+        if self.queue_delay_us is not None and self.queue_delay_us < 0:
+            raise ValueError(f"queue delay must be >= 0 microseconds, got {self.queue_delay_us}")
+
+    def queue_delay(self, gpu: bool) -> int:
+        if self.queue_delay_us is not None:
+            return int(self.queue_delay_us)
+        return GPU_QUEUE_DELAY_US if gpu else PORTABLE_QUEUE_DELAY_US
 
 
 def _template() -> str:
@@ -243,7 +251,7 @@ class _Planner:
             "instance_group": [{"count": self.opts.instances, "kind": Enum("KIND_CPU")}],
             "dynamic_batching": {
                 "preferred_batch_size": preferred_sizes(io, max_batch),
-                "max_queue_delay_microseconds": PORTABLE_QUEUE_DELAY_US,
+                "max_queue_delay_microseconds": self.opts.queue_delay(gpu=False),
             },
             "parameters": parameters(diffgap_role=role, **params),
         }
@@ -283,7 +291,7 @@ class _Planner:
             files = {"model.onnx": self.man.path(name, o.precision)}
         cfg["output"] = [tensor_config(t) for t in io.outputs]
         cfg["instance_group"] = [{"count": o.instances, "kind": Enum("KIND_GPU")}]
-        cfg["dynamic_batching"] = {"preferred_batch_size": sizes, "max_queue_delay_microseconds": GPU_QUEUE_DELAY_US}
+        cfg["dynamic_batching"] = {"preferred_batch_size": sizes, "max_queue_delay_microseconds": o.queue_delay(gpu=True)}
         if o.gpu_platform == "tensorrt_plan":
             # Static feature dims: one CUDA graph per preferred batch size (Triton TensorRT backend).
             cfg["optimization"] = {"cuda": {"graphs": True, "graph_spec": [{"batch_size": b} for b in sizes]}}

@@ -117,6 +117,8 @@ def server_env() -> dict[str, str]:
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     # PR_SET_PDEATHSIG (1) = SIGTERM: a server never outlives a crashed/killed parent (pytest -x, kill -9).
+    # Linux sends it when the *thread* that started the server ends: start servers from a thread that
+    # outlives them (the main thread, as the CLI, tests and demo do).
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
@@ -174,6 +176,7 @@ class TritonServer:
         self.keep_log = keep_log
         self._failed = False
         self._log_file = None
+        self._log_offset = 0
         self.proc: subprocess.Popen | None = None
         self.endpoints: Endpoints | None = None
         if host not in (LOOPBACK, "localhost", "::1"):
@@ -219,7 +222,9 @@ class TritonServer:
             server_dir = prepare_server_dir(self._workdir / "tritonserver")
             self._log_path = self._user_log or self._workdir / "tritonserver.log"
             self._failed = False
-            attempts = 1 if all(self._ports) else 3  # a free port can be taken between pick and bind
+            # A picked free port can be taken between pick and bind: pick again. A port the caller
+            # chose is not retried (it would fail the same way).
+            attempts = 1 if any(self._ports) else 3
             for attempt in range(attempts):
                 h, g, m = (p or free_port(self.host) for p in self._ports)
                 ep = Endpoints(self.host, h, g, m)
@@ -243,6 +248,7 @@ class TritonServer:
     def _launch(self, cmd: list[str]) -> None:
         log.debug("starting %s", " ".join(cmd))
         self._log_file = open(self.log_path, "ab")
+        self._log_offset = self._log_file.tell()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**server_env(), **self.extra_env}, cwd=self.cwd or self._workdir,
@@ -273,8 +279,11 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self.log_tail()
-                if "Address already in use" in tail or "address already in use" in tail:
+                with open(self.log_path, "rb") as f:  # only what this attempt wrote
+                    f.seek(self._log_offset)
+                    attempt_log = f.read().decode(errors="replace")
+                # Triton 2.51: "failed to start HTTP service: Unavailable - Socket '...' already in use"
+                if "already in use" in attempt_log:
                     raise _PortInUse()
                 raise RuntimeError(
                     f"tritonserver exited with code {self.proc.returncode} before becoming ready "

@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction", choices=["x0", "eps", "v"], help="override the network's prediction target")
     p.add_argument("--resume", action="store_true", help="continue from the training state saved in --out")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    p.add_argument("--stop-after", type=int, help="stop this run after N steps with a resumable checkpoint (continue with --resume)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -41,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
     dist_info = init_distributed()
     data = load_pairs(args.data, embed_dim=cfg.embed_dim, require=cfg.modalities)
     res = train(cfg, data, out=args.out, resume=args.resume, progress=not args.no_progress,
-                save_every=args.save_every, dist_info=dist_info, extra_meta={"data": str(args.data)})
+                save_every=args.save_every, dist_info=dist_info, extra_meta={"data": str(args.data)},
+                stop_after=args.stop_after)
     if dist_info.main:
         counts = res.model.parameter_counts()
         per_dir = ", ".join(f"{d} {counts[d] / 1e6:.2f}M" for d in cfg.directions)
-        print(f"trained {cfg.name}: {res.steps} steps x {cfg.train.batch_size} x {dist_info.world} process(es) in "
+        print(f"trained {cfg.name}: {res.steps}/{cfg.train.steps} steps x batch {cfg.train.batch_size} (denoisers {cfg.train.denoiser_batch_size}) x {dist_info.world} process(es) in "
               f"{res.seconds:.0f} s; parameters: heads {counts['heads'] / 1e6:.2f}M, {per_dir}, total {count_parameters(res.model) / 1e6:.2f}M")
         last = res.history[-1] if res.history else {}
         print("final losses: " + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "lr")))

@@ -1,0 +1,86 @@
+"""A tiny real training run on CPU, the LR schedule, exact resumption and the train CLI."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from diffgap import synth
+from diffgap.checkpoint import load_checkpoint
+from diffgap.cli import main as cli_main
+from diffgap.config import get_preset
+from diffgap.train import lr_at, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    synth.write(d, replace(synth.SynthConfig(), n_train=1500, n_val=100, n_test=100))
+    return d
+
+
+def _tiny(steps=60):
+    cfg = get_preset("clap-tiny")
+    return cfg.replace(**{"train.steps": steps})
+
+
+def test_short_training_run_lowers_the_loss(data):
+    from diffgap.data import load_pairs
+
+    torch.set_num_threads(1)
+    res = train(_tiny(80), load_pairs(data / "train.npz"), progress=False, log_every=1)
+    tot = np.array([h["total"] for h in res.history])
+    assert len(tot) == 80 and np.isfinite(tot).all()
+    assert tot[-10:].mean() < 0.8 * tot[:10].mean(), (tot[:10].mean(), tot[-10:].mean())
+    diff = np.array([h["diff_audio_given_text"] for h in res.history])
+    assert diff[-10:].mean() < diff[:10].mean()
+    assert not res.model.training
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = get_preset("clap-512").train
+    assert lr_at(0, cfg) == pytest.approx(cfg.lr / cfg.warmup_steps)
+    assert lr_at(cfg.warmup_steps - 1, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(cfg.warmup_steps, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(cfg.steps, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    lrs = [lr_at(s, cfg) for s in range(cfg.warmup_steps, cfg.steps)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data, tmp_path):
+    from diffgap.data import load_pairs
+
+    torch.set_num_threads(1)
+    pairs = load_pairs(data / "train.npz")
+    cfg = _tiny(30)
+    straight = train(cfg, pairs, out=tmp_path / "a", progress=False)
+    part = train(cfg, pairs, out=tmp_path / "b", progress=False, stop_after=12)
+    assert part.steps == 12 and load_checkpoint(tmp_path / "b")[1]["step"] == 12
+    resumed = train(cfg, pairs, out=tmp_path / "b", progress=False, resume=True)
+    assert resumed.steps == 30
+    for (k, v), (_, w) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(v, w), k
+    with pytest.raises(FileNotFoundError, match="--resume needs"):
+        train(cfg, pairs, out=tmp_path / "none", progress=False, resume=True)
+
+
+def test_train_cli_writes_a_loadable_checkpoint(data, tmp_path, capsys):
+    rc = cli_main(["train", "--data", str(data / "train.npz"), "--out", str(tmp_path / "ck"), "--preset", "clap-tiny",
+                   "--steps", "5", "--no-progress", "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "parameters: heads" in out and "checkpoint:" in out
+    model, meta = load_checkpoint(tmp_path / "ck")
+    assert meta["step"] == 5 and meta["preset"] == "clap-tiny" and model.config.train.steps == 5
+    assert int(model.stats_updates) == 5
+
+
+def test_train_cli_refuses_bad_data(tmp_path, capsys):
+    from diffgap.data import save_pairs
+
+    rng = np.random.default_rng(0)
+    save_pairs(tmp_path / "small.npz", ids=[str(i) for i in range(10)], text=rng.standard_normal((10, 16)),
+               audio=rng.standard_normal((10, 16)))
+    rc = cli_main(["train", "--data", str(tmp_path / "small.npz"), "--out", str(tmp_path / "ck"), "--preset", "clap-tiny"])
+    assert rc == 2
+    assert "expected 512" in capsys.readouterr().err
