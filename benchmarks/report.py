@@ -65,18 +65,26 @@ def _batches(run) -> str:
 
 # ---- goals --------------------------------------------------------------------------------------
 def goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """The four goals of issue 7, each with its measured figure and met / missed / not measured."""
+    """The four goals of issue 7: measured figure, met / missed / not measured, and the figures that say why."""
     sizes = res["settings"]
     steps = GOAL_STEPS if GOAL_STEPS in sizes["steps"] else sizes["steps"][len(sizes["steps"]) // 2]
     b_small = GOAL_SPEEDUP_BATCH if GOAL_SPEEDUP_BATCH in sizes["batches"] else min(sizes["batches"])
     b_large = GOAL_ROOFLINE_BATCH if GOAL_ROOFLINE_BATCH in sizes["batches"] else max(sizes["batches"])
+    roof = res.get("roofline", {})
     goals = []
 
-    eager = _med(_find(res, "denoiser", "torch-eager", "fp32", b_small, steps))
-    ort = _med(_find(res, "denoiser", "ort-cpu", "fp32", b_small, steps))
+    er = _find(res, "denoiser", "torch-eager", "fp32", b_small, steps)
+    orr = _find(res, "denoiser", "ort-cpu", "fp32", b_small, steps)
+    eager, ort = _med(er), _med(orr)
     g = {"goal": f"fused ORT >= 4x eager PyTorch loop (B={b_small}, K={steps})", "target": ">= 4.0x"}
     if eager and ort:
         g.update(measured=f"{eager / ort:.2f}x ({eager:.3g} ms -> {ort:.3g} ms)", value=eager / ort, met=eager / ort >= 4.0)
+        ex = orr["extra"]
+        why = f"per step: eager {eager / steps:.3g} ms, ORT {ort / steps:.3g} ms"
+        if "weight_bytes_streamed" in ex:
+            why += (f"; the fused graph reads {ex['weight_bytes_streamed'] / steps / 1e6:.1f} MB of weights per step "
+                    f"(both CFG branches), i.e. {ex['weight_bytes_streamed'] / (ort * 1e6):.0f} GB/s effective")
+        g["why"] = why
     goals.append(g)
 
     r = _find(res, "denoiser", "ort-cpu", "fp32", b_large, steps)
@@ -84,34 +92,61 @@ def goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     if r and r["status"] == "ok" and "roofline_fraction" in r["extra"]:
         ex = r["extra"]
         f = ex["roofline_fraction"]
-        extra = f"; vs the cache-resident bound {ex['roofline_fraction_cache']:.2f}" if "roofline_fraction_cache" in ex else ""
-        g.update(measured=f"{f:.2f} of the {ex['bound_by']}-bound {ex['bound_ms']:.3g} ms ({ex.get('achieved_gflops', 0):.1f} GFLOP/s){extra}",
-                 value=f, met=f >= 0.5)
+        g.update(measured=f"{f:.2f} of the {ex['bound_by']}-bound {ex['bound_ms']:.3g} ms (measured {_med(r):.3g} ms)", value=f, met=f >= 0.5)
+        why = (f"achieved {ex.get('achieved_gflops', 0):.1f} GFLOP/s vs the measured sgemm peak {roof.get('peak_gflops', float('nan')):.1f}; "
+               f"intensity {ex['intensity_flops_per_byte']:.1f} FLOP/byte vs ridge {roof.get('ridge_flops_per_byte', float('nan')):.1f}")
+        if "roofline_fraction_cache" in ex:
+            why += f"; against the cache-resident bandwidth the fraction is {ex['roofline_fraction_cache']:.2f}"
+        g["why"] = why
     goals.append(g)
 
-    inproc = _med(_find(res, "pipeline", "ort-cpu", "fp32", 1, name="TextToAudioBridge"))
+    labels = [t["label"] for t in res.get("triton", []) if not t.get("error")]
+    inproc_r = _find(res, "pipeline", "ort-cpu", "fp32", 1, name="TextToAudioBridge")
+    inproc = _med(inproc_r)
     for protocol in ("grpc", "http"):
-        run = _triton_run(res, "text_to_audio_embedding", protocol, 1)
         g = {"goal": f"Triton ensemble p50 overhead <= 10% over in-process Pipeline ({protocol}, c=1)", "target": "<= +10%"}
-        if inproc and run:
+        cands = [(lbl, _triton_run(res, "text_to_audio_embedding", protocol, 1, lbl)) for lbl in labels]
+        cands = [(lbl, run) for lbl, run in cands if run]
+        if inproc and cands:
+            lbl, run = min(cands, key=lambda c: c[1]["p50_ms"])
             ov = run["p50_ms"] / inproc - 1.0
-            g.update(measured=f"{ov * 100:+.1f}% ({run['p50_ms']:.3g} ms vs {inproc:.3g} ms)", value=ov, met=ov <= 0.10)
+            g.update(measured=f"{ov * 100:+.1f}% ({run['p50_ms']:.3g} ms vs {inproc:.3g} ms; repository '{lbl}')", value=ov, met=ov <= 0.10)
+            g["why"] = (f"server-side compute {run.get('server_compute_infer_ms', float('nan')):.3g} ms + queue "
+                        f"{run.get('server_queue_ms', float('nan')):.3g} ms (summed over the ensemble's steps), client+network "
+                        f"{run.get('client_send_ms', 0) + run.get('client_recv_ms', 0) + run.get('network_server_ms', 0):.3g} ms")
         goals.append(g)
 
     concs = sizes["concurrency"]
     hi = 8 if 8 in concs else max(concs)
+    p1 = _med(inproc_r)
+    pb = [r for r in res.get("rows", []) if r["group"] == "pipeline" and r["name"] == "TextToAudioBridge" and r["status"] == "ok" and r["batch"] > 1]
     for protocol in ("grpc", "http"):
-        r1 = _triton_run(res, "text_to_audio_embedding", protocol, 1)
-        rh = _triton_run(res, "text_to_audio_embedding", protocol, hi)
         g = {"goal": f"dynamic batching >= 4x throughput at c={hi} vs c=1 ({protocol})", "target": ">= 4.0x"}
-        if r1 and rh and r1["throughput_infer_s"] > 0:
-            x = rh["throughput_infer_s"] / r1["throughput_infer_s"]
-            g.update(measured=f"{x:.2f}x ({r1['throughput_infer_s']:.3g} -> {rh['throughput_infer_s']:.3g} infer/s; mean executed batch: {_batches(rh)})",
+        best = None
+        for lbl in labels:
+            r1 = _triton_run(res, "text_to_audio_embedding", protocol, 1, lbl)
+            rh = _triton_run(res, "text_to_audio_embedding", protocol, hi, lbl)
+            if r1 and rh and r1["throughput_infer_s"] > 0:
+                x = rh["throughput_infer_s"] / r1["throughput_infer_s"]
+                # the repository setting with the highest throughput at c=hi, not the best-looking ratio
+                if best is None or rh["throughput_infer_s"] > best[3]["throughput_infer_s"]:
+                    best = (x, lbl, r1, rh)
+        if best:
+            x, lbl, r1, rh = best
+            g.update(measured=f"{x:.2f}x ({r1['throughput_infer_s']:.3g} -> {rh['throughput_infer_s']:.3g} infer/s; repository '{lbl}')",
                      value=x, met=x >= 4.0)
+            why = f"mean executed batch at c={hi}: {_batches(rh)}"
+            if p1 and pb:
+                b = max(r["batch"] for r in pb)
+                tb = _med(next(r for r in pb if r["batch"] == b))
+                why += (f"; in process, one batch of {b} costs {tb:.3g} ms vs {p1:.3g} ms for 1, so batching alone can raise "
+                        f"throughput at most {b * p1 / tb:.2f}x on this machine")
+            g["why"] = why
         goals.append(g)
     for g in goals:
         g.setdefault("measured", "not measured")
         g.setdefault("met", None)
+        g.setdefault("why", "")
     return goals
 
 
@@ -245,10 +280,11 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("knob_notes"):
         out.append("")
 
-    goals = res.get("goals") or goal_rows(res)
+    goals = goal_rows(res)
     out += ["## Goals (issue 7)", ""]
-    body = [[g["goal"], g["target"], g["measured"], {True: "met", False: "**missed**", None: "not measured"}[g["met"]]] for g in goals]
-    out += [_table(["goal", "target", "measured", ""], body), ""]
+    body = [[g["goal"], g["target"], g["measured"], {True: "met", False: "**missed**", None: "not measured"}[g["met"]], g.get("why", "")]
+            for g in goals]
+    out += [_table(["goal", "target", "measured", "", "figures behind it"], body), ""]
     for n in res.get("notes", []):
         out.append(f"- {n}")
     out.append("")

@@ -82,7 +82,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
 
 
+def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(args: argparse.Namespace) -> int:
+    # SIGTERM (a job scheduler, `timeout`) would end the process without unwinding, leaving the
+    # temporary build directory behind; as an exception it is cleaned up like any other failure.
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     res = export_all(
         args.checkpoint, args.out, steps=args.steps, bridge_mode=args.bridge_mode,
         encoders=None if args.encoders == "none" else args.encoders, roberta_dir=args.roberta_dir,
@@ -243,20 +259,21 @@ def export_all(
         "diffgap.package_version": __version__,
         "diffgap.embed_dim": str(cfg.embed_dim),
     }
-    # (module, kind for fp16, kind for check, feeds_fn, per-model meta)
-    jobs: list[tuple[Any, str, str, Any, dict]] = []
+    # (module, kind for fp16, kind for check, fp16 parity backend, feeds_fn, per-model meta); the
+    # audio tower's FP16 parity runs on ORT CPU (see diffgap.export.check for what that measures).
+    jobs: list[tuple[Any, str, str, str, Any, dict]] = []
     if enc is not None:
         enc_meta = {"encoder": enc.info()["source"], "clap_arch": enc.arch.name, "tokenizer": enc.tokenizer.kind}
-        jobs.append((enc.text_module, "text_encoder", "encoder", lambda b, s: _text_feeds(enc, b, s), enc_meta))
-        jobs.append((enc.audio_module, "audio_encoder", "encoder", _audio_feeds, enc_meta))
+        jobs.append((enc.text_module, "text_encoder", "encoder", "reference", lambda b, s: _text_feeds(enc, b, s), enc_meta))
+        jobs.append((enc.audio_module, "audio_encoder", "encoder", "ort", _audio_feeds, enc_meta))
     for s in samplers:
-        jobs.append((s, "denoiser", "denoiser", None, s.metadata()))
+        jobs.append((s, "denoiser", "denoiser", "reference", None, s.metadata()))
 
     models: dict[str, ModelEntry] = {}
     lint: dict[str, dict] = {}
     rows: list = []
     with _atomic_out(atomic_dir, out, overwrite) as tmp, torch.no_grad():
-        for module, fp16_kind, check_kind, feeds_fn, mmeta in jobs:
+        for module, fp16_kind, check_kind, fp16_backend, feeds_fn, mmeta in jobs:
             io = module.io_spec()
             files = {"fp32": f"{io.name}.onnx"}
             gmeta = {
@@ -285,7 +302,7 @@ def export_all(
             if check:
                 rows.append(chk.check_model(
                     module, io, tmp / files["fp32"], tmp / files.get("fp16") if fp16 else None,
-                    kind=check_kind, feeds_fn=feeds_fn,
+                    kind=check_kind, fp16_backend=fp16_backend, feeds_fn=feeds_fn,
                 ))
             models[io.name] = ModelEntry(io=io, files=files, meta=dict(mmeta))
 

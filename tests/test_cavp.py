@@ -220,7 +220,7 @@ def test_config_round_trip_and_errors():
 
 # ---- I/O declaration + ONNX parity --------------------------------------------------------------
 def test_io_specs(tiny):
-    vm, am = tiny.video_module(), tiny.audio_module()
+    vm, am = tiny.video_module, tiny.audio_module
     assert isinstance(vm, CavpVideoEncoderModule) and isinstance(am, CavpAudioEncoderModule)
     assert not vm.training and not am.training  # exporters restore the wrapper's own mode
     v, a = vm.io_spec(), am.io_spec()
@@ -238,7 +238,7 @@ def test_onnx_export_parity(tiny, which, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from diffgap.export.onnx_export import export_module
 
-    module = tiny.video_module() if which == "video" else tiny.audio_module()
+    module = tiny.video_module if which == "video" else tiny.audio_module
     io = module.io_spec()
     path = tmp_path / f"{io.name}.onnx"
     export_module(module, io, path)

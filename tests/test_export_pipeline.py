@@ -105,7 +105,8 @@ def test_parity_figures_within_bounds(exported):
         assert row["fp32_max_abs"] <= chk.FP32_MAX_ABS
         bound = chk.FP16_MIN_COS_DENOISER if name.startswith("diffgap_") else chk.FP16_MIN_COS_ENCODER
         assert row["fp16_min_cos"] >= bound
-        assert row["fp16_measure"] == (chk.MEASURE_FP16_REF if name.startswith("diffgap_") else chk.MEASURE_FP16_ORT)
+        # real FP16 arithmetic (onnx.reference) everywhere but the audio tower (ORT CPU, rounding only)
+        assert row["fp16_measure"] == (chk.MEASURE_FP16_ORT if name == "clap_audio_encoder" else chk.MEASURE_FP16_REF)
     assert "fp16 min cos" in exported.table
 
 

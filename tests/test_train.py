@@ -12,6 +12,16 @@ from diffgap.config import get_preset
 from diffgap.train import lr_at, train
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP barriers
+    make each small op ~100x slower with 2 threads; restore the setting after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
@@ -27,7 +37,6 @@ def _tiny(steps=60):
 def test_short_training_run_lowers_the_loss(data):
     from diffgap.data import load_pairs
 
-    torch.set_num_threads(1)
     res = train(_tiny(80), load_pairs(data / "train.npz"), progress=False, log_every=1)
     tot = np.array([h["total"] for h in res.history])
     assert len(tot) == 80 and np.isfinite(tot).all()
@@ -50,7 +59,6 @@ def test_lr_schedule_warmup_then_cosine():
 def test_resume_is_bit_identical_to_an_uninterrupted_run(data, tmp_path):
     from diffgap.data import load_pairs
 
-    torch.set_num_threads(1)
     pairs = load_pairs(data / "train.npz")
     cfg = _tiny(30)
     straight = train(cfg, pairs, out=tmp_path / "a", progress=False)

@@ -579,6 +579,9 @@ class CavpEncoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        # The exportable graphs (attributes, as on ClapEncoder): each declares its I/O with io_spec().
+        self.video_module = CavpVideoEncoderModule(self.model)
+        self.audio_module = CavpAudioEncoderModule(self.model)
 
     @classmethod
     def from_config(cls, config: str | CavpConfig = "full", seed: int = 0, **kw: Any) -> "CavpEncoder":
@@ -594,12 +597,6 @@ class CavpEncoder:
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
-
-    def video_module(self) -> CavpVideoEncoderModule:
-        return CavpVideoEncoderModule(self.model)
-
-    def audio_module(self) -> CavpAudioEncoderModule:
-        return CavpAudioEncoderModule(self.model)
 
     # -- input preparation --------------------------------------------------------------------
     def prepare_audio(self, waveforms: Any) -> torch.Tensor:
