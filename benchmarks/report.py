@@ -78,12 +78,23 @@ def goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     eager, ort = _med(er), _med(orr)
     g = {"goal": f"fused ORT >= 4x eager PyTorch loop (B={b_small}, K={steps})", "target": ">= 4.0x"}
     if eager and ort:
-        g.update(measured=f"{eager / ort:.2f}x ({eager:.3g} ms -> {ort:.3g} ms)", value=eager / ort, met=eager / ort >= 4.0)
+        # Judged best against best: the fastest eager setting tried (thread count) against the fastest
+        # ORT setting tried (knobs), so neither side is handicapped by a default.
+        def best(backend, default_row):
+            cands = [(default_row["extra"].get("variant", "default"), _med(default_row))] + [
+                (r["extra"]["variant"], _med(r)) for r in _rows(res, "knobs")
+                if r["backend"] == backend and r["batch"] == b_small and r["steps"] == steps and _med(r)]
+            return min(cands, key=lambda c: c[1])
+
+        (ev, eb), (ov, ob) = best("torch-eager", er), best("ort-cpu", orr)
+        x = eb / ob
+        g.update(measured=f"{x:.2f}x best vs best (eager `{ev}` {eb:.3g} ms, ORT `{ov}` {ob:.3g} ms); "
+                          f"{eager / ort:.2f}x with defaults ({eager:.3g} ms -> {ort:.3g} ms)", value=x, met=x >= 4.0)
         ex = orr["extra"]
-        why = f"per step: eager {eager / steps:.3g} ms, ORT {ort / steps:.3g} ms"
+        why = f"per step: eager {eb / steps:.3g} ms, ORT {ob / steps:.3g} ms"
         if "weight_bytes_streamed" in ex:
             why += (f"; the fused graph reads {ex['weight_bytes_streamed'] / steps / 1e6:.1f} MB of weights per step "
-                    f"(both CFG branches), i.e. {ex['weight_bytes_streamed'] / (ort * 1e6):.0f} GB/s effective")
+                    f"(both CFG branches), i.e. {ex['weight_bytes_streamed'] / (ob * 1e6):.0f} GB/s effective")
         g["why"] = why
     goals.append(g)
 

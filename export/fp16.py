@@ -26,9 +26,13 @@ What stays FP32, and why:
   node-name scope: a 10 s waveform's power spectrum spans far more than FP16's dynamic range.
   AutoCast's own range rule keeps most of it anyway (FP16.md); the explicit rule makes it certain.
 
-Cost: AutoCast's graph passes look up producers/consumers by scanning the node list, so conversion
-time grows with the square of the node count: ~2 s for a K = 4 sampler, minutes for K = 50 with
-guidance (~3,600 nodes after simplification). The FP32 export's simplification keeps that in check.
+Cost: AutoCast's graph passes look up producers/consumers by scanning the node list
+(``modelopt.onnx.utils.get_consumer_nodes``), so conversion time grows with the square of the node
+count. Measured for one clap-512 sampler direction with the guidance input, 2 CPU cores:
+K = 4: 537 nodes, ~20 s; K = 10: 1,293 nodes, 53 s; K = 25: 3,183 nodes, 268 s; K = 50: 6,333 nodes,
+~18 min (extrapolated; stopped after 13). The FP32 export's simplification (onnxslim) already
+halves the node count; evaluating the conditional and unconditional branches in one batched
+denoiser call inside ``DiffGAP.bridge`` would halve it again (~4x faster conversion).
 
 AutoCast's reference pass runs on the IOSpec's sample inputs (written to a temporary ``.npz``), not
 on its default uniform(-1, 1) data, so the range rule sees the declared input distributions.
@@ -133,6 +137,10 @@ def convert_fp16(
             raise ValueError(f"{io_spec.name}: found no mel front-end nodes ({AUDIO_FRONT_END_SCOPES}) to keep in FP32")
         exclude += front
 
+    if len(model.graph.node) > 2500:
+        log.warning("%s: %d nodes -- ModelOpt AutoCast's time grows with the square of the node count "
+                    "(~4.5 min at 3,200 nodes on 2 CPU cores); a lower --steps converts much faster",
+                    io_spec.name, len(model.graph.node))
     with tempfile.TemporaryDirectory(prefix="diffgap-fp16-") as td:
         named = Path(td) / "named.onnx"
         onnx.save_model(model, str(named))

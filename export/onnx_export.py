@@ -50,7 +50,7 @@ TRACE_BATCH = 2  # example batch for tracing: != 1 so a frozen batch axis shows 
 META_IOSPEC = "diffgap.io_spec"
 
 
-def _sample_args(module, io: IOSpec, batch: int, seed: int = 0) -> tuple:
+def _sample_args(io: IOSpec, batch: int, seed: int = 0) -> tuple:
     import torch
 
     feeds = io.sample_inputs(batch, seed=seed)
@@ -151,7 +151,7 @@ def export_module(
         raise ValueError(f"opset {opset} is too old; use opset >= {MIN_OPSET}")
     path = Path(path)
     trace_batch = max(io_spec.min_batch, min(trace_batch, io_spec.max_batch))
-    args = _sample_args(module, io_spec, trace_batch)
+    args = _sample_args(io_spec, trace_batch)
     module = module.eval()
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter warns about its own deprecation and about python-int shape math

@@ -31,7 +31,7 @@ def quick(tmp_path_factory):
     """One full ``python -m benchmarks --quick`` run (all groups); returns (out dir, results dict)."""
     out = tmp_path_factory.mktemp("bench-out")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--no-cache", "--out", str(out)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, f"benchmarks --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
