@@ -336,6 +336,7 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
             if bounds:
                 ax.plot(*zip(*bounds), "k--", label="roofline bound")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(list(st["batches"]), [str(b) for b in st["batches"]])
             ax.set_yscale("log")
             ax.set_xlabel("batch B")
             ax.set_ylabel("latency per call (ms)")
@@ -388,8 +389,10 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
         a2.set_xlabel("concurrency")
         a2.set_ylabel("throughput (infer/s)")
         a2.set_title("Triton throughput vs concurrency")
+        concs = sorted({r["concurrency"] for r in runs})
         for a in (a1, a2):
             a.set_xscale("log", base=2)
+            a.set_xticks(concs, [str(c) for c in concs])
             a.grid(True, alpha=0.3)
             a.legend(fontsize=7)
         save(fig, f"triton-{t['label']}")

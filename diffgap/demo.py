@@ -23,7 +23,7 @@ class DemoContext:
     out: Path
     preset: str
     steps: int | None = None                 # override training steps (None: the preset's)
-    threads: int = 0
+    threads: int = 1
     data_dir: Path = field(init=False)
     checkpoint: Path = field(init=False)
     results: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, help="override training steps (default: the preset's)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    # One thread by default: the models are small, and on a shared or loaded 2-core machine OpenMP
+    # barriers made 2 threads ~10x slower per step (measured); it also makes the printed numbers
+    # reproducible bit for bit (no thread-count-dependent reduction order).
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1; 0: torch default)")
     p.add_argument("--only", nargs="*", choices=[n for n, _ in STEPS], help="run only these steps")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

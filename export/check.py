@@ -18,6 +18,8 @@ Bounds (issue 4), and exactly what each figure measures:
   those in float32): the reference evaluator needs well over ten minutes per 10 s clip for the STFT
   convolutions and Swin blocks. The audio tower's FP16 arithmetic is checked on a GPU host by
   ``tests/test_export_gpu.py`` (``@pytest.mark.gpu``, TensorRT strongly typed engines).
+  Both **CAVP towers** (video ResNet3D, audio mel + Cnn14) are measured with ORT CPU as well, so the
+  same caveat applies: the reference evaluator's numpy 3-D convolutions are far too slow at full size.
 
 Encoder parity runs at B = 1, 3 and 8: graphs are traced at B = 2, so a batch size frozen into the
 graph (laion-clap HTS-AT's ``window_reverse``) fails at every other size.

@@ -9,6 +9,17 @@ Writes into DIR (built under a temporary sibling and renamed at the end, so a fa
     bpe_simple_vocab_16e6.txt.gz  (or tokenizer.json for RoBERTa towers)
     manifest.json                 (diffgap.manifest: IOSpecs, files + sha256, parity and lint figures)
 
+for a text<->audio (CLAP-space) checkpoint, and for a video<->audio (CAVP-space, ``cavp-*`` preset) one::
+
+    cavp_video_encoder.onnx       cavp_video_encoder.fp16.onnx
+    cavp_audio_encoder.onnx       cavp_audio_encoder.fp16.onnx
+    diffgap_video_to_audio.onnx   diffgap_video_to_audio.fp16.onnx
+    diffgap_audio_to_video.onnx   diffgap_audio_to_video.fp16.onnx
+    manifest.json
+
+The encoder family follows the checkpoint's modalities (:data:`ENCODER_FAMILIES`); ``--encoders``
+names the architecture or checkpoint of that family.
+
 Every graph passes the ONNX checker, strict shape inference and the TensorRT lint
 (:mod:`diffgap.export.lint`) or the export fails. ``--check`` adds the PyTorch parity checks
 (:mod:`diffgap.export.check`) and fails the export if a bound is missed.
@@ -29,8 +40,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-HELP = "export a checkpoint to ONNX (CLAP encoders + fused K-step samplers, FP32 + FP16) with a manifest"
+HELP = "export a checkpoint to ONNX (CLAP or CAVP encoders + fused K-step samplers, FP32 + FP16) with a manifest"
 ENCODER_ARCHS = ("tiny", "htsat-tiny")
+CAVP_ENCODER_CONFIGS = ("tiny", "full")   # diffgap.encoders.cavp.CAVP_CONFIGS (random weights)
+# sorted checkpoint modalities -> the contrastive encoders whose space the denoisers bridge
+ENCODER_FAMILIES = {("audio", "text"): "clap", ("audio", "video"): "cavp"}
 _CAPTIONS = (
     "a dog barks twice in the distance",
     "rain falls steadily on a tin roof",
@@ -72,8 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bridge from the noised source embedding at t0 ('source') or from pure noise ('noise'); "
                         "default: the checkpoint's diffusion.bridge_mode")
     p.add_argument("--encoders", default="tiny",
-                   help="CLAP encoders to export: 'tiny' or 'htsat-tiny' (offline architectures, random weights: "
-                        "demos/tests), a LAION-CLAP checkpoint file (e.g. 630k-audioset-best.pt), or 'none'")
+                   help="encoders to export, of the family the checkpoint's modalities imply. text<->audio (CLAP): "
+                        "'tiny' or 'htsat-tiny' (offline architectures, random weights: demos/tests) or a LAION-CLAP "
+                        "checkpoint file (e.g. 630k-audioset-best.pt); video<->audio (CAVP): 'tiny' or 'full' (random "
+                        "weights) or a Diff-Foley CAVP checkpoint file (full architecture); or 'none'")
     p.add_argument("--roberta-dir", default=None, help="directory with roberta-base config/tokenizer files (RoBERTa checkpoints)")
     p.add_argument("--preset", default=None, help="refuse a checkpoint of any other preset")
     p.add_argument("--no-guidance-input", action="store_true",
@@ -156,6 +172,37 @@ def _audio_feeds(batch: int, seed: int) -> dict:
     return {"waveform": np.stack(rows).astype(np.float32)}
 
 
+def _cavp_audio_feeds(config, batch: int, seed: int) -> dict:
+    """Prepared CAVP clips at ``config.sample_rate`` (``clip_samples`` long): tones + noise, distinct per row."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(config.clip_samples) / config.sample_rate
+    rows = []
+    for i in range(batch):
+        f = min(110.0 * 2 ** (i * 0.75), 0.4 * config.sample_rate)
+        x = 0.4 * np.sin(2 * np.pi * f * t) + 0.05 * (i % 3) * rng.standard_normal(t.size)
+        rows.append(np.clip(x, -1.0, 1.0))
+    return {"waveform": np.stack(rows).astype(np.float32)}
+
+
+def _cavp_encoder(encoders: str | os.PathLike, seed: int):
+    """``tiny``/``full`` (random weights) or a Diff-Foley CAVP checkpoint path (full architecture)."""
+    from diffgap.encoders.cavp import CavpEncoder
+
+    src = str(encoders)
+    if src in CAVP_ENCODER_CONFIGS:
+        log.warning("exporting the %r CAVP architecture with random weights (demo/test use); pass --encoders PATH "
+                    "to a Diff-Foley CAVP checkpoint for real embeddings", src)
+        return CavpEncoder.from_config(src, seed=seed), f"random-init:{src}"
+    p = Path(src)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"--encoders {src!r} is neither one of {CAVP_ENCODER_CONFIGS} nor an existing Diff-Foley CAVP checkpoint file"
+        )
+    return CavpEncoder.from_checkpoint(p, config="full"), f"checkpoint:{p.name}"
+
+
 def _text_feeds(encoder, batch: int, seed: int) -> dict:
     caps = [_CAPTIONS[(seed + i) % len(_CAPTIONS)] for i in range(batch)]
     return encoder.tokenize(caps)
@@ -188,7 +235,9 @@ def export_all(
         out: export directory; built atomically (nothing is left behind on failure).
         steps: K for the fused samplers (default: the checkpoint's ``diffusion.sample_steps``).
         bridge_mode: ``"source"`` | ``"noise"`` (default: the checkpoint's).
-        encoders: ``"tiny"`` | ``"htsat-tiny"`` | path of a LAION-CLAP checkpoint | ``None`` (samplers only).
+        encoders: text<->audio checkpoints: ``"tiny"`` | ``"htsat-tiny"`` | path of a LAION-CLAP checkpoint;
+            video<->audio (``cavp-*``) checkpoints: ``"tiny"`` | ``"full"`` | path of a Diff-Foley CAVP
+            checkpoint; ``None``: samplers only.
         expect_preset: refuse a checkpoint of another preset.
         guidance: give the samplers a ``guidance_scale (B, 1)`` input (else g = 1 is baked in).
         fp16: also write ``<name>.fp16.onnx`` (ModelOpt AutoCast; see :mod:`diffgap.export.fp16`).
@@ -226,7 +275,15 @@ def export_all(
     ]  # validates K against the bridge start (source mode: K <= t0*T)
 
     enc = None
-    if encoders is not None:
+    family = ENCODER_FAMILIES.get(tuple(sorted(cfg.modalities)))
+    if encoders is not None and family == "cavp":
+        enc, cavp_source = _cavp_encoder(encoders, encoder_seed)
+        if cfg.embed_dim != enc.embed_dim:
+            raise ValueError(
+                f"checkpoint preset {cfg.name!r} takes {cfg.embed_dim}-d embeddings but the CAVP encoders output "
+                f"{enc.embed_dim}-d; pass a checkpoint trained on CAVP embeddings"
+            )
+    elif encoders is not None:
         from diffgap.encoders.clap import EMBED_DIM, ClapEncoder
 
         if tuple(sorted(cfg.modalities)) != ("audio", "text"):
@@ -262,7 +319,14 @@ def export_all(
     # (module, kind for fp16, kind for check, fp16 parity backend, feeds_fn, per-model meta); the
     # audio tower's FP16 parity runs on ORT CPU (see diffgap.export.check for what that measures).
     jobs: list[tuple[Any, str, str, str, Any, dict]] = []
-    if enc is not None:
+    if enc is not None and family == "cavp":
+        # Both CAVP towers' FP16 parity runs on ORT CPU: the reference evaluator's numpy 3-D/2-D
+        # convolutions take far too long at full size (ResNet3D-50 on 16 x 224 x 224 frames).
+        enc_meta = {"encoder": cavp_source, "cavp_config": enc.config.name}
+        jobs.append((enc.video_module, "video_encoder", "encoder", "ort", None, enc_meta))
+        jobs.append((enc.audio_module, "cavp_audio_encoder", "encoder", "ort",
+                     lambda b, s: _cavp_audio_feeds(enc.config, b, s), enc_meta))
+    elif enc is not None:
         enc_meta = {"encoder": enc.info()["source"], "clap_arch": enc.arch.name, "tokenizer": enc.tokenizer.kind}
         jobs.append((enc.text_module, "text_encoder", "encoder", "reference", lambda b, s: _text_feeds(enc, b, s), enc_meta))
         jobs.append((enc.audio_module, "audio_encoder", "encoder", "ort", _audio_feeds, enc_meta))
@@ -307,7 +371,7 @@ def export_all(
             models[io.name] = ModelEntry(io=io, files=files, meta=dict(mmeta))
 
         assets: dict[str, str] = {}
-        if enc is not None:
+        if enc is not None and family == "clap":
             assets["tokenizer"] = enc.tokenizer.save(tmp).relative_to(tmp).as_posix()
         parity = table = None
         if check:
@@ -328,6 +392,7 @@ def export_all(
                 "exporter": {"torch": torch.__version__, "opset": opset, "onnx_exporter": "torchscript (dynamo=False)",
                              "fp16": "nvidia-modelopt AutoCast, keep_io_types" if fp16 else None},
                 "checkpoint": {"path": str(ckpt.resolve()), "step": meta.get("step")},
+                "encoder_family": family,
                 "lint": {k: {"ok": v["ok"], "warnings": v["warnings"]} for k, v in lint.items()},
                 **({"parity": parity} if parity is not None else {}),
             },

@@ -10,16 +10,19 @@ Modules:
   a :class:`Session` with ``.io``, ``.inputs``, ``.outputs`` and ``infer(dict) -> dict``;
 - :mod:`.trt_session` the TensorRT backend (pycuda, page-locked buffers, optional CUDA graphs);
 - :mod:`.engine`    ``build_engines`` / ``find_engine`` and the engine cache;
-- :mod:`.pipeline`  ``TextToAudioBridge``, ``AudioToTextBridge``, ``build_index``, ``AudioSearch``,
+- :mod:`.pipeline`  ``TextToAudioBridge``, ``AudioToTextBridge``, ``VideoToAudioBridge``,
+  ``AudioToVideoBridge``, ``build_index``, ``AudioSearch``,
   ``make_noise``;
 - ``cli_build_engines``, ``cli_index``, ``cli_search``: the ``diffgap`` subcommands.
 """
 from .pipeline import (
     AudioSearch,
     AudioToTextBridge,
+    AudioToVideoBridge,
     BridgeResult,
     GalleryIndex,
     TextToAudioBridge,
+    VideoToAudioBridge,
     build_index,
     fuse_scores,
     make_noise,
@@ -28,6 +31,6 @@ from .pipeline import (
 from .session import BACKENDS, PRECISIONS, OrtSession, Session, load, open_model
 
 __all__ = [
-    "AudioSearch", "AudioToTextBridge", "BridgeResult", "GalleryIndex", "TextToAudioBridge", "build_index",
+    "AudioSearch", "AudioToTextBridge", "AudioToVideoBridge", "VideoToAudioBridge", "BridgeResult", "GalleryIndex", "TextToAudioBridge", "build_index",
     "fuse_scores", "make_noise", "top_k", "BACKENDS", "PRECISIONS", "OrtSession", "Session", "load", "open_model",
 ]

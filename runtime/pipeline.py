@@ -3,6 +3,9 @@
 - :class:`TextToAudioBridge` / :class:`AudioToTextBridge`: raw text / audio (or precomputed CLAP
   embeddings) -> CLAP embedding (B, E) -> the fused sampler ``diffgap_<source>_to_<target>`` ->
   the bridged target-modality embedding (B, D) and the source's own head-space embedding (B, D).
+- :class:`VideoToAudioBridge` / :class:`AudioToVideoBridge`: the same for a video<->audio (CAVP-space)
+  export: video files (decoded by the torch-free :mod:`diffgap.video`) or frame arrays / audio files or
+  waveforms -> CAVP embedding -> ``diffgap_video_to_audio`` / ``diffgap_audio_to_video``.
 - :class:`AudioSearch`: a gallery index file (audio embeddings + ids, and the gallery-side bridged
   embeddings computed once at index time) answering text queries with audio ids, and audio queries
   with captions.
@@ -67,8 +70,9 @@ def sampler_name(source: str, target: str) -> str:
     return f"diffgap_{source}_to_{target}"
 
 
-def encoder_name(modality: str) -> str:
-    return f"clap_{modality}_encoder"
+def encoder_name(modality: str, family: str = "clap") -> str:
+    """The export name of ``modality``'s encoder in the ``family`` (``"clap"`` | ``"cavp"``) space."""
+    return f"{family}_{modality}_encoder"
 
 
 def make_noise(seeds: int | Sequence[int] | np.ndarray, batch: int, dim: int) -> np.ndarray:
@@ -129,6 +133,7 @@ class Bridge(abc.ABC):
 
     source = ""
     target = ""
+    family = "clap"   # the contrastive encoders of the export (export names clap_* / cavp_*)
 
     def __init__(
         self,
@@ -165,10 +170,10 @@ class Bridge(abc.ABC):
 
     @property
     def encoder(self) -> Session:
-        """The source modality's CLAP encoder, opened on first use (embedding-only callers never load it)."""
+        """The source modality's encoder, opened on first use (embedding-only callers never load it)."""
         if self._encoder is None:
             self._encoder = open_model(
-                self.manifest, encoder_name(self.source), self.backend, self.precision, verify=self._verify, **self._session_options
+                self.manifest, encoder_name(self.source, self.family), self.backend, self.precision, verify=self._verify, **self._session_options
             )
         return self._encoder
 
@@ -293,6 +298,106 @@ class AudioToTextBridge(Bridge):
     def encode(self, inputs: Sequence[str | os.PathLike] | np.ndarray) -> np.ndarray:
         wav = self.waveforms(inputs)
         return self._run_encoder({self.encoder.io.inputs[0].name: wav})
+
+
+class _CavpBridge(Bridge):
+    family = "cavp"
+
+    def cavp_config(self) -> dict[str, Any]:
+        """The CAVP front-end settings the encoder was exported with (its IOSpec ``meta["cavp_config"]``)."""
+        cfg = self.encoder.io.meta.get("cavp_config")
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{self.encoder.name} declares no cavp_config in its I/O metadata; re-export with `diffgap export`")
+        return dict(cfg)
+
+
+def _paths(inputs: Any, what: str) -> list[str | os.PathLike]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError(f"no {what} given")
+    if not all(isinstance(p, (str, os.PathLike)) for p in inputs):
+        raise ValueError(f"{what} must be file paths or one numpy array")
+    return inputs
+
+
+class VideoToAudioBridge(_CavpBridge):
+    """Videos (file paths, or frame arrays) -> CAVP video embeddings -> bridged audio head-space embeddings."""
+
+    source, target = "video", "audio"
+
+    def frames(self, inputs: Sequence[str | os.PathLike] | np.ndarray, start: float = 0.0, resize: str = "squash") -> np.ndarray:
+        """(B, T, 3, S, S) float32 in [0, 1], the video encoder's input.
+
+        Arrays: float in [0, 1] or uint8 (divided by 255), exactly the declared (B, T, 3, S, S).
+        Paths: decoded with :func:`diffgap.video.load_frames` at the exported fps / size / frame count
+        from ``start`` seconds (``resize``: ``"squash"``, Diff-Foley's, or ``"center_crop"``).
+        """
+        spec = self.encoder.io.inputs[0]
+        if isinstance(inputs, np.ndarray):
+            if inputs.ndim != 1 + len(spec.feature_shape) or inputs.shape[1:] != spec.feature_shape:
+                raise ValueError(
+                    f"frames must be (B, {', '.join(map(str, spec.feature_shape))}) (T, RGB, H, W), got {inputs.shape}; "
+                    "decode videos with diffgap.video.load_frames or pass file paths"
+                )
+            if inputs.dtype == np.uint8:
+                return (inputs.astype(np.float32) / 255.0).astype(spec.np_dtype, copy=False)
+            if inputs.dtype.kind != "f":
+                raise ValueError(f"frames must be float in [0, 1] or uint8, got {inputs.dtype}")
+            return inputs.astype(spec.np_dtype, copy=False)
+        from diffgap import video
+
+        c = self.cavp_config()
+        clips = [
+            video.load_frames(p, fps=float(c["fps"]), size=int(c["image_size"]), num_frames=int(c["num_frames"]),
+                              start=start, resize=resize)
+            for p in _paths(inputs, "videos")
+        ]
+        return (np.stack(clips).astype(np.float32) / 255.0).astype(spec.np_dtype, copy=False)
+
+    def encode(self, inputs: Sequence[str | os.PathLike] | np.ndarray) -> np.ndarray:
+        return self._run_encoder({self.encoder.io.inputs[0].name: self.frames(inputs)})
+
+
+class AudioToVideoBridge(_CavpBridge):
+    """Audio (file paths -- audio files or videos with sound -- or prepared waveforms) -> CAVP audio
+    embeddings -> bridged video head-space embeddings."""
+
+    source, target = "audio", "video"
+
+    def waveforms(self, inputs: Sequence[str | os.PathLike] | np.ndarray, start: float = 0.0) -> np.ndarray:
+        """(B, clip_samples) float32 at the exported sample rate, the audio encoder's input.
+
+        Arrays are taken as prepared. Paths are decoded with :func:`diffgap.video.load_audio_track`
+        (PyAV: audio files and the first audio stream of a video), mono, resampled, from ``start``
+        seconds; the first ``clip_samples`` are kept and shorter clips zero-padded at the end
+        (Diff-Foley's ``wav2spec`` policy, as :meth:`diffgap.encoders.cavp.CavpEncoder.prepare_audio`).
+        """
+        spec = self.encoder.io.inputs[0]
+        if isinstance(inputs, np.ndarray):
+            if inputs.ndim != 2 or inputs.shape[1:] != spec.feature_shape:
+                raise ValueError(
+                    f"waveforms must be (B, {spec.feature_shape[0]}) mono at the encoder's sample rate, got {inputs.shape}; "
+                    "pass file paths to decode and fit them"
+                )
+            if inputs.dtype.kind != "f":
+                raise ValueError(f"waveforms must be floating point, got {inputs.dtype}")
+            return inputs.astype(spec.np_dtype, copy=False)
+        from diffgap import video
+
+        c = self.cavp_config()
+        n, sr = spec.feature_shape[0], int(c["sample_rate"])
+        rows = []
+        for p in _paths(inputs, "audio"):
+            x = video.load_audio_track(p, sample_rate=sr, start=start, duration=n / sr)
+            row = np.zeros(n, np.float32)
+            row[: min(n, x.size)] = x[:n]
+            rows.append(row)
+        return np.stack(rows).astype(spec.np_dtype, copy=False)
+
+    def encode(self, inputs: Sequence[str | os.PathLike] | np.ndarray) -> np.ndarray:
+        return self._run_encoder({self.encoder.io.inputs[0].name: self.waveforms(inputs)})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,16 @@ from diffgap import synth
 from diffgap.data import load_pairs
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The adapter fit is small; on a loaded 2-core box 2 OpenMP threads run it far slower."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_seeded_and_split_sizes():
     cfg = replace(synth.SynthConfig(), n_train=50, n_val=20, n_test=30)
     a, b = synth.generate(cfg), synth.generate(cfg)
@@ -55,3 +65,13 @@ def test_linear_adapter_gain_at_most_15_points():
     rep = synth.calibration_report(synth.SynthConfig(), adapter=True)
     assert rep["adapter_gain"] <= 15.0, rep
     assert rep["adapter_gain"] > 0.0, rep  # there is something for a learned space to fix
+
+
+def test_synth_cli(tmp_path, capsys):
+    from diffgap.cli import main
+
+    rc = main(["synth", "--out", str(tmp_path), "--n-train", "30", "--n-val", "10", "--n-test", "10", "--seed", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "raw_t2a_r1=" in out and "wrote" in out
+    assert len(load_pairs(tmp_path / "test.npz")) == 10

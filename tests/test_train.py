@@ -92,3 +92,15 @@ def test_train_cli_refuses_bad_data(tmp_path, capsys):
     rc = cli_main(["train", "--data", str(tmp_path / "small.npz"), "--out", str(tmp_path / "ck"), "--preset", "clap-tiny"])
     assert rc == 2
     assert "expected 512" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_other_parameterisations_train_and_sample(data, prediction):
+    from diffgap.data import load_pairs
+
+    cfg = _tiny(10).replace(**{"diffusion.prediction": prediction})
+    res = train(cfg, load_pairs(data / "train.npz"), progress=False, log_every=1)
+    assert all(np.isfinite(h["total"]) for h in res.history)
+    with torch.no_grad():
+        y = res.model.bridge("audio_given_text", torch.randn(3, 512), torch.randn(3, 64), steps=5, mode="noise")
+    assert torch.isfinite(y).all()

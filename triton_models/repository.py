@@ -15,6 +15,12 @@ Triton's own layout (``<model>/config.pbtxt``, ``<model>/1/model.*``). Models:
 ``text_to_audio_search``        ensemble: ... -> sampler -> gallery search (ids, scores)
 ==============================  =================================================================
 
+That is the repository of a text<->audio (CLAP-space) export. A video<->audio (CAVP-space) export gives
+``cavp_video_encoder``, ``cavp_audio_encoder``, ``diffgap_video_to_audio``, ``diffgap_audio_to_video``,
+their ``diffgap_<dir>_noise`` models and the ensembles ``video_to_audio_embedding`` (frames -> video
+encoder -> noise -> sampler) and ``audio_to_video_embedding``; no tokenizer and no gallery search.
+Which family a repository gets is read from the manifest's models (:func:`encoder_family`).
+
 Every tensor name, dtype and dim of every ``config.pbtxt`` is read from the IOSpec in the export's
 ``manifest.json``. The only names declared here are the ensembles' own client-facing tensors
 (:data:`TEXT`, :data:`SEED`, :data:`OUTPUTS`, :data:`SEARCH_IDS`, :data:`SEARCH_SCORES`) -- tensors
@@ -64,10 +70,16 @@ REPO_INFO = "diffgap_repository.json"
 TOKENIZER = "clap_tokenizer"
 SEARCH = "audio_gallery_search"
 DIRECTIONS = (("text", "audio"), ("audio", "text"))
+# encoder family -> its (source, target) directions; the first direction's source is the non-audio
+# modality. The family's export names are <family>_<modality>_encoder.
+FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "clap": DIRECTIONS,
+    "cavp": (("video", "audio"), ("audio", "video")),
+}
 
 
-def encoder_name(modality: str) -> str:
-    return f"clap_{modality}_encoder"
+def encoder_name(modality: str, family: str = "clap") -> str:
+    return f"{family}_{modality}_encoder"
 
 
 def sampler_name(source: str, target: str) -> str:
@@ -87,8 +99,13 @@ SEARCH_ENSEMBLE = "text_to_audio_search"
 # -- the ensembles' client-facing tensors (the only names declared here) ---------------------------
 TEXT = "text"                      # (B, 1) TYPE_STRING, one UTF-8 caption per row
 SEED = "seed"                      # (B, 1) TYPE_INT64, optional: per-row sampler seed
-# role -> ensemble output name, mirroring diffgap.runtime.BridgeResult (source, projected, bridged)
+# role -> ensemble output name, mirroring diffgap.runtime.BridgeResult (source, projected, bridged);
+# role "clap" is the source encoder's embedding, named after the family in CAVP repositories.
 OUTPUTS = {"clap": "clap_embedding", "projected": "projected_embedding", "bridged": "bridged_embedding"}
+FAMILY_OUTPUTS: dict[str, dict[str, str]] = {
+    "clap": OUTPUTS,
+    "cavp": {**OUTPUTS, "clap": "cavp_embedding"},
+}
 SEARCH_IDS = "ids"                 # (B, k) TYPE_STRING gallery ids, best first
 SEARCH_SCORES = "scores"           # (B, k) TYPE_FP32 fused scores
 
@@ -222,6 +239,22 @@ def _template() -> str:
     return resources.files("diffgap.triton_models").joinpath("python_model.py").read_text()
 
 
+def encoder_family(man: Manifest) -> str:
+    """``"clap"`` or ``"cavp"``: the family whose encoders *and* both samplers the export holds."""
+    found = []
+    for family, dirs in FAMILIES.items():
+        names = [sampler_name(s, t) for s, t in dirs] + [encoder_name(m, family) for m in dirs[0]]
+        if all(n in man.models for n in names):
+            found.append(family)
+    if len(found) != 1:
+        raise ValueError(
+            f"export {man.root} holds models {sorted(man.models)}: a Triton repository needs the encoders and both "
+            "samplers of exactly one family (clap: text<->audio, cavp: video<->audio); re-export with `diffgap export` "
+            "without --encoders none"
+        )
+    return found[0]
+
+
 def _sampler_roles(io: IOSpec) -> None:
     for role in (SAMPLER_CONDITION, SAMPLER_NOISE):
         if role not in io.input_names:
@@ -235,6 +268,10 @@ class _Planner:
     def __init__(self, man: Manifest, opts: RepoOptions) -> None:
         self.man, self.opts = man, opts
         self.models: dict[str, ModelDir] = {}
+        self.family = encoder_family(man)
+        self.outputs = FAMILY_OUTPUTS[self.family]
+        if opts.index is not None and self.family != "clap":
+            raise ValueError(f"--index builds the text->audio search; this {self.family} export bridges video<->audio: drop --index")
 
     # -- composing models ------------------------------------------------------------------
     def io(self, name: str) -> IOSpec:
@@ -370,28 +407,29 @@ class _Planner:
 
     def _front(self, source: str, target: str) -> tuple[list, list, dict[str, str], list[str]]:
         """Steps source input -> encoder -> noise -> sampler; returns (inputs, steps, role -> tensor, models)."""
-        enc_name, smp_name, nz_name = encoder_name(source), sampler_name(source, target), noise_name(source, target)
+        enc_name, smp_name, nz_name = encoder_name(source, self.family), sampler_name(source, target), noise_name(source, target)
         enc, smp = self.io(enc_name), self.io(smp_name)
+        out = self.outputs  # the family's ensemble output names
         steps: list[dict[str, Any]] = []
         models = [enc_name, nz_name, smp_name]
         if source == "text":
             inputs = [string_tensor(TEXT, [1])]
             tok = {t.name: f"{TOKENIZER}.{t.name}" for t in enc.inputs}
             steps.append(_step(TOKENIZER, {TEXT: TEXT}, tok))
-            steps.append(_step(enc_name, tok, {enc.outputs[0].name: OUTPUTS["clap"]}))
+            steps.append(_step(enc_name, tok, {enc.outputs[0].name: out["clap"]}))
             models.insert(0, TOKENIZER)
         else:
             inputs = [tensor_config(t) for t in enc.inputs]
-            steps.append(_step(enc_name, {t.name: t.name for t in enc.inputs}, {enc.outputs[0].name: OUTPUTS["clap"]}))
+            steps.append(_step(enc_name, {t.name: t.name for t in enc.inputs}, {enc.outputs[0].name: out["clap"]}))
         cond = smp.input(SAMPLER_CONDITION)
         optional = [t for t in smp.inputs if t.optional]
         inputs.append(seed_tensor())
         inputs += [tensor_config(t) for t in optional]
         nz_out = {t.name: f"{nz_name}.{t.name}" for t in (smp.input(SAMPLER_NOISE), *optional)}
-        steps.append(_step(nz_name, {cond.name: OUTPUTS["clap"], SEED: SEED, **{t.name: t.name for t in optional}}, nz_out))
+        steps.append(_step(nz_name, {cond.name: out["clap"], SEED: SEED, **{t.name: t.name for t in optional}}, nz_out))
         steps.append(_step(
-            smp_name, {cond.name: OUTPUTS["clap"], **nz_out},
-            {SAMPLER_BRIDGED: OUTPUTS["bridged"], SAMPLER_PROJECTED: OUTPUTS["projected"]},
+            smp_name, {cond.name: out["clap"], **nz_out},
+            {SAMPLER_BRIDGED: out["bridged"], SAMPLER_PROJECTED: out["projected"]},
         ))
         return inputs, steps, {"clap": enc.outputs[0], "projected": smp.output(SAMPLER_PROJECTED), "bridged": smp.output(SAMPLER_BRIDGED)}, models
 
@@ -401,7 +439,7 @@ class _Planner:
         cfg = {
             "name": name, "platform": "ensemble", "max_batch_size": self._max_batch(models),
             "input": inputs,
-            "output": [tensor_config(specs[r], OUTPUTS[r]) for r in ("clap", "projected", "bridged")],
+            "output": [tensor_config(specs[r], self.outputs[r]) for r in ("clap", "projected", "bridged")],
             "ensemble_scheduling": {"step": steps},
         }
         return ModelDir(name, cfg, {})
@@ -424,13 +462,15 @@ class _Planner:
 
     def plan(self) -> dict[str, ModelDir]:
         # Composing models first: an ensemble's max_batch_size is read from them.
-        composing = [self.tokenizer(), *(self.exported(encoder_name(m)) for m in ("text", "audio"))]
-        for s, t in DIRECTIONS:
+        directions = FAMILIES[self.family]
+        composing = [self.tokenizer()] if self.family == "clap" else []
+        composing += [self.exported(encoder_name(m, self.family)) for m in directions[0]]
+        for s, t in directions:
             composing += [self.exported(sampler_name(s, t)), self.noise(s, t)]
         if self.opts.index is not None:
             composing.append(self.search(Path(self.opts.index)))
         self.models.update((md.name, md) for md in composing)
-        ensembles = [self.embedding_ensemble(s, t) for s, t in DIRECTIONS]
+        ensembles = [self.embedding_ensemble(s, t) for s, t in directions]
         if self.opts.index is not None:
             ensembles.append(self.search_ensemble())
         self.models.update((md.name, md) for md in ensembles)
@@ -484,6 +524,7 @@ def build_repository(
             "precision": opts.precision if opts.flavor == "gpu" else "fp32",
             "export_dir": str(man.root.resolve()),
             "preset": man.preset,
+            "encoder_family": encoder_family(man),
             "checkpoint_sha256": man.checkpoint_sha256,
             "package_version": man.package_version,
             "default_seed": opts.default_seed,

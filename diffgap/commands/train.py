@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"model preset (default {DEFAULT_PRESET})")
     p.add_argument("--steps", type=int, help="override the preset's training steps")
-    p.add_argument("--batch-size", type=int, help="override the preset's per-process batch size")
+    p.add_argument("--batch-size", type=int, help="override the per-process batch size (heads InfoNCE; the denoisers train on the first min(this, preset denoiser_batch_size) rows)")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
     p.add_argument("--seed", type=int, help="override the preset's seed")
     p.add_argument("--prediction", choices=["x0", "eps", "v"], help="override the network's prediction target")
