@@ -1,4 +1,5 @@
-"""``python -m diffgap.demo --out DIR`` (``make demo``): synth -> train the default preset -> eval.
+"""``python -m diffgap.demo --out DIR`` (``make demo``): synth -> train the default preset -> eval ->
+CLAP encoder path -> ONNX export + parity checks -> torch-free index + search -> Triton search.
 
 The demo is a list of step functions (:data:`STEPS`) sharing one :class:`DemoContext`, so later
 stages (export, serving) are appended with one line each. Every step prints what it did; the
@@ -26,12 +27,16 @@ class DemoContext:
     threads: int = 1
     data_dir: Path = field(init=False)
     checkpoint: Path = field(init=False)
+    export_dir: Path = field(init=False)
+    index: Path = field(init=False)
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = self.out / "data"
         self.checkpoint = self.out / "checkpoint"
+        self.export_dir = self.out / "export"
+        self.index = self.out / "index.npz"
 
 
 def step_synth(ctx: DemoContext) -> None:
@@ -65,6 +70,48 @@ def step_eval(ctx: DemoContext) -> None:
     _run_command(cmd, argv)
 
 
+def step_encoders(ctx: DemoContext) -> None:
+    """The CLAP encoder path (`diffgap embed`'s code) on generated clips + captions, tiny laion-clap arch."""
+    from diffgap.encoders.clap import demo_embed
+
+    r = demo_embed(ctx.out / "encoders")
+    print(f"embedded generated clips + captions with the tiny laion-clap architecture (random weights) -> {r['npz']}")
+    print(f"  {r['n_pairs']} pairs of {r['embed_dim']}-d embeddings, unit norm: {r['unit_norm']}; "
+          f"ids {r['ids']}; first token ids of {r['captions'][0]!r}: {r['first_tokens']}")
+
+
+def step_export(ctx: DemoContext) -> None:
+    """ONNX export (FP32 + FP16, fused K-step samplers) with the PyTorch parity checks printed."""
+    from diffgap.export import cli as cmd
+
+    argv = [str(ctx.checkpoint), "--out", str(ctx.export_dir), "--encoders", "tiny", "--check", "--overwrite"]
+    if (ctx.out / "eval.json").exists():
+        argv += ["--fusion-weights", str(ctx.out / "eval.json")]
+    _run_command(cmd, argv)
+
+
+def step_search(ctx: DemoContext) -> None:
+    """The torch-free runtime: build a gallery index (gallery-side bridges precomputed) and search it."""
+    from diffgap.runtime import cli_index, cli_search
+
+    _run_command(cli_index, [str(ctx.export_dir), "--npz", str(ctx.data_dir / "test.npz"),
+                             "--out", str(ctx.index), "--overwrite"])
+    _run_command(cli_search, [*DEMO_QUERIES, "--index", str(ctx.index), "-k", "5"])
+
+
+def step_serve(ctx: DemoContext) -> None:
+    """Portable Triton repository -> real tritonserver -> text queries through `text_to_audio_search`."""
+    from diffgap.triton_models import demo_search
+
+    res = demo_search(ctx.export_dir, ctx.index, DEMO_QUERIES, k=5, work_dir=ctx.out / "triton")
+    print(res.table())
+
+
+# Text queries for the runtime/Triton steps. The demo's encoders have random weights and its DiffGAP
+# checkpoint was trained on synthetic embeddings, so the hits show the path working, not semantics.
+DEMO_QUERIES = ["a dog barks", "rain on a tin roof", "a car passes by"]
+
+
 def _run_command(cmd: Any, argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)
@@ -73,11 +120,14 @@ def _run_command(cmd: Any, argv: list[str]) -> None:
         raise SystemExit(rc)
 
 
-# Append later stages here, e.g. ("export", step_export), ("serve", step_serve).
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("synth", step_synth),
     ("train", step_train),
     ("eval", step_eval),
+    ("encoders", step_encoders),
+    ("export", step_export),
+    ("search", step_search),
+    ("serve", step_serve),
 ]
 
 

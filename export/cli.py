@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import os
@@ -95,7 +96,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-guidance-input", action="store_true",
                    help="bake guidance scale 1 into the samplers (no guidance_scale input; half the graph)")
     p.add_argument("--check", action="store_true", help="validate parity against PyTorch and print the parity table")
+    p.add_argument("--fusion-weights", metavar="EVAL_JSON", default=None,
+                   help="`diffgap eval --json` output: store its validation-chosen fusion weights (the 'full' row of "
+                        "each task) in the manifest, where the runtime's search and Triton read them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+
+
+def fusion_weights_from_eval(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """The validation-chosen fusion weights of the ``full`` system, per task, from `diffgap eval --json`.
+
+    Task names become the runtime's (``"text->audio"`` -> ``"text_to_audio"``); component names stay
+    evaluate's (``raw``, ``heads``, ``q-bridge src`` ...), which ``diffgap.runtime.pipeline`` maps.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--fusion-weights {path} not found; write it with `diffgap eval --json {path}`")
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+        return {task.replace("->", "_to_"): dict(res["rows"]["full"]["weights"]) for task, res in tasks.items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--fusion-weights {path} is not a `diffgap eval --json` report ({e!r}); re-run diffgap eval") from e
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -120,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         encoders=None if args.encoders == "none" else args.encoders, roberta_dir=args.roberta_dir,
         expect_preset=args.preset, guidance=not args.no_guidance_input, check=args.check,
         overwrite=args.overwrite, on_table=print,
+        fusion_weights=fusion_weights_from_eval(args.fusion_weights) if args.fusion_weights else None,
     )
     man = res.manifest
     print(f"exported {len(man.models)} models ({', '.join(sorted(man.models))}) to {res.out} in {res.seconds:.0f} s")
@@ -227,6 +248,7 @@ def export_all(
     opset: int | None = None,
     encoder_seed: int = 0,
     on_table=None,
+    fusion_weights: dict[str, dict[str, float]] | None = None,
 ) -> ExportResult:
     """Export a DiffGAP checkpoint (+ CLAP encoders) to the ONNX export directory ``out``.
 
@@ -243,6 +265,8 @@ def export_all(
         fp16: also write ``<name>.fp16.onnx`` (ModelOpt AutoCast; see :mod:`diffgap.export.fp16`).
         check: run the PyTorch parity checks; raise :class:`ExportCheckError` if a bound is missed.
         on_table: callable receiving the parity table text (the CLI passes ``print``), also on failure.
+        fusion_weights: per retrieval task (``"text_to_audio"`` ...) the score-fusion weights chosen on the
+            validation split (:func:`fusion_weights_from_eval`); stored as ``manifest.extra["fusion_weights"]``.
 
     Returns an :class:`ExportResult`; ``result.manifest`` is the saved :class:`~diffgap.manifest.Manifest`.
     """
@@ -395,6 +419,7 @@ def export_all(
                 "encoder_family": family,
                 "lint": {k: {"ok": v["ok"], "warnings": v["warnings"]} for k, v in lint.items()},
                 **({"parity": parity} if parity is not None else {}),
+                **({"fusion_weights": fusion_weights} if fusion_weights else {}),
             },
         )
         man.save()
