@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="DiffGAP preset (default clap-512; clap-tiny with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and short timings: proves every entry point runs (smoke test)")
     p.add_argument("--only", type=_groups, default=GROUPS, help=f"comma-separated groups (default: all): {','.join(GROUPS)}")
-    p.add_argument("--export-dir", type=Path, default=None,
-                   help="reuse this export (encoders, pipeline, Triton, and the samplers at its K); other K are exported from --checkpoint or a random model of its preset")
+    p.add_argument("--export-dir", type=Path, action="append", default=None,
+                   help="reuse this export (repeatable, e.g. one per K): its samplers serve their K, the first with encoders "
+                        "serves encoders/pipeline/Triton; missing K are exported from --checkpoint or a random model of its preset")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to time instead of a random-weight model (timings do not depend on the weights)")
     p.add_argument("--steps", type=_ints, default=None, help="K values for the denoiser grid (default 10,25,50)")
     p.add_argument("--batches", type=_ints, default=None, help="B values for the denoiser grid (default 1,8,64)")
@@ -121,7 +122,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
                 "batches": list(ctx.batches), "encoder_batches": list(ctx.encoder_batches),
                 "pipeline_batches": list(ctx.pipeline_batches), "concurrency": list(ctx.concurrency),
                 "threads": ctx.threads, "policy": ctx.policy.to_dict(), "direction": ctx.direction,
-                "export_dir": str(args.export_dir) if args.export_dir else None,
+                "export_dirs": [str(d) for d in args.export_dir or []],
                 "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                 "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
             },
@@ -139,7 +140,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
         needs_model = set(groups) & {"denoiser", "encoders", "pipeline", "triton", "knobs"}
         if needs_model:
-            prepare.prepare(ctx, groups, export_dir=args.export_dir, checkpoint=args.checkpoint)
+            prepare.prepare(ctx, groups, export_dirs=args.export_dir, checkpoint=args.checkpoint)
             res["settings"]["main_steps"] = ctx.main_steps
             res["settings"]["exports"] = {"main": str(ctx.main_export) if ctx.main_export else None,
                                           **{f"K={k}": str(v) for k, v in sorted(ctx.exports.items())}}
@@ -232,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # laion-clap/transformers hang for minutes otherwise
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if args.export_dir is not None and not (args.export_dir / "manifest.json").is_file():
-        print(f"benchmarks: error: {args.export_dir} is not an export directory (no manifest.json); make one with `diffgap export`",
-              file=sys.stderr)
-        return 2
+    for d in args.export_dir or []:
+        if not (d / "manifest.json").is_file():
+            print(f"benchmarks: error: {d} is not an export directory (no manifest.json); make one with `diffgap export`",
+                  file=sys.stderr)
+            return 2
     from diffgap.config import PRESETS
 
     if args.preset is not None and args.preset not in PRESETS:

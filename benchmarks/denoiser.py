@@ -220,7 +220,13 @@ def run(ctx: Context) -> list[Row]:
                           _runtime_factory(ctx, steps, batch, "ort-cpu", "fp32", intra_op_threads=ctx.threads)))
             r = Row("denoiser", ctx.sampler_name, "ort-cpu", "fp16-graph", batch, steps)
             r.extra["note"] = "ORT CPU upcasts: float32 kernels after casts (FP16.md); not FP16 arithmetic"
-            specs.append((r, _runtime_factory(ctx, steps, batch, "ort-cpu", "fp16", intra_op_threads=ctx.threads)))
+            if "fp16" in _manifest(ctx, steps).model(ctx.sampler_name).files:
+                specs.append((r, _runtime_factory(ctx, steps, batch, "ort-cpu", "fp16", intra_op_threads=ctx.threads)))
+            else:
+                r.status = "skipped"
+                r.reason = (f"no FP16 graph at K={steps}: ModelOpt AutoCast on the unrolled graph exceeds this machine's "
+                            "memory/time (OOM-killed at >12 GB); see benchmarks/prepare.py FP16_MAX_STEPS")
+                specs.append((r, None))
             for cuda_graph in (False, True):
                 backend = "tensorrt+cuda-graph" if cuda_graph else "tensorrt"
                 r = Row("denoiser", ctx.sampler_name, backend, "fp16", batch, steps)

@@ -101,6 +101,12 @@ def _export(ctx: Context, out: Path, steps: int, samplers_only: bool) -> Path:
     return out
 
 
+# ModelOpt AutoCast on the unrolled K=50 sampler (6,333 nodes) ran past 12 GB of RAM and was
+# OOM-killed on the 23 GB dev machine (K=25: 3,183 nodes, ~4 min); above this K the benchmark
+# export is FP32 only and the ORT FP16-graph row says so.
+FP16_MAX_STEPS = 25
+
+
 def _export_timed_sampler(ctx: Context, out: Path, steps: int) -> None:
     """The timed direction's fused sampler only (FP32 + FP16), with the export package's own building
     blocks (``FusedSampler``, ``export_module``, ``convert_fp16``) exactly as ``export_all`` calls them:
@@ -123,9 +129,12 @@ def _export_timed_sampler(ctx: Context, out: Path, steps: int) -> None:
     files = {"fp32": f"{io.name}.onnx", "fp16": f"{io.name}.fp16.onnx"}
     gmeta = {"diffgap.preset": cfg.name, "diffgap.checkpoint_sha256": ckpt_sha, "diffgap.package_version": __version__,
              "diffgap.model": io.name, "diffgap.K": str(steps)}
+    if steps > FP16_MAX_STEPS:
+        del files["fp16"]
     with atomic_dir(out) as tmp, torch.no_grad():
         export_module(sampler, io, tmp / files["fp32"], metadata={**gmeta, "diffgap.precision": "fp32"})
-        convert_fp16(tmp / files["fp32"], tmp / files["fp16"], io, kind="denoiser")
+        if "fp16" in files:
+            convert_fp16(tmp / files["fp32"], tmp / files["fp16"], io, kind="denoiser")
         man = Manifest(root=tmp, preset=cfg.name, embed_dim=cfg.embed_dim,
                        models={io.name: ModelEntry(io=io, files=files, meta=sampler.metadata())},
                        checkpoint_sha256=ckpt_sha, package_version=__version__,
@@ -133,17 +142,22 @@ def _export_timed_sampler(ctx: Context, out: Path, steps: int) -> None:
         man.save()
 
 
-def prepare(ctx: Context, groups: tuple[str, ...], export_dir: Path | None = None, checkpoint: Path | None = None) -> None:
-    """Fill ``ctx.model``, ``ctx.checkpoint``, ``ctx.exports`` and ``ctx.main_export`` as ``groups`` need."""
+def prepare(ctx: Context, groups: tuple[str, ...], export_dirs: list[Path] | None = None, checkpoint: Path | None = None) -> None:
+    """Fill ``ctx.model``, ``ctx.checkpoint``, ``ctx.exports`` and ``ctx.main_export`` as ``groups`` need.
+
+    ``export_dirs``: existing exports to reuse; each one's sampler K is read from its manifest, and the
+    first one holding the encoders serves the encoder / pipeline / Triton groups.
+    """
     from diffgap.manifest import Manifest
 
-    if export_dir is not None:
+    for export_dir in export_dirs or []:
         man = Manifest.load(export_dir, verify=True)
         ctx.preset = man.preset or ctx.preset
-        ctx.main_export = Path(export_dir)
-        ctx.main_steps = _export_steps(man, ctx.sampler_name)
-        if ctx.main_steps is not None:
-            ctx.exports[ctx.main_steps] = ctx.main_export
+        k = _export_steps(man, ctx.sampler_name)
+        if k is not None:
+            ctx.exports.setdefault(k, Path(export_dir))
+        if ctx.main_export is None and "clap_text_encoder" in man.models:
+            ctx.main_export, ctx.main_steps = Path(export_dir), k
     needs_main = bool(set(groups) & {"encoders", "pipeline", "triton"}) and ctx.main_export is None
     grid = set(groups) & {"denoiser", "knobs"}
     missing = [k for k in ctx.steps if k not in ctx.exports] if grid else []
