@@ -19,9 +19,9 @@ Exporter choice (measured on torch 2.14.1, this CPU box): the **TorchScript-base
 
 After export the graph is simplified with ``onnxslim`` (constant folding, common-subexpression and
 dead-code elimination; node names, I/O and metadata are kept): the TorchScript exporter leaves one
-``Constant`` per scalar and recomputes shape arithmetic per sampler step, which halves the node
-count and keeps ModelOpt AutoCast -- whose graph passes scale with the square of the node count --
-usable for K up to 50 (see :mod:`diffgap.export.fp16`). Parity is always measured on the final file.
+``Constant`` per scalar and recomputes shape arithmetic per sampler step; slimming halves the node
+count, which every later pass (FP16 conversion, TensorRT parsing) benefits from. Parity is always
+measured on the final file.
 
 Opset 17 (the lowest the brief allows, inside every TensorRT 10.x parser's documented range, and
 the first with a LayerNormalization op). ONNX's ``dim_param`` for the batch axis is the IOSpec's
