@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("build/bench-cache"),
                    help="reuse exports made earlier from the same checkpoint weights, K and export code (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="export afresh into the scratch dir")
+    p.add_argument("--encoders", choices=("tiny", "htsat-tiny"), default=None,
+                   help="CLAP encoder architecture to export (random weights; default htsat-tiny, tiny with --quick)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -86,6 +88,7 @@ def _context(args: argparse.Namespace, work: Path) -> Context:
         threads=args.threads or usable,
         work=work,
         cache=None if args.no_cache else args.cache,
+        encoders=args.encoders,
     )
 
 

@@ -40,6 +40,7 @@ class Context:
     policy: TimingPolicy
     threads: int
     work: Path                                  # scratch: checkpoint, exports, Triton repository
+    encoders: str | None = None                 # CLAP encoders to export: "tiny" | "htsat-tiny" (default by mode)
     cache: Path | None = None                   # reusable exports (see prepare._export); None = export afresh
     direction: str = "audio_given_text"         # the denoiser timed in the K x B grid
     checkpoint: Path | None = None

@@ -76,7 +76,7 @@ def _export(ctx: Context, out: Path, steps: int, samplers_only: bool) -> Path:
     from diffgap.fsutil import sha256_file
     from diffgap.manifest import Manifest
 
-    encoders = None if samplers_only else ("tiny" if ctx.quick else "htsat-tiny")
+    encoders = None if samplers_only else (ctx.encoders or ("tiny" if ctx.quick else "htsat-tiny"))
     if ctx.cache is not None:
         key = hashlib.sha256(
             f"{sha256_file(ctx.checkpoint / WEIGHTS)}|K={steps}|enc={encoders}|{code_fingerprint()}".encode()

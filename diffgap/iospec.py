@@ -18,6 +18,16 @@ from typing import Any, Mapping
 import numpy as np
 
 BATCH = "batch"
+# ``IOSpec.meta`` key mapping each tensor's *role* (what callers mean) to its declared name, so
+# consumers look tensors up by role (:meth:`IOSpec.role`) and never retype a tensor name.
+ROLES = "roles"
+
+# The fused sampler's roles (export/fused.py declares which tensor plays each).
+ROLE_CONDITION = "condition"    # input (B, E): frozen CLAP/CAVP embedding of the source modality
+ROLE_NOISE = "noise"            # input (B, D): initial Gaussian noise
+ROLE_GUIDANCE = "guidance_scale"  # optional input (B, 1): classifier-free guidance scale
+ROLE_BRIDGED = "bridged"        # output (B, D): bridged L2-normalised target head-space embedding
+ROLE_PROJECTED = "projected"    # output (B, D): the condition's own L2-normalised head-space embedding
 
 # dtype name -> (numpy dtype, ONNX TensorProto enum value, Triton type). The ONNX enum values are
 # fixed by onnx.proto (FLOAT=1, INT32=6, INT64=7, FLOAT16=10); written here so this stays onnx-free.
@@ -131,6 +141,13 @@ class IOSpec:
         names = [t.name for t in (*self.inputs, *self.outputs)]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: tensor names must be unique, got {names}")
+        roles = self.meta.get(ROLES)
+        if roles is not None:
+            if not isinstance(roles, Mapping) or not all(isinstance(v, str) for v in roles.values()):
+                raise ValueError(f"{self.name}: meta[{ROLES!r}] must map role -> tensor name, got {roles!r}; re-export")
+            unknown = {r: n for r, n in roles.items() if n not in names}
+            if unknown:
+                raise ValueError(f"{self.name}: roles {unknown} name no declared tensor (tensors: {names}); re-export")
 
     # -- lookups ---------------------------------------------------------------------------
     @property
@@ -152,6 +169,29 @@ class IOSpec:
             if t.name == name:
                 return t
         raise KeyError(f"{self.name}: no output named {name!r}; outputs are {self.output_names}")
+
+    def has_role(self, role: str) -> bool:
+        """Whether a tensor plays ``role`` (e.g. an optional input the export left out)."""
+        return role in self._roles()
+
+    def role(self, role: str) -> TensorSpec:
+        """The input or output tensor that plays ``role`` (``meta["roles"]``: role -> tensor name)."""
+        roles = self._roles()
+        if role not in roles:
+            raise ValueError(f"{self.name}: no tensor plays role {role!r} (roles: {sorted(roles)}); re-export with this diffgap version")
+        for t in (*self.inputs, *self.outputs):
+            if t.name == roles[role]:
+                return t
+        raise ValueError(f"{self.name}: role {role!r} names {roles[role]!r}, which is not declared; re-export")
+
+    def _roles(self) -> Mapping[str, str]:
+        roles = self.meta.get(ROLES)
+        if roles is None:
+            raise ValueError(
+                f"{self.name}: this export predates tensor roles (no meta[{ROLES!r}] in its I/O declaration); "
+                "re-export with `diffgap export`"
+            )
+        return roles
 
     # -- what export / engines read --------------------------------------------------------
     def dynamic_axes(self) -> dict[str, dict[int, str]]:

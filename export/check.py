@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from diffgap.iospec import IOSpec
+from diffgap.iospec import ROLE_CONDITION, ROLE_GUIDANCE, IOSpec
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,12 @@ def _outputs(sess, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
 def denoiser_feeds(io: IOSpec, batch: int, seed: int, guidance: Sequence[float] = (1.0, 3.0)) -> dict[str, np.ndarray]:
     """IOSpec sample inputs with unit-norm conditions (as CLAP emits) and per-row guidance scales."""
     feeds = io.sample_inputs(batch, seed=seed)
-    c = feeds["condition"]
-    feeds["condition"] = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
-    if "guidance_scale" in feeds:
-        feeds["guidance_scale"] = np.array([[guidance[i % len(guidance)]] for i in range(batch)], np.float32)
+    cond = io.role(ROLE_CONDITION).name  # tensors by role (the sampler's IOSpec), never by a retyped name
+    c = feeds[cond]
+    feeds[cond] = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    if io.has_role(ROLE_GUIDANCE):
+        g = io.role(ROLE_GUIDANCE)
+        feeds[g.name] = np.array([[guidance[i % len(guidance)]] for i in range(batch)], g.np_dtype)
     return feeds
 
 

@@ -176,7 +176,7 @@ def _check_steps(steps: int | None, T: int) -> None:
         raise ValueError(f"--steps {steps} is out of range: use 1 <= K <= T = {T} (the schedule's training timesteps)")
 
 
-def _audio_feeds(batch: int, seed: int) -> dict:
+def _audio_feeds(io, batch: int, seed: int) -> dict:
     """Realistic prepared clips (48 kHz, 10 s, int16 round trip): tones + noise, distinct per row."""
     import numpy as np
 
@@ -190,10 +190,17 @@ def _audio_feeds(batch: int, seed: int) -> dict:
         x = 0.4 * np.sin(2 * np.pi * f * t) + 0.05 * (i % 3) * rng.standard_normal(CLIP_SAMPLES)
         x = np.clip(x, -1.0, 1.0)
         rows.append(np.round(x * 32767.0) / 32767.0)  # laion-clap's int16 quantisation round trip
-    return {"waveform": np.stack(rows).astype(np.float32)}
+    return {_waveform_input(io): np.stack(rows).astype(np.float32)}
 
 
-def _cavp_audio_feeds(config, batch: int, seed: int) -> dict:
+def _waveform_input(io) -> str:
+    """The audio tower's single input name, read from its IOSpec (never retyped here)."""
+    if len(io.inputs) != 1:
+        raise ValueError(f"{io.name}: expected one waveform input, the IOSpec declares {io.input_names}")
+    return io.inputs[0].name
+
+
+def _cavp_audio_feeds(config, io, batch: int, seed: int) -> dict:
     """Prepared CAVP clips at ``config.sample_rate`` (``clip_samples`` long): tones + noise, distinct per row."""
     import numpy as np
 
@@ -204,7 +211,7 @@ def _cavp_audio_feeds(config, batch: int, seed: int) -> dict:
         f = min(110.0 * 2 ** (i * 0.75), 0.4 * config.sample_rate)
         x = 0.4 * np.sin(2 * np.pi * f * t) + 0.05 * (i % 3) * rng.standard_normal(t.size)
         rows.append(np.clip(x, -1.0, 1.0))
-    return {"waveform": np.stack(rows).astype(np.float32)}
+    return {_waveform_input(io): np.stack(rows).astype(np.float32)}
 
 
 def _cavp_encoder(encoders: str | os.PathLike, seed: int):
@@ -349,11 +356,11 @@ def export_all(
         enc_meta = {"encoder": cavp_source, "cavp_config": enc.config.name}
         jobs.append((enc.video_module, "video_encoder", "encoder", "ort", None, enc_meta))
         jobs.append((enc.audio_module, "cavp_audio_encoder", "encoder", "ort",
-                     lambda b, s: _cavp_audio_feeds(enc.config, b, s), enc_meta))
+                     lambda b, s: _cavp_audio_feeds(enc.config, enc.audio_module.io_spec(), b, s), enc_meta))
     elif enc is not None:
         enc_meta = {"encoder": enc.info()["source"], "clap_arch": enc.arch.name, "tokenizer": enc.tokenizer.kind}
         jobs.append((enc.text_module, "text_encoder", "encoder", "reference", lambda b, s: _text_feeds(enc, b, s), enc_meta))
-        jobs.append((enc.audio_module, "audio_encoder", "encoder", "ort", _audio_feeds, enc_meta))
+        jobs.append((enc.audio_module, "audio_encoder", "encoder", "ort", lambda b, s: _audio_feeds(enc.audio_module.io_spec(), b, s), enc_meta))
     for s in samplers:
         jobs.append((s, "denoiser", "denoiser", "reference", None, s.metadata()))
 

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from diffgap.diffusion import DDIMSampler, timestep_start, timesteps_summary
-from diffgap.iospec import BATCH, IOSpec, TensorSpec
+from diffgap.iospec import (
+    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec, TensorSpec,
+)
 from diffgap.models import parse_direction
 
 DEFAULT_BATCH = (1, 16, 256)  # min / opt / max batch of the TensorRT profile and Triton config
@@ -94,29 +96,31 @@ class FusedSampler(nn.Module):
         cfg = self.model.config
         target, source = parse_direction(self.direction)
         E, D = cfg.embed_dim, cfg.heads.dim
-        inputs = [
-            TensorSpec("condition", "float32", (BATCH, E), doc=f"frozen {source} embedding (CLAP/CAVP space)"),
-            TensorSpec("noise", "float32", (BATCH, D), doc="initial Gaussian noise N(0, I), caller-provided"),
-        ]
+        # Every tensor name is typed here once; meta["roles"] maps each role to it so the runtime,
+        # Triton and checks look tensors up by role (IOSpec.role), never by a retyped name.
+        condition = TensorSpec("condition", "float32", (BATCH, E), doc=f"frozen {source} embedding (CLAP/CAVP space)")
+        noise = TensorSpec("noise", "float32", (BATCH, D), doc="initial Gaussian noise N(0, I), caller-provided")
+        bridged = TensorSpec("embedding", "float32", (BATCH, D), doc=f"bridged L2-normalised {target} head-space embedding")
+        # The runtime's search scores (raw, head-space and both bridged similarities) need the query's
+        # own head-space embedding too; the graph computes it anyway.
+        projected = TensorSpec("source_embedding", "float32", (BATCH, D),
+                               doc=f"the condition's own L2-normalised {source} head-space embedding (model.project)")
+        roles = {ROLE_CONDITION: condition, ROLE_NOISE: noise, ROLE_BRIDGED: bridged, ROLE_PROJECTED: projected}
+        inputs = [condition, noise]
         if self.guidance:
-            inputs.append(TensorSpec(
+            guidance = TensorSpec(
                 "guidance_scale", "float32", (BATCH, 1), optional=True, default=self.default_guidance,
                 low=0.0, high=8.0,
                 doc="classifier-free guidance scale per row (1 = conditional only)",
-            ))
+            )
+            inputs.append(guidance)
+            roles[ROLE_GUIDANCE] = guidance
         return IOSpec(
             name=self.name,
             inputs=tuple(inputs),
-            outputs=(
-                TensorSpec("embedding", "float32", (BATCH, D), doc=f"bridged L2-normalised {target} head-space embedding"),
-                # The runtime's search scores (raw, head-space and both bridged similarities) need the
-                # query's own head-space embedding too; the graph computes it anyway (added for
-                # diffgap.runtime.pipeline.SAMPLER_PROJECTED).
-                TensorSpec("source_embedding", "float32", (BATCH, D),
-                           doc=f"the condition's own L2-normalised {source} head-space embedding (model.project)"),
-            ),
+            outputs=(bridged, projected),
             min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
-            meta=self.metadata(),
+            meta={**self.metadata(), ROLES: {role: t.name for role, t in roles.items()}},
         )
 
     def metadata(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from diffgap.fsutil import atomic_path
+from diffgap.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED
 from diffgap.manifest import Manifest
 from diffgap.retrieval import cosine, fuse  # numpy-only: the evaluation's own scoring
 
@@ -50,13 +51,13 @@ log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "diffgap-index/1"
 DEFAULT_SEED = 0
-# The fused sampler's declared tensor roles (the exporter's IOSpec uses exactly these names; they
-# are checked against the manifest's IOSpec when a bridge is opened, never assumed silently).
-SAMPLER_CONDITION = "condition"        # (B, E) CLAP embedding of the source modality
-SAMPLER_NOISE = "noise"                # (B, D) initial Gaussian noise
-SAMPLER_GUIDANCE = "guidance_scale"    # optional
-SAMPLER_BRIDGED = "embedding"          # (B, D) bridged, L2-normalised, target head space
-SAMPLER_PROJECTED = "source_embedding"  # (B, D) the condition's own L2-normalised head-space embedding
+# The fused sampler's tensor *roles* (keys of its IOSpec's meta["roles"], not tensor names): the
+# tensors are looked up by role in the manifest's IOSpec (IOSpec.role), never by a retyped name.
+SAMPLER_CONDITION = ROLE_CONDITION    # (B, E) CLAP embedding of the source modality
+SAMPLER_NOISE = ROLE_NOISE            # (B, D) initial Gaussian noise
+SAMPLER_GUIDANCE = ROLE_GUIDANCE      # optional (B, 1) guidance scale
+SAMPLER_BRIDGED = ROLE_BRIDGED        # (B, D) bridged, L2-normalised, target head space
+SAMPLER_PROJECTED = ROLE_PROJECTED    # (B, D) the condition's own L2-normalised head-space embedding
 SCORE_TERMS = ("raw", "head", "query_bridge", "gallery_bridge")
 # diffgap evaluate's names for the same components (diffgap/evaluate.py similarity_sets)
 EVAL_TERM_NAMES = {"raw": "raw", "heads": "head", "q-bridge src": "query_bridge", "q-bridge noise": "query_bridge",
@@ -156,14 +157,11 @@ class Bridge(abc.ABC):
             self.manifest, sampler_name(self.source, self.target), backend, precision, verify=verify, **session_options
         )
         io = self.sampler.io
-        for role in (SAMPLER_CONDITION, SAMPLER_NOISE):
-            if role not in io.input_names:
-                raise ValueError(f"{io.name}: the sampler declares inputs {io.input_names}, expected {role!r}; re-export with this diffgap version")
-        for role in (SAMPLER_BRIDGED, SAMPLER_PROJECTED):
-            if role not in io.output_names:
-                raise ValueError(f"{io.name}: the sampler declares outputs {io.output_names}, expected {role!r}; re-export with this diffgap version")
-        self.embed_dim = io.input(SAMPLER_CONDITION).feature_shape[0]   # E
-        self.head_dim = io.input(SAMPLER_NOISE).feature_shape[0]        # D
+        # io.role raises a one-line "re-export" error for exports without (or with incomplete) roles.
+        self._condition, self._noise = io.role(SAMPLER_CONDITION), io.role(SAMPLER_NOISE)
+        self._bridged, self._projected = io.role(SAMPLER_BRIDGED), io.role(SAMPLER_PROJECTED)
+        self.embed_dim = self._condition.feature_shape[0]   # E
+        self.head_dim = self._noise.feature_shape[0]        # D
         if self.embed_dim != self.manifest.embed_dim:
             raise ValueError(f"{io.name}: condition dim {self.embed_dim} != export embed_dim {self.manifest.embed_dim}; re-export")
         self._encoder: Session | None = None
@@ -198,15 +196,15 @@ class Bridge(abc.ABC):
         projected = np.empty((B, self.head_dim), np.float32)
         bridged = np.empty((B, self.head_dim), np.float32)
         for sl in _batches(B, io.max_batch):
-            feeds = {SAMPLER_CONDITION: cond[sl], SAMPLER_NOISE: np.ascontiguousarray(noise[sl])}
+            feeds = {self._condition.name: cond[sl], self._noise.name: np.ascontiguousarray(noise[sl])}
             if g is not None:
-                if SAMPLER_GUIDANCE not in io.input_names:
+                if not io.has_role(SAMPLER_GUIDANCE):
                     raise ValueError(f"{io.name} was exported without a guidance input; re-export with guidance or drop guidance_scale")
-                spec = io.input(SAMPLER_GUIDANCE)
-                feeds[SAMPLER_GUIDANCE] = np.full(spec.concrete(sl.stop - sl.start), g, dtype=spec.np_dtype)
+                spec = io.role(SAMPLER_GUIDANCE)
+                feeds[spec.name] = np.full(spec.concrete(sl.stop - sl.start), g, dtype=spec.np_dtype)
             out = self.sampler.infer(feeds)
-            bridged[sl] = out[SAMPLER_BRIDGED]
-            projected[sl] = out[SAMPLER_PROJECTED]
+            bridged[sl] = out[self._bridged.name]
+            projected[sl] = out[self._projected.name]
         return BridgeResult(source=cond, projected=projected, bridged=bridged)
 
     @abc.abstractmethod

@@ -6,6 +6,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny test models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP barriers
+    make each small op ~100x slower with 2 threads; restore the setting after each test."""
+    try:
+        import torch
+    except ImportError:  # a lean runtime-only install
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gpu_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401

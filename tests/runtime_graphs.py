@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from diffgap.iospec import BATCH, IOSpec, TensorSpec
+from diffgap.iospec import (
+    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec, TensorSpec,
+)
 from diffgap.manifest import Manifest, ModelEntry
 
 OPSET = 17
@@ -59,16 +61,18 @@ def reference_audio(wave: np.ndarray, seed: int = 0) -> np.ndarray:
 
 # -- I/O declarations (the same names as the exported models) ---------------------------------
 def sampler_io(source: str, target: str, max_batch: int = 16) -> IOSpec:
+    condition = TensorSpec("condition", "float32", (BATCH, E))
+    noise = TensorSpec("noise", "float32", (BATCH, D))
+    # sample values in [1, 3]: a per-row scale near 0 would push fp16 products into subnormals
+    guidance = TensorSpec("guidance_scale", "float32", (BATCH, 1), optional=True, default=1.0, low=1.0, high=3.0)
+    bridged, projected = TensorSpec("embedding", "float32", (BATCH, D)), TensorSpec("source_embedding", "float32", (BATCH, D))
+    roles = {ROLE_CONDITION: condition, ROLE_NOISE: noise, ROLE_GUIDANCE: guidance, ROLE_BRIDGED: bridged, ROLE_PROJECTED: projected}
     return IOSpec(
         name=f"diffgap_{source}_to_{target}",
-        inputs=(
-            TensorSpec("condition", "float32", (BATCH, E)),
-            TensorSpec("noise", "float32", (BATCH, D)),
-            # sample values in [1, 3]: a per-row scale near 0 would push fp16 products into subnormals
-            TensorSpec("guidance_scale", "float32", (BATCH, 1), optional=True, default=1.0, low=1.0, high=3.0),
-        ),
-        outputs=(TensorSpec("embedding", "float32", (BATCH, D)), TensorSpec("source_embedding", "float32", (BATCH, D))),
-        min_batch=1, opt_batch=4, max_batch=max_batch, meta={"steps": 4},
+        inputs=(condition, noise, guidance),
+        outputs=(bridged, projected),
+        min_batch=1, opt_batch=4, max_batch=max_batch,
+        meta={"steps": 4, ROLES: {role: t.name for role, t in roles.items()}},
     )
 
 
@@ -131,35 +135,35 @@ def _init(name: str, a: np.ndarray, fp16: bool) -> onnx.TensorProto:
 
 def sampler_model(source: str, target: str, fp16: bool = False, seed: int = 0, max_batch: int = 16) -> onnx.ModelProto:
     io, w = sampler_io(source, target, max_batch), _weights(seed)
-    n0, c = _in_cast("condition", fp16)
-    n1, z = _in_cast("noise", fp16)
-    n2, g = _in_cast("guidance_scale", fp16)
+    n0, c = _in_cast(io.role(ROLE_CONDITION).name, fp16)
+    n1, z = _in_cast(io.role(ROLE_NOISE).name, fp16)
+    n2, g = _in_cast(io.role(ROLE_GUIDANCE).name, fp16)
     nodes = [*n0, *n1, *n2,
              helper.make_node("MatMul", [c, "W_proj"], ["p"]), *_normalize("p", "src", "s"),
              helper.make_node("MatMul", ["src", "W_mix"], ["a"]), helper.make_node("MatMul", [z, "W_nmix"], ["b"]),
              helper.make_node("Add", ["a", "b"], ["ab"]), helper.make_node("Tanh", ["ab"], ["t"]),
              helper.make_node("Mul", ["t", g], ["tg"]), *_normalize("tg", "emb", "e"),
-             *_out_cast("emb", "embedding", fp16), *_out_cast("src", "source_embedding", fp16)]
+             *_out_cast("emb", io.role(ROLE_BRIDGED).name, fp16), *_out_cast("src", io.role(ROLE_PROJECTED).name, fp16)]
     inits = [_init("W_proj", w["proj"], fp16), _init("W_mix", w["mix"], fp16), _init("W_nmix", w["nmix"], fp16)]
     return _model(io, nodes, inits, fp16)
 
 
 def text_model(fp16: bool = False, seed: int = 0, max_batch: int = 16) -> onnx.ModelProto:
     io, w = text_io(max_batch), _weights(seed)
-    nodes = [helper.make_node("Gather", ["W_tok", "input_ids"], ["emb3"], axis=0),
+    nodes = [helper.make_node("Gather", ["W_tok", io.inputs[0].name], ["emb3"], axis=0),
              helper.make_node("ReduceMean", ["emb3"], ["m"], axes=[1], keepdims=0), *_normalize("m", "y", "n"),
-             *_out_cast("y", "embedding", fp16)]
+             *_out_cast("y", io.outputs[0].name, fp16)]
     return _model(io, nodes, [_init("W_tok", w["tok"], fp16)], fp16)
 
 
 def audio_model(fp16: bool = False, seed: int = 0, max_batch: int = 4) -> onnx.ModelProto:
     io, w = audio_io(max_batch), _weights(seed)
-    n0, x = _in_cast("waveform", fp16)
+    n0, x = _in_cast(io.inputs[0].name, fp16)
     shape = numpy_helper.from_array(np.array([0, WAVE_FRAMES, WAVE // WAVE_FRAMES], np.int64), "frames_shape")
     nodes = [*n0, helper.make_node("Reshape", [x, "frames_shape"], ["fr"]),
              helper.make_node("ReduceMean", ["fr"], ["fm"], axes=[2], keepdims=0),
              helper.make_node("MatMul", ["fm", "W_wav"], ["p"]), *_normalize("p", "y", "n"),
-             *_out_cast("y", "embedding", fp16)]
+             *_out_cast("y", io.outputs[0].name, fp16)]
     return _model(io, nodes, [shape, _init("W_wav", w["wav"], fp16)], fp16)
 
 

@@ -104,7 +104,7 @@ def test_triton_ran_over_http_and_grpc(quick):
     runs = [r for r in tri["runs"] if r["model"] == "text_to_audio_embedding"]
     assert {(r["protocol"], r["concurrency"]) for r in runs} == {(p, c) for p in ("http", "grpc") for c in res["settings"]["concurrency"]}
     for r in runs:
-        assert r["status"] == "ok", r
+        assert r["status"] == "ok", (r.get("reason"), r.get("stdout_tail"))
         assert r["p50_ms"] > 0 and r["throughput_infer_s"] > 0
         if r.get("tool") == "perf_analyzer":
             assert "perf_analyzer" in r["command"] and "-s" in r["command"]

@@ -8,16 +8,6 @@ import torch
 from diffgap.diffusion import DDIMSampler, NoiseSchedule, guided, timestep_start
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP barriers
-    make each small op ~100x slower with 2 threads; restore the setting after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_alpha_bar_monotone_and_bounded(schedule):
     s = NoiseSchedule(schedule, 1000)

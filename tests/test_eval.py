@@ -12,16 +12,6 @@ from diffgap.retrieval import (bootstrap_ci, choose_fusion_weights, cosine, fuse
                                ranks_of_diagonal, simplex_grid)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP barriers
-    make each small op ~100x slower with 2 threads; restore the setting after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_ranks_and_metrics_on_a_known_matrix():
     sim = np.array([[0.9, 0.1, 0.0],    # query 0: rank 1
                     [0.8, 0.5, 0.1],    # query 1: rank 2

@@ -20,7 +20,9 @@ from diffgap.export.check import denoiser_feeds, ort_session  # noqa: E402
 from diffgap.export.fused import FusedSampler, direction_of, export_name  # noqa: E402
 from diffgap.export.lint import lint_model  # noqa: E402
 from diffgap.export.onnx_export import META_IOSPEC, export_module, read_metadata  # noqa: E402
-from diffgap.iospec import IOSpec  # noqa: E402
+from diffgap.iospec import (  # noqa: E402
+    ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec,
+)
 from diffgap.models import DiffGAP  # noqa: E402
 
 EAGER_TOL = 1e-5
@@ -142,3 +144,25 @@ def test_invalid_steps_rejected(model):
         FusedSampler(model, DIRECTION, T, mode="source")
     with pytest.raises(ValueError, match="direction"):
         FusedSampler(model, "video_given_text", 4)
+
+
+def test_roles_name_the_declared_tensors(model):
+    """Consumers look the sampler's tensors up by role; the roles survive the manifest round trip."""
+    io = FusedSampler(model, DIRECTION, 4, guidance=True).io_spec()
+    assert io.role(ROLE_CONDITION) == io.inputs[0] and io.role(ROLE_NOISE) == io.inputs[1]
+    assert io.role(ROLE_GUIDANCE) == io.inputs[2] and io.role(ROLE_GUIDANCE).optional
+    assert io.role(ROLE_BRIDGED) == io.outputs[0] and io.role(ROLE_PROJECTED) == io.outputs[1]
+    back = IOSpec.from_dict(json.loads(json.dumps(io.to_dict())))
+    assert back.role(ROLE_BRIDGED) == io.role(ROLE_BRIDGED)
+    plain = FusedSampler(model, DIRECTION, 4, guidance=False).io_spec()
+    assert not plain.has_role(ROLE_GUIDANCE) and plain.has_role(ROLE_CONDITION)
+    with pytest.raises(ValueError, match="no tensor plays role 'guidance_scale'"):
+        plain.role(ROLE_GUIDANCE)
+    old = io.to_dict()
+    del old["meta"][ROLES]  # an export written before roles existed
+    with pytest.raises(ValueError, match="predates tensor roles.*re-export"):
+        IOSpec.from_dict(old).role(ROLE_CONDITION)
+    bad = json.loads(json.dumps(io.to_dict()))  # a deep copy: to_dict shares nested meta
+    bad["meta"][ROLES][ROLE_NOISE] = "not_a_tensor"
+    with pytest.raises(ValueError, match="name no declared tensor"):
+        IOSpec.from_dict(bad)

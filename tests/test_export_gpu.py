@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from diffgap.iospec import ROLE_GUIDANCE
+
 pytestmark = pytest.mark.gpu
 
 torch = pytest.importorskip("torch")
@@ -43,7 +45,7 @@ def _module(res, name):
         return enc.text_module if name == "clap_text_encoder" else enc.audio_module
     model, _ = load_checkpoint(res.manifest.extra["checkpoint"]["path"])
     meta = res.manifest.model(name).meta
-    return FusedSampler(model, direction_of(name), meta["steps"], guidance="guidance_scale" in res.manifest.model(name).io.input_names,
+    return FusedSampler(model, direction_of(name), meta["steps"], guidance=res.manifest.model(name).io.has_role(ROLE_GUIDANCE),
                         mode=meta["bridge_mode"])
 
 
@@ -61,7 +63,7 @@ def test_tensorrt_fp16_and_fp32_parity(gpu_export, name):
         if denoiser:
             feeds = chk.denoiser_feeds(io, b, seed=b)
         elif name == "clap_audio_encoder":
-            feeds = _audio_feeds(b, b)
+            feeds = _audio_feeds(io, b, b)
         else:
             feeds = io.sample_inputs(b, seed=b)
         refs = chk.torch_forward(module, io, feeds)

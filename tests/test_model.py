@@ -12,16 +12,6 @@ from diffgap.models import DiffGAP, parse_direction
 E = 512
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP barriers
-    make each small op ~100x slower with 2 threads; restore the setting after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomized(cfg: DiffGAPConfig, seed: int = 0) -> DiffGAP:
     """A model whose zero-initialised layers are perturbed, so bridge outputs are non-trivial."""
     torch.manual_seed(seed)

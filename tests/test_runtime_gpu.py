@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import runtime_graphs as rg
+from diffgap.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLES
 from diffgap.manifest import Manifest
 
 pytestmark = pytest.mark.gpu
@@ -51,11 +52,12 @@ def _feeds(io, batch: int, seed: int) -> dict[str, np.ndarray]:
     """IOSpec samples, with unit-norm conditions (as CLAP emits) and guidance 1 / 3 per row (the
     export's own denoiser check feeds) for the samplers."""
     feeds = io.sample_inputs(batch, seed=seed)
-    if "condition" in feeds:
-        c = feeds["condition"]
-        feeds["condition"] = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
-    if "guidance_scale" in feeds:
-        feeds["guidance_scale"] = np.array([[1.0 if i % 2 == 0 else 3.0] for i in range(batch)], np.float32)
+    if ROLES not in io.meta:  # an encoder: its own samples
+        return feeds
+    cond = io.role(ROLE_CONDITION).name
+    feeds[cond] = (feeds[cond] / np.linalg.norm(feeds[cond], axis=1, keepdims=True)).astype(np.float32)
+    if io.has_role(ROLE_GUIDANCE):
+        feeds[io.role(ROLE_GUIDANCE).name] = np.array([[1.0 if i % 2 == 0 else 3.0] for i in range(batch)], np.float32)
     return feeds
 
 
@@ -132,7 +134,8 @@ def test_cuda_graph_replay_equals_plain_execution(built):
         assert sorted(graphed._graphs) == sorted({1, 4, top})
         # new inputs through an already captured graph give new, correct outputs
         feeds = plain.io.sample_inputs(4, seed=99)
-        np.testing.assert_array_equal(plain.infer(feeds)["embedding"], graphed.infer(feeds)["embedding"])
+        out = plain.io.role(ROLE_BRIDGED).name
+        np.testing.assert_array_equal(plain.infer(feeds)[out], graphed.infer(feeds)[out])
 
 
 def test_trt_session_bad_inputs(built):
@@ -141,16 +144,17 @@ def test_trt_session_bad_inputs(built):
     man, _, engines = built
     with open_model(man, SAMPLER, backend="tensorrt", precision="fp16", engine_dir=engines) as s:
         feeds = s.io.sample_inputs(2, include_optional=False)
+        cond, noise = s.io.role(ROLE_CONDITION).name, s.io.role(ROLE_NOISE).name
         with pytest.raises(ValueError, match="dtype float64"):
-            s.infer({**feeds, "noise": feeds["noise"].astype(np.float64)})
+            s.infer({**feeds, noise: feeds[noise].astype(np.float64)})
         with pytest.raises(ValueError, match="has rank 1"):
-            s.infer({**feeds, "noise": feeds["noise"][0]})
+            s.infer({**feeds, noise: feeds[noise][0]})
         with pytest.raises(ValueError, match="outside the declared profile"):
             s.infer(s.io.sample_inputs(s.max_batch + 1))
-        bad = feeds["condition"].copy()
+        bad = feeds[cond].copy()
         bad[0, 0] = np.nan
         with pytest.raises(ValueError, match="NaN/Inf"):
-            s.infer({**feeds, "condition": bad})
+            s.infer({**feeds, cond: bad})
 
 
 def test_truncated_foreign_and_stale_engines(built, tmp_path):
@@ -215,4 +219,5 @@ def test_ort_cuda_backend_matches_cpu(built):
     with open_model(man, SAMPLER, backend="ort-cuda") as c, open_model(man, SAMPLER) as o:
         assert c.providers[0] == "CUDAExecutionProvider"
         feeds = c.io.sample_inputs(8, seed=2)
-        np.testing.assert_allclose(c.infer(feeds)["embedding"], o.infer(feeds)["embedding"], atol=1e-4)
+        out = c.io.role(ROLE_BRIDGED).name
+        np.testing.assert_allclose(c.infer(feeds)[out], o.infer(feeds)[out], atol=1e-4)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import runtime_graphs as rg
+from diffgap.iospec import ROLE_PROJECTED, ROLES
 from diffgap.manifest import Manifest
 from diffgap.runtime.pipeline import (
     DEFAULT_WEIGHTS,
@@ -144,7 +145,21 @@ def test_sampler_without_the_projected_output_is_refused(export, tmp_path):
     io = d["models"]["diffgap_text_to_audio"]["io"]
     io["outputs"] = io["outputs"][:1]
     (root / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="roles .*projected.* name no declared tensor.*re-export"):
+        TextToAudioBridge(root)
+    del io["meta"][ROLES][ROLE_PROJECTED]  # a self-consistent declaration that no longer matches the graph
+    (root / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="graph outputs .* differ from the declared"):
+        TextToAudioBridge(root)
+
+
+def test_export_without_roles_is_refused(export, tmp_path):
+    root = tmp_path / "export"
+    shutil.copytree(export.root, root)
+    d = json.loads((root / "manifest.json").read_text())
+    del d["models"]["diffgap_text_to_audio"]["io"]["meta"][ROLES]  # written before roles existed
+    (root / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="predates tensor roles.*re-export"):
         TextToAudioBridge(root)
 
 

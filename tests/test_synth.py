@@ -8,16 +8,6 @@ from diffgap import synth
 from diffgap.data import load_pairs
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The adapter fit is small; on a loaded 2-core box 2 OpenMP threads run it far slower."""
-    torch = pytest.importorskip("torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_seeded_and_split_sizes():
     cfg = replace(synth.SynthConfig(), n_train=50, n_val=20, n_test=30)
     a, b = synth.generate(cfg), synth.generate(cfg)

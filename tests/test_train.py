@@ -12,16 +12,6 @@ from diffgap.config import get_preset
 from diffgap.train import lr_at, train
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP barriers
-    make each small op ~100x slower with 2 threads; restore the setting after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")

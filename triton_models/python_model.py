@@ -178,7 +178,7 @@ class TritonPythonModel:
     # noise ----------------------------------------------------------------------------------
     def _feeds_noise(self, request) -> dict[str, np.ndarray]:
         cond = _input(request, self.condition)
-        feeds = {"condition": cond}
+        feeds = {self.condition: cond}  # keyed by the config's tensor name (from the sampler's IOSpec role)
         seed = _input(request, self.seed_input)
         b = len(cond)
         if seed is not None:
@@ -186,7 +186,7 @@ class TritonPythonModel:
                 raise _BadRequest(f"{self.seed_input} must be ({b}, 1) int64, got {seed.shape}")
             if (seed < 0).any():
                 raise _BadRequest(f"{self.seed_input} must be non-negative")
-            feeds["seed"] = seed.reshape(b).astype(np.int64)
+            feeds[self.seed_input] = seed.reshape(b).astype(np.int64)
         for t in self.optional:
             x = _input(request, t.name)
             if x is not None:
@@ -199,8 +199,8 @@ class TritonPythonModel:
         return feeds
 
     def _noise(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = len(feeds["condition"])
-        seeds = feeds.get("seed", self.default_seed)
+        b = len(feeds[self.condition])
+        seeds = feeds.get(self.seed_input, self.default_seed)
         out = {self.noise.name: make_noise(seeds, b, self.noise.feature_shape[0]).reshape(self.noise.concrete(b))}
         for t in self.optional:
             out[t.name] = feeds[t.name] if t.name in feeds else np.full(t.concrete(b), t.default, dtype=t.np_dtype)

@@ -53,8 +53,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from diffgap.fsutil import atomic_dir, atomic_write_json
 from diffgap.iospec import IOSpec, TensorSpec, triton_dtype
 from diffgap.manifest import Manifest
-# The sampler tensors' roles: the runtime's Pipeline declares these names once and both it and this
-# module check them against the manifest's IOSpec (_sampler_roles), never assume them.
+# The sampler tensors' roles (keys of the IOSpec's meta["roles"]): tensors are looked up by role in
+# the manifest's IOSpec (IOSpec.role), never by a retyped name.
 from diffgap.runtime.pipeline import (
     DEFAULT_SEED, SAMPLER_BRIDGED, SAMPLER_CONDITION, SAMPLER_NOISE, SAMPLER_PROJECTED,
 )
@@ -256,12 +256,9 @@ def encoder_family(man: Manifest) -> str:
 
 
 def _sampler_roles(io: IOSpec) -> None:
-    for role in (SAMPLER_CONDITION, SAMPLER_NOISE):
-        if role not in io.input_names:
-            raise ValueError(f"{io.name} declares inputs {io.input_names}, expected {role!r}; re-export with this diffgap version")
-    for role in (SAMPLER_BRIDGED, SAMPLER_PROJECTED):
-        if role not in io.output_names:
-            raise ValueError(f"{io.name} declares outputs {io.output_names}, expected {role!r}; re-export with this diffgap version")
+    """Fail early, with a "re-export" message, when the sampler's IOSpec lacks a required role."""
+    for role in (SAMPLER_CONDITION, SAMPLER_NOISE, SAMPLER_BRIDGED, SAMPLER_PROJECTED):
+        io.role(role)
 
 
 class _Planner:
@@ -357,7 +354,7 @@ class _Planner:
     def noise(self, source: str, target: str) -> ModelDir:
         io = self.io(sampler_name(source, target))
         _sampler_roles(io)
-        cond, nz = io.input(SAMPLER_CONDITION), io.input(SAMPLER_NOISE)
+        cond, nz = io.role(SAMPLER_CONDITION), io.role(SAMPLER_NOISE)
         optional = [t for t in io.inputs if t.optional]
         return self._python(
             noise_name(source, target), io,
@@ -372,7 +369,7 @@ class _Planner:
 
         io = self.io(sampler_name("text", "audio"))
         enc = self.io(encoder_name("text"))
-        head_dim = io.input(SAMPLER_NOISE).feature_shape[0]
+        head_dim = io.role(SAMPLER_NOISE).feature_shape[0]
         index = GalleryIndex.load(index_path)
         index.check_model(self.man, head_dim)
         gs = index.meta.get("guidance_scale")
@@ -393,8 +390,8 @@ class _Planner:
         spec = {"k": k, "weights": fusion_weights(self.man), "tensors": tensors, "gallery_size": n}
         md = self._python(
             SEARCH, io,
-            [tensor_config(clap, OUTPUTS["clap"]), tensor_config(io.output(SAMPLER_PROJECTED), OUTPUTS["projected"]),
-             tensor_config(io.output(SAMPLER_BRIDGED), OUTPUTS["bridged"])],
+            [tensor_config(clap, OUTPUTS["clap"]), tensor_config(io.role(SAMPLER_PROJECTED), OUTPUTS["projected"]),
+             tensor_config(io.role(SAMPLER_BRIDGED), OUTPUTS["bridged"])],
             [string_tensor(SEARCH_IDS, [k]), {"name": SEARCH_SCORES, "data_type": Enum(triton_dtype("float32")), "dims": [k]}],
             io.max_batch, "search", files={"index.npz": index_path, "search.json": json.dumps(spec, indent=2, sort_keys=True)},
         )
@@ -421,17 +418,18 @@ class _Planner:
         else:
             inputs = [tensor_config(t) for t in enc.inputs]
             steps.append(_step(enc_name, {t.name: t.name for t in enc.inputs}, {enc.outputs[0].name: out["clap"]}))
-        cond = smp.input(SAMPLER_CONDITION)
+        _sampler_roles(smp)
+        cond, bridged, projected = smp.role(SAMPLER_CONDITION), smp.role(SAMPLER_BRIDGED), smp.role(SAMPLER_PROJECTED)
         optional = [t for t in smp.inputs if t.optional]
         inputs.append(seed_tensor())
         inputs += [tensor_config(t) for t in optional]
-        nz_out = {t.name: f"{nz_name}.{t.name}" for t in (smp.input(SAMPLER_NOISE), *optional)}
+        nz_out = {t.name: f"{nz_name}.{t.name}" for t in (smp.role(SAMPLER_NOISE), *optional)}
         steps.append(_step(nz_name, {cond.name: out["clap"], SEED: SEED, **{t.name: t.name for t in optional}}, nz_out))
         steps.append(_step(
             smp_name, {cond.name: out["clap"], **nz_out},
-            {SAMPLER_BRIDGED: out["bridged"], SAMPLER_PROJECTED: out["projected"]},
+            {bridged.name: out["bridged"], projected.name: out["projected"]},
         ))
-        return inputs, steps, {"clap": enc.outputs[0], "projected": smp.output(SAMPLER_PROJECTED), "bridged": smp.output(SAMPLER_BRIDGED)}, models
+        return inputs, steps, {"clap": enc.outputs[0], "projected": projected, "bridged": bridged}, models
 
     def embedding_ensemble(self, source: str, target: str) -> ModelDir:
         inputs, steps, specs, models = self._front(source, target)
