@@ -206,19 +206,9 @@ def tensorrt_unavailable_reason() -> str | None:
     """None when TensorRT + pycuda + a CUDA device are usable here, else why not (one line)."""
     if gpu_info() is None:
         return "no GPU (nvidia-smi finds no NVIDIA device)"
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as e:
-        return f"TensorRT not installed ({type(e).__name__}); `pip install -e .[gpu]` on the GPU host"
-    try:
-        import pycuda.driver as cuda
+    from diffgap.runtime.trt_session import unavailable_reason
 
-        cuda.init()
-        if cuda.Device.count() < 1:
-            return "no CUDA device visible to pycuda"
-    except Exception as e:
-        return f"pycuda/CUDA driver unavailable ({type(e).__name__}: {e})"
-    return None
+    return unavailable_reason()
 
 
 def _version(mod: str) -> str | None:

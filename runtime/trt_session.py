@@ -234,3 +234,23 @@ class TrtSession(Session):
             self.close()
         except Exception:
             pass
+
+
+def unavailable_reason() -> str | None:
+    """None when TensorRT + pycuda + a CUDA device are usable here, else why not (one line).
+
+    The GPU tests' skip reason and the benchmarks' "skipped" rows both read this.
+    """
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"TensorRT is not installed here ({type(e).__name__}); run on a GPU host with `pip install -e .[gpu]`"
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        if cuda.Device.count() < 1:
+            return "no CUDA device visible to pycuda"
+    except Exception as e:
+        return f"pycuda/CUDA driver unavailable ({type(e).__name__}: {e})"
+    return None

@@ -22,19 +22,9 @@ def _one_torch_thread():
 
 
 def _gpu_reason() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as e:  # ImportError or a broken install
-        return f"TensorRT is not installed here ({type(e).__name__}); run on a GPU host with `pip install -e .[gpu]`"
-    try:
-        import pycuda.driver as cuda
+    from diffgap.runtime.trt_session import unavailable_reason
 
-        cuda.init()
-        if cuda.Device.count() < 1:
-            return "no CUDA device visible"
-    except Exception as e:
-        return f"pycuda/CUDA driver unavailable ({type(e).__name__}: {e})"
-    return None
+    return unavailable_reason()
 
 
 def pytest_collection_modifyitems(config, items):
