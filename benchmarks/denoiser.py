@@ -204,8 +204,9 @@ def run(ctx: Context) -> list[Row]:
         ctx.tensor_guidance[steps] = tensor_guidance
         eager_match = (f_guided if tensor_guidance else f_plain) / graph_flops if graph_flops else float("nan")
         note = ("the fused graph evaluates the conditional and unconditional branches every step (guidance_scale is a "
-                "graph input), so the eager/compile rows pass a tensor guidance scale to do the same work; batching the two "
-                "branches into one 2B call would halve the weight traffic at small B")
+                "graph input), as one stacked (2B, .) pass whose unconditional adaLN modulations are graph constants; the "
+                "eager/compile rows pass a tensor guidance scale to do the same work (eager also computes those "
+                "modulations each step: 'eager_vs_graph_flops' in the JSON)")
         if tensor_guidance and note not in ctx.notes:
             ctx.notes.append(note)
         for batch in ctx.batches:

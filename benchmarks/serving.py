@@ -131,19 +131,37 @@ def _model_config(http_url: str, model: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
-def _model_stats(http_url: str) -> dict[str, tuple[int, int]]:
-    """model -> (inference_count, execution_count), all models."""
+def _model_stats(http_url: str) -> dict[str, dict[str, int]]:
+    """model -> Triton's cumulative counters: inferences, executions, and the request count and
+    total ns of the queue and compute-infer phases (``/v2/models/stats``), all models."""
     with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as r:
         d = json.loads(r.read())
-    return {m["name"]: (int(m.get("inference_count", 0)), int(m.get("execution_count", 0))) for m in d.get("model_stats", [])}
-
-
-def _batch_sizes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, float]:
     out = {}
-    for m, (inf, ex) in after.items():
-        i0, e0 = before.get(m, (0, 0))
-        if ex - e0 > 0:
-            out[m] = round((inf - i0) / (ex - e0), 3)
+    for m in d.get("model_stats", []):
+        st = m.get("inference_stats", {})
+        out[m["name"]] = {
+            "inferences": int(m.get("inference_count", 0)), "executions": int(m.get("execution_count", 0)),
+            "queue_n": int(st.get("queue", {}).get("count", 0)), "queue_ns": int(st.get("queue", {}).get("ns", 0)),
+            "compute_n": int(st.get("compute_infer", {}).get("count", 0)),
+            "compute_ns": int(st.get("compute_infer", {}).get("ns", 0)),
+        }
+    return out
+
+
+def _step_stats(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], ensemble: str) -> dict[str, dict[str, float]]:
+    """Per composing model over one run: mean executed batch (inferences / executions) and the mean
+    per-request queue wait and compute-infer time in ms (Triton statistics)."""
+    out = {}
+    for m, a in after.items():
+        b = before.get(m, {})
+        d = {k: v - b.get(k, 0) for k, v in a.items()}
+        if m == ensemble or d["executions"] <= 0:
+            continue
+        out[m] = {
+            "batch": round(d["inferences"] / d["executions"], 3),
+            "queue_ms": round(d["queue_ns"] / max(d["queue_n"], 1) / 1e6, 4),
+            "compute_ms": round(d["compute_ns"] / max(d["compute_n"], 1) / 1e6, 4),
+        }
     return out
 
 
@@ -333,7 +351,13 @@ def run(ctx: Context, repo_options: dict[str, Any] | None = None, label: str = "
                         rec = client_load(url, protocol, model, config, conc, 3.0 if ctx.quick else 20.0, captions(1)[0])
                         rec.update(protocol=protocol, model=model, concurrency=conc, fallback_reason=pa_error)
                     after = _model_stats(server.http_url)
-                    rec["mean_batch"] = _batch_sizes(before, after)
+                    steps = _step_stats(before, after, model)
+                    rec["steps"] = steps
+                    rec["mean_batch"] = {m: v["batch"] for m, v in steps.items()}
+                    # The CSV's "Server Queue" is the ensemble's own (~0): the composing models' dynamic
+                    # batching waits are only in Triton's per-model statistics.
+                    rec["steps_queue_ms"] = round(sum(v["queue_ms"] for v in steps.values()), 4)
+                    rec["steps_compute_ms"] = round(sum(v["compute_ms"] for v in steps.values()), 4)
                     log.info(
                         "triton %-26s %-4s c=%d: %s", model, protocol, conc,
                         f"p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms, {rec['throughput_infer_s']:.1f} infer/s, "

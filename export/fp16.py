@@ -27,8 +27,8 @@ What stays FP32, and why:
   AutoCast's own range rule keeps most of it anyway (FP16.md); the explicit rule makes it certain.
 
 Conversion time: stock AutoCast (nvidia-modelopt 0.47) is quadratic on the fused samplers (K
-unrolled DDIM steps, each with a conditional and an unconditional denoiser call). For one clap-512
-direction with the guidance input, 2 CPU cores: K = 4 ~20 s, K = 10 ~53 s, K = 25 ~268 s, K = 50
+unrolled DDIM steps, each with a conditional and an unconditional denoiser call; measured before the
+two calls became one stacked pass). For one clap-512 direction with the guidance input, 2 CPU cores: K = 4 ~20 s, K = 10 ~53 s, K = 25 ~268 s, K = 50
 ~18 min. cProfile of K = 10 / 25 shows three causes, all in AutoCast's bookkeeping, none in its
 precision decisions:
 
@@ -38,7 +38,7 @@ precision decisions:
 2. ``PrecisionConverter._add_cast`` finds the producer's position by a Python scan with protobuf
    equality, once per inserted Cast.
 3. ``GraphSanitizer.duplicate_shared_constants`` gives every use of a shared initializer its own
-   copy. The denoiser's weights are used by all 2K denoiser calls, so the graph grows ~2K-fold (a
+   copy. The denoiser's weights are used at every unrolled step, so the graph grows with K (a
    16 MB FP32 graph became a 127 MB FP16 file at K = 10, 315 MB at K = 25) and every whole-model
    pass after it (ByteSize, checker, shape inference, serialisation) pays for the copies.
 

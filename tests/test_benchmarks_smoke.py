@@ -106,6 +106,9 @@ def test_triton_ran_over_http_and_grpc(quick):
     for r in runs:
         assert r["status"] == "ok", (r.get("reason"), r.get("stdout_tail"))
         assert r["p50_ms"] > 0 and r["throughput_infer_s"] > 0
+        # per composing model, from Triton's statistics: batch, queue wait, compute
+        assert {"clap_tokenizer", "clap_text_encoder"} <= set(r["steps"])
+        assert all(v["batch"] >= 1 and v["queue_ms"] >= 0 and v["compute_ms"] > 0 for v in r["steps"].values())
         if r.get("tool") == "perf_analyzer":
             assert "perf_analyzer" in r["command"] and "-s" in r["command"]
 
@@ -113,7 +116,8 @@ def test_triton_ran_over_http_and_grpc(quick):
 def test_goals_table(quick):
     _, res, _ = quick
     goals = res["goals"]
-    assert len(goals) == 6
+    # speed-up, roofline, overhead (2 ensembles x 2 protocols), batching (2 protocols)
+    assert len(goals) == 8
     for g in goals:
         assert g["met"] in (True, False, None) and g["measured"]
 

@@ -118,6 +118,21 @@ def test_guidance_scale_one_equals_conditional_output(tiny):
     assert torch.allclose(g3, g3t, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["clap-tiny", "clap-512"])
+def test_stacked_guidance_pass_equals_two_branches(preset):
+    """forward_guided (one (2B, .) pass, the sampler's CFG path) == the two separate branches."""
+    model = randomized(get_preset(preset)) if preset != "clap-tiny" else randomized(get_preset(preset), seed=1)
+    den = model.denoiser("audio_given_text")
+    D = model.config.heads.dim
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(5, D, generator=g), torch.randn(5, D, generator=g)
+    with torch.no_grad():
+        for t in (torch.tensor([7]), torch.tensor([0, 3, 99, 500, 999])):  # shared and per-row timesteps
+            out, out_u = den.forward_guided(x, t, cond)
+            assert torch.allclose(out, den(x, t, cond), atol=1e-5)
+            assert torch.allclose(out_u, den(x, t, cond, unconditional=True), atol=1e-5)
+
+
 def test_eta_sampling_deterministic_for_seed(tiny):
     c, n = _inputs(tiny, b=3)
     run = lambda s: tiny.bridge("audio_given_text", c, n, steps=4, mode="noise", eta=1.0,  # noqa: E731

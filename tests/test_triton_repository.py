@@ -96,7 +96,8 @@ def test_exported_models_follow_the_manifest(portable, export):
             assert t.optional == spec.optional
         for t, spec in zip(cfg.output, io.outputs):
             _assert_matches_spec(t, spec)
-        assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+        assert cfg.HasField("dynamic_batching")
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == R.PORTABLE_QUEUE_DELAY_US
         assert set(cfg.dynamic_batching.preferred_batch_size) <= set(range(1, io.max_batch + 1))
         assert sha256_file(portable / name / "1" / "model.onnx") == man.files[entry.files["fp32"]]["sha256"]
         assert json.loads((portable / name / "1" / "io.json").read_text()) == io.to_dict()

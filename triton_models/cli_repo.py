@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-seed", type=int, default=None, help="sampler seed when a request sends none (default: the runtime's)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (default: %(default)s)")
     p.add_argument("--queue-delay-us", type=int, default=None,
-                   help="dynamic batching window in microseconds (default: 1000 portable, 100 gpu)")
+                   help="dynamic batching window in microseconds (default: 0 portable, 100 gpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
 
