@@ -152,6 +152,10 @@ class Bridge(abc.ABC):
         self.seed = int(seed)
         self.guidance_scale = guidance_scale
         self._verify = verify
+        if backend.startswith("ort-"):
+            # Encoder and sampler take turns: a spinning idle pool would steal the busy one's cores
+            # (measured, text->audio on 2 cores: p90 8.1 -> 3.7 ms, p50 3.8 -> 3.4 ms).
+            session_options = {"spin_wait": False, **session_options}
         self._session_options = session_options
         self.sampler: Session = open_model(
             self.manifest, sampler_name(self.source, self.target), backend, precision, verify=verify, **session_options

@@ -182,6 +182,7 @@ class OrtSession(Session):
         inter_op_threads: int | None = None,
         graph_optimization: str = "all",
         provider_options: Mapping[str, Any] | None = None,
+        spin_wait: bool | None = None,
     ) -> None:
         check_backend(backend, precision)
         if backend not in _ORT_PROVIDERS:
@@ -212,6 +213,10 @@ class OrtSession(Session):
             so.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads is not None:
             so.inter_op_num_threads = int(inter_op_threads)
+        if spin_wait is not None:
+            # Idle intra-op workers busy-wait for the next op (ORT's default: lowest latency for one
+            # session alone). False lets them sleep: what several sessions taking turns on few cores want.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         so.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
 
         providers: list[Any] = []
@@ -334,7 +339,7 @@ def open_model(
     ``ort-*`` backends run ``<name>.onnx`` (fp32) or ``<name>.fp16.onnx`` (fp16); ``tensorrt`` runs
     the engine ``diffgap build-engines`` made for this host (see :mod:`diffgap.runtime.engine`).
     The IOSpec always comes from ``manifest.json``; with ``verify`` the file's sha256 is checked
-    against the manifest first. ``options`` go to the backend (``intra_op_threads``,
+    against the manifest first. ``options`` go to the backend (``intra_op_threads``, ``spin_wait``,
     ``provider_options``; ``cuda_graph``, ``device`` for TensorRT).
     """
     check_backend(backend, precision)

@@ -84,6 +84,15 @@ def test_text_to_audio_bridge_matches_reference(export):
         np.testing.assert_allclose(b(texts[1:2]).bridged[0], res.bridged[1], atol=1e-6)
 
 
+def test_bridge_sessions_sleep_between_calls_unless_told(export):
+    """Encoder and sampler take turns on the same cores: the Bridge turns ORT's spin-waiting off by
+    default; an explicit session option wins, and both settings give the same numbers."""
+    cond = _unit(np.random.default_rng(2).standard_normal((2, rg.E))).astype(np.float32)
+    with TextToAudioBridge(export) as quiet, TextToAudioBridge(export, spin_wait=True, intra_op_threads=2) as spin:
+        assert quiet._session_options["spin_wait"] is False and spin._session_options["spin_wait"] is True
+        np.testing.assert_array_equal(quiet.bridge_embeddings(cond, seed=0).bridged, spin.bridge_embeddings(cond, seed=0).bridged)
+
+
 def test_bridge_chunks_batches_above_the_sampler_max(export):
     rng = np.random.default_rng(0)
     cond = _unit(rng.standard_normal((19, rg.E))).astype(np.float32)  # sampler max_batch is 8
