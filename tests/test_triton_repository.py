@@ -98,6 +98,7 @@ def test_exported_models_follow_the_manifest(portable, export):
             _assert_matches_spec(t, spec)
         assert cfg.HasField("dynamic_batching")
         assert cfg.dynamic_batching.max_queue_delay_microseconds == R.PORTABLE_QUEUE_DELAY_US
+        assert cfg.parameters["intra_op_threads"].string_value == "0"  # onnxruntime's default: one per core
         assert set(cfg.dynamic_batching.preferred_batch_size) <= set(range(1, io.max_batch + 1))
         assert sha256_file(portable / name / "1" / "model.onnx") == man.files[entry.files["fp32"]]["sha256"]
         assert json.loads((portable / name / "1" / "io.json").read_text()) == io.to_dict()
@@ -182,6 +183,14 @@ def test_queue_delay_option(export, tmp_path):
     assert delays == {250}
     with pytest.raises(ValueError, match="queue delay"):
         R.build_repository(export, tmp_path / "bad", queue_delay_us=-1)
+
+
+def test_intra_op_threads_option(export, tmp_path):
+    repo = R.build_repository(export, tmp_path / "repo", intra_op_threads=2)
+    onnx_models = [c for c in load_configs(repo).values() if c.parameters["diffgap_role"].string_value == "onnx"]
+    assert onnx_models and {c.parameters["intra_op_threads"].string_value for c in onnx_models} == {"2"}
+    with pytest.raises(ValueError, match="--intra-op-threads must be >= 0"):
+        R.build_repository(export, tmp_path / "bad", intra_op_threads=-1)
 
 
 def test_without_index_there_is_no_search(export, tmp_path):

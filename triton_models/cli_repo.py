@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-dir", help="gpu flavour: engine cache of `diffgap build-engines` (default: EXPORT_DIR/engines)")
     p.add_argument("--default-seed", type=int, default=None, help="sampler seed when a request sends none (default: the runtime's)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (default: %(default)s)")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="portable flavour: onnxruntime threads per model instance (default: 0 = one per core)")
     p.add_argument("--queue-delay-us", type=int, default=None,
                    help="dynamic batching window in microseconds (default: 0 portable, 100 gpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         flavor=args.flavor, index=args.index, top_k=args.top_k, gpu_platform=args.gpu_platform,
         precision=args.precision, engine_dir=args.engine_dir, instances=args.instances,
         queue_delay_us=args.queue_delay_us,
+        intra_op_threads=args.intra_op_threads,
     )
     if args.default_seed is not None:
         opts["default_seed"] = args.default_seed

@@ -69,8 +69,10 @@ class TritonPythonModel:
 
     # -- roles: setup ----------------------------------------------------------------------
     def _init_onnx(self) -> None:
-        threads = int(_param(self.config, "intra_op_threads", "1"))
-        self.session = load(self.dir / "model.onnx", backend="ort-cpu", io=self.io, intra_op_threads=threads)
+        threads = int(_param(self.config, "intra_op_threads", "0"))  # 0: onnxruntime's default, one per core
+        # The ensemble's models take turns on the same cores: idle ORT pools sleep instead of spinning.
+        self.session = load(self.dir / "model.onnx", backend="ort-cpu", io=self.io,
+                            intra_op_threads=threads or None, spin_wait=False)
 
     def _init_tokenizer(self) -> None:
         from diffgap.tokenizer import load_tokenizer

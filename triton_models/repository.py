@@ -212,7 +212,7 @@ class RepoOptions:
     top_k: int = 10
     default_seed: int = DEFAULT_SEED
     instances: int = 1
-    intra_op_threads: int = 1
+    intra_op_threads: int = 0           # ORT intra-op threads per model instance; 0 = ORT's default (one per core)
     max_text_bytes: int = MAX_TEXT_BYTES
     queue_delay_us: int | None = None   # dynamic batching window; None = the flavour's default
 
@@ -227,8 +227,10 @@ class RepoOptions:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.default_seed < 0:
             raise ValueError(f"--default-seed must be >= 0, got {self.default_seed}")
-        if self.instances < 1 or self.intra_op_threads < 1:
-            raise ValueError("instances and intra_op_threads must be >= 1")
+        if self.instances < 1:
+            raise ValueError(f"--instances must be >= 1, got {self.instances}")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"--intra-op-threads must be >= 0 (0 = one per core), got {self.intra_op_threads}")
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
             raise ValueError(f"queue delay must be >= 0 microseconds, got {self.queue_delay_us}")
 
