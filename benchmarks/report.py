@@ -135,7 +135,7 @@ def goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                                 f"{len(run.get('steps', {}))} composing models: compute {comp:.3g} ms in all (the same "
                                 f"graphs take {inproc:.3g} ms in process), dynamic-batching queue {queue:.3g} ms; "
                                 f"client, network and ensemble hand-offs "
-                                f"{'~0' if abs(rest) < 1.0 else format(rest, '.3g')} ms (p50 minus the mean server-side times)")
+                                f"{'< 1' if rest < 1.0 else format(rest, '.3g')} ms (p50 minus the mean server-side times)")
             goals.append(g)
 
     concs = sizes["concurrency"]
