@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .config import DiffGAPConfig
-from .fsutil import atomic_dir, sha256_file
+from .fsutil import atomic_dir, read_versioned_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,7 @@ def _read_doc(path: Path) -> dict[str, Any]:
     cj = path / CONFIG_JSON
     if not cj.exists():
         raise FileNotFoundError(f"{cj} is missing; {path} is not a diffgap checkpoint (retrain or pass the right directory)")
-    try:
-        doc = json.loads(cj.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cj} is not valid JSON ({e.msg} at line {e.lineno}); the checkpoint is corrupt, retrain it") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{cj}: format is {doc.get('format') if isinstance(doc, dict) else None!r}, expected {FORMAT!r}; not a diffgap checkpoint")
-    return doc
+    return read_versioned_json(cj, FORMAT, "checkpoint config", "the checkpoint is corrupt or not diffgap's: retrain with `diffgap train`")
 
 
 def _read_tensors(path: Path, name: str, doc: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -68,6 +68,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_versioned_json(path: str | os.PathLike, fmt: str, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``"format"`` is ``fmt`` (manifests, checkpoint configs, engine
+    metadata). Bad JSON or another format raises a one-line ``ValueError`` naming ``what`` the file is
+    and ending with ``fix``, the command that makes a good one."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    found = doc.get("format") if isinstance(doc, dict) else None
+    if found != fmt:
+        raise ValueError(f"{what} {path} has format {found!r}, expected {fmt!r}; {fix}")
+    return doc
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary sibling; rename it to ``path`` only if the body succeeds.

@@ -21,12 +21,11 @@ Layout (``format: diffgap-export/1``)::
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_json, sha256_file
+from .fsutil import atomic_write_json, read_versioned_json, sha256_file
 from .iospec import IOSpec
 
 FORMAT = "diffgap-export/1"
@@ -118,12 +117,7 @@ class Manifest:
         mpath = root / MANIFEST
         if not mpath.exists():
             raise FileNotFoundError(f"{mpath} not found: {root} is not a diffgap export directory (make one with `diffgap export`)")
-        try:
-            d = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath} is not valid JSON ({e}); re-run `diffgap export`") from e
-        if d.get("format") != FORMAT:
-            raise ValueError(f"{mpath} has format {d.get('format')!r}, expected {FORMAT!r}; re-export with this version")
+        d = read_versioned_json(mpath, FORMAT, "export manifest", "re-export with `diffgap export`")
         models = {
             k: ModelEntry(io=IOSpec.from_dict(m["io"]), files=dict(m["files"]), meta=dict(m.get("meta", {})))
             for k, m in d["models"].items()

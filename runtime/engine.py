@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from diffgap.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from diffgap.fsutil import atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
 from diffgap.iospec import IOSpec
 from diffgap.manifest import Manifest
 
@@ -235,12 +235,7 @@ class EngineMeta:
         p = cls.sidecar(plan)
         if not p.exists():
             raise FileNotFoundError(f"engine metadata {p} not found; rebuild with `diffgap build-engines`")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"engine metadata {p} is not valid json ({e}); rebuild with `diffgap build-engines`") from e
-        if d.get("format") != ENGINE_FORMAT:
-            raise ValueError(f"{p} has format {d.get('format')!r}, expected {ENGINE_FORMAT!r}; rebuild with `diffgap build-engines`")
+        d = read_versioned_json(p, ENGINE_FORMAT, "engine metadata", "rebuild with `diffgap build-engines`")
         try:
             return cls(
                 model=d["model"], precision=d["precision"], onnx_file=d["onnx_file"], key=dict(d["key"]),

@@ -126,7 +126,7 @@ def test_sidecar_round_trip_and_file_checks(fresh):
     with pytest.raises(ValueError, match="does not match the sha256"):
         meta.check_file(plan)
     EngineMeta.sidecar(plan).write_text("{not json")
-    with pytest.raises(ValueError, match="not valid json"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         EngineMeta.read(plan)
     EngineMeta.sidecar(plan).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="has format 'something-else'"):
