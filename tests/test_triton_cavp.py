@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cavp_fixtures
-from diffgap.iospec import triton_dtype
+from diffgap.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, triton_dtype
 from diffgap.manifest import Manifest
 from diffgap.runtime import AudioToVideoBridge, VideoToAudioBridge
 from diffgap.triton_models import repository as R
@@ -111,7 +111,7 @@ def test_configs_come_from_the_iospecs(export, repo, tmp_path, flavor):
         assert ens.platform == "ensemble"
         assert _same(_tensor(ens, enc.inputs[0].name), enc.inputs[0])
         assert _same(_tensor(ens, OUT["clap"]), enc.outputs[0])
-        assert _same(_tensor(ens, OUT["bridged"]), smp.output("embedding"))
+        assert _same(_tensor(ens, OUT["bridged"]), smp.role(ROLE_BRIDGED))
         assert [st.model_name for st in ens.ensemble_scheduling.step] == [enc.name, R.noise_name(s, t), smp.name]
         assert ens.max_batch_size == min(enc.max_batch, smp.max_batch)
 
@@ -170,7 +170,7 @@ def test_ensemble_matches_runtime(server, export, protocol, direction):
         ref_seeded = bridge(x, seed=seeds)
         ref_default = bridge(x)
         ref_guided = bridge(x, seed=seeds, guidance_scale=1.5)
-        g = bridge.sampler.io.input("guidance_scale")
+        g = bridge.sampler.io.role(ROLE_GUIDANCE)
     _assert_bridge(client.infer(ensemble, [_inp(protocol, name, x), _seed(protocol, seeds)]), ref_seeded)
     _assert_bridge(client.infer(ensemble, [_inp(protocol, name, x)]), ref_default)
     guide = _inp(protocol, g.name, np.full(g.concrete(3), 1.5, g.np_dtype))
@@ -206,8 +206,8 @@ def _bad_requests(export, protocol, direction, references):
         "NaN input": (ens, [_inp(protocol, name, nan)], "nan"),
         "wrong seed dtype": (ens, [_inp(protocol, name, x), _inp(protocol, R.SEED, np.ones((1, 1), np.float32))], "data"),
         "negative seed": (ens, [_inp(protocol, name, x), _seed(protocol, [-1])], "non-negative"),
-        "NaN condition": (smp.name, [_inp(protocol, "condition", np.full(smp.input("condition").concrete(1), np.nan, np.float32)),
-                                     _inp(protocol, "noise", np.zeros(smp.input("noise").concrete(1), np.float32))], "nan"),
+        "NaN condition": (smp.name, [_inp(protocol, smp.role(ROLE_CONDITION).name, np.full(smp.role(ROLE_CONDITION).concrete(1), np.nan, np.float32)),
+                                     _inp(protocol, smp.role(ROLE_NOISE).name, np.zeros(smp.role(ROLE_NOISE).concrete(1), np.float32))], "nan"),
     }
 
 

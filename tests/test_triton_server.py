@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import triton_fixtures
+from diffgap.iospec import ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE
 from diffgap.manifest import Manifest
 from diffgap.runtime import AudioSearch, AudioToTextBridge, TextToAudioBridge
 from diffgap.triton_models import repository as R
@@ -105,7 +106,7 @@ def test_text_to_audio_embedding_matches_runtime(server, env, protocol):
         ref_guided = bridge(TEXTS, seed=seeds, guidance_scale=1.5)
     _assert_bridge(client.infer(R.embedding_ensemble("text", "audio"), [_text_input(protocol, TEXTS), _seed_input(protocol, seeds)]), ref_seeded)
     _assert_bridge(client.infer(R.embedding_ensemble("text", "audio"), [_text_input(protocol, TEXTS)]), ref_default)
-    g = Manifest.load(export).model(R.sampler_name("text", "audio")).io.input("guidance_scale")
+    g = Manifest.load(export).model(R.sampler_name("text", "audio")).io.role(ROLE_GUIDANCE)
     guide = _array_input(protocol, g.name, np.full(g.concrete(len(TEXTS)), 1.5, g.np_dtype))
     _assert_bridge(client.infer(R.embedding_ensemble("text", "audio"),
                                 [_text_input(protocol, TEXTS), _seed_input(protocol, seeds), guide]), ref_guided)
@@ -141,7 +142,7 @@ def _bad_requests(env, protocol):
     """name -> (model, inputs, requested outputs or None, expected words in the error)."""
     man = Manifest.load(env[0])
     smp = man.model(R.sampler_name("text", "audio")).io
-    cond, noise = smp.input("condition"), smp.input("noise")
+    cond, noise = smp.role(ROLE_CONDITION), smp.role(ROLE_NOISE)
     max_batch = min(m.io.max_batch for m in man.models.values() if m.io.name in
                     (R.encoder_name("text"), R.sampler_name("text", "audio")))
     ok_noise = np.zeros(noise.concrete(1), np.float32)
