@@ -64,4 +64,6 @@ class Context:
     @property
     def sampler_name(self) -> str:
         """Export name of the timed direction, e.g. ``diffgap_text_to_audio``."""
-        return f"diffgap_{self.source}_to_{self.target}"
+        from diffgap.core.names import sampler_name
+
+        return sampler_name(self.source, self.target)

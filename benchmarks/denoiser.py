@@ -151,7 +151,7 @@ def _ensure_engines(ctx: Context, steps: int) -> None:
 
 # ---- the group ---------------------------------------------------------------------------------
 def _cost_rows(ctx: Context, steps: int, batch: int) -> dict[str, Any]:
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
 
     man = Manifest.load(ctx.exports[steps])
     cost = onnx_graph_cost(str(man.path(ctx.sampler_name, "fp32")), batch)
@@ -177,7 +177,7 @@ def _attach_roofline(row: Row, cost: dict[str, Any]) -> None:
 
 def measure_cache_bandwidth(ctx: Context) -> None:
     """Triad bandwidth at the sampler's weight working set (it fits in LLC on most CPUs)."""
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
 
     k = min(ctx.exports)
     cost = onnx_graph_cost(str(Manifest.load(ctx.exports[k]).path(ctx.sampler_name, "fp32")), 1)
@@ -249,6 +249,6 @@ def run(ctx: Context) -> list[Row]:
 
 
 def _manifest(ctx: Context, steps: int):
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
 
     return Manifest.load(ctx.exports[steps])

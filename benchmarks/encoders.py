@@ -23,7 +23,7 @@ def _factory(ctx: Context, name: str, batch: int, backend: str, precision: str, 
 
 
 def run(ctx: Context) -> list[Row]:
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
 
     man = Manifest.load(ctx.main_export)
     trt_reason = tensorrt_unavailable_reason()

@@ -112,7 +112,7 @@ grep -qE "[1-9][0-9]* passed" "$OUT/pytest-gpu.log" || { log "no GPU test passed
 timed latency "$PY" - "$EXPORT_DIR" "$OUT" "$REPEATS" <<'EOF'
 import json, statistics, sys, time
 import numpy as np
-from diffgap.manifest import Manifest
+from diffgap.core.manifest import Manifest
 from diffgap.runtime.session import open_model
 
 export, out, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])

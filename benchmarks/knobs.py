@@ -86,7 +86,7 @@ def _iobinding(path: str, io, batch: int, threads: int) -> Callable[[], Callable
 
 
 def run(ctx: Context, steps: int, batches: tuple[int, ...]) -> list[Row]:
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
     from diffgap.runtime.session import open_model
 
     man = Manifest.load(ctx.exports[steps])

@@ -73,8 +73,8 @@ def _export(ctx: Context, out: Path, steps: int, samplers_only: bool) -> Path:
     except ImportError:
         from diffgap.export.cli import export_all
     from diffgap.checkpoint import WEIGHTS
-    from diffgap.fsutil import sha256_file
-    from diffgap.manifest import Manifest
+    from diffgap.core.fsutil import sha256_file
+    from diffgap.core.manifest import Manifest
 
     encoders = None if samplers_only else (ctx.encoders or ("tiny" if ctx.quick else "htsat-tiny"))
     if ctx.cache is not None:
@@ -119,8 +119,8 @@ def _export_timed_sampler(ctx: Context, out: Path, steps: int) -> None:
     from diffgap.export.fp16 import convert_fp16
     from diffgap.export.fused import FusedSampler
     from diffgap.export.onnx_export import export_module
-    from diffgap.fsutil import atomic_dir, sha256_file
-    from diffgap.manifest import Manifest, ModelEntry
+    from diffgap.core.fsutil import atomic_dir, sha256_file
+    from diffgap.core.manifest import Manifest, ModelEntry
 
     cfg = ctx.model.config
     sampler = FusedSampler(ctx.model, ctx.direction, steps)
@@ -148,7 +148,7 @@ def prepare(ctx: Context, groups: tuple[str, ...], export_dirs: list[Path] | Non
     ``export_dirs``: existing exports to reuse; each one's sampler K is read from its manifest, and the
     first one holding the encoders serves the encoder / pipeline / Triton groups.
     """
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
 
     for export_dir in export_dirs or []:
         man = Manifest.load(export_dir, verify=True)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffgap.fsutil import atomic_path, atomic_write_text
+from diffgap.core.fsutil import atomic_path, atomic_write_text
 
 from .context import GOAL_ROOFLINE_BATCH, GOAL_SPEEDUP_BATCH, GOAL_STEPS
 
@@ -415,7 +415,7 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
 
 
 def write_all(res: dict[str, Any], out_dir: Path, stem_name: str) -> dict[str, Any]:
-    from diffgap.fsutil import atomic_write_json
+    from diffgap.core.fsutil import atomic_write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / stem_name

@@ -83,7 +83,7 @@ GALLERY = 1000  # gallery size of the search ensemble's index (random unit audio
 
 def gallery_index(ctx: Context, out: Path) -> Path:
     """A gallery index for ``text_to_audio_search``: random unit CLAP audio embeddings, ids clipNNNN."""
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
     from diffgap.runtime.pipeline import build_index
 
     if out.exists():

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .config import DiffGAPConfig
-from .fsutil import atomic_dir, read_versioned_json, sha256_file
+from .core.fsutil import atomic_dir, read_versioned_json, sha256_file
 
 log = logging.getLogger(__name__)
 

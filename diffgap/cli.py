@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from diffgap.core.errors import UserError
+
 # name -> module; order is the order --help lists them, following the data flow.
 COMMANDS: dict[str, str] = {
     "synth": "diffgap.commands.synth",
@@ -28,10 +30,6 @@ COMMANDS: dict[str, str] = {
     "triton-repo": "diffgap.triton_models.cli_repo",
     "serve": "diffgap.triton_models.cli_serve",
 }
-
-
-class UserError(Exception):
-    """An error the user can fix; the CLI prints its one-line message (no traceback) and exits 2."""
 
 
 def _available() -> dict[str, object]:

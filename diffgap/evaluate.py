@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Pairs
+from .core.data import Pairs
 from .models import DiffGAP, parse_direction
-from .retrieval import (bootstrap_ci, choose_fusion_weights, cosine, fuse, metrics_from_ranks,
+from .core.retrieval import (bootstrap_ci, choose_fusion_weights, cosine, fuse, metrics_from_ranks,
                         ranks_of_diagonal)
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import MODALITY_KEYS, Pairs, save_pairs
+from .core.data import MODALITY_KEYS, Pairs, save_pairs
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def generate(cfg: SynthConfig = SynthConfig(), modalities: tuple[str, str] = TEX
 
 def write(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), modalities: tuple[str, str] = TEXT_AUDIO) -> dict[str, Path]:
     """Write ``train.npz``, ``val.npz``, ``test.npz`` and ``synth.json`` (the parameters) to ``out_dir``."""
-    from .fsutil import atomic_write_json
+    from .core.fsutil import atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from .config import DiffGAPConfig, TrainConfig
-from .data import Pairs
+from .core.data import Pairs
 from .diffusion import timestep_start
 from .models import DiffGAP, parse_direction
 

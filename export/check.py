@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from diffgap.iospec import ROLE_CONDITION, ROLE_GUIDANCE, IOSpec
+from diffgap.core.iospec import ROLE_CONDITION, ROLE_GUIDANCE, IOSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Writes into DIR (built under a temporary sibling and renamed at the end, so a fa
     diffgap_text_to_audio.onnx    diffgap_text_to_audio.fp16.onnx
     diffgap_audio_to_text.onnx    diffgap_audio_to_text.fp16.onnx
     bpe_simple_vocab_16e6.txt.gz  (or tokenizer.json for RoBERTa towers)
-    manifest.json                 (diffgap.manifest: IOSpecs, files + sha256, parity and lint figures)
+    manifest.json                 (diffgap.core.manifest: IOSpecs, files + sha256, parity and lint figures)
 
 for a text<->audio (CLAP-space) checkpoint, and for a video<->audio (CAVP-space, ``cavp-*`` preset) one::
 
@@ -71,7 +71,7 @@ class ExportResult:
     """What :func:`export_all` wrote and measured."""
 
     out: Path
-    manifest: Any                                  # diffgap.manifest.Manifest (root = out)
+    manifest: Any                                  # diffgap.core.manifest.Manifest (root = out)
     lint: dict[str, dict] = field(default_factory=dict)
     parity: dict | None = None                     # check.summarize(...) when check=True
     table: str | None = None                       # check.format_table(...) when check=True
@@ -275,7 +275,7 @@ def export_all(
         fusion_weights: per retrieval task (``"text_to_audio"`` ...) the score-fusion weights chosen on the
             validation split (:func:`fusion_weights_from_eval`); stored as ``manifest.extra["fusion_weights"]``.
 
-    Returns an :class:`ExportResult`; ``result.manifest`` is the saved :class:`~diffgap.manifest.Manifest`.
+    Returns an :class:`ExportResult`; ``result.manifest`` is the saved :class:`~diffgap.core.manifest.Manifest`.
     """
     t_start = time.time()
     out = Path(out)
@@ -288,8 +288,8 @@ def export_all(
 
     from diffgap import __version__
     from diffgap.checkpoint import WEIGHTS, load_checkpoint
-    from diffgap.fsutil import atomic_dir, sha256_file
-    from diffgap.manifest import Manifest, ModelEntry
+    from diffgap.core.fsutil import atomic_dir, sha256_file
+    from diffgap.core.manifest import Manifest, ModelEntry
 
     from . import check as chk
     from .fp16 import convert_fp16

@@ -73,7 +73,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 
-from diffgap.iospec import IOSpec, onnx_elem_type
+from diffgap.core.iospec import IOSpec, onnx_elem_type
 
 from .onnx_export import check_and_infer, read_metadata, save_model, set_metadata
 

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from diffgap.diffusion import DDIMSampler, timestep_start, timesteps_summary
-from diffgap.iospec import (
+from diffgap.core.iospec import (
     BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec, TensorSpec,
 )
+from diffgap.core.names import parse_sampler_name, sampler_name
 from diffgap.models import parse_direction
 
 DEFAULT_BATCH = (1, 16, 256)  # min / opt / max batch of the TensorRT profile and Triton config
@@ -42,15 +43,12 @@ DEFAULT_BATCH = (1, 16, 256)  # min / opt / max batch of the TensorRT profile an
 def export_name(direction: str) -> str:
     """``"audio_given_text"`` -> ``"diffgap_text_to_audio"`` (the fixed export names)."""
     target, source = parse_direction(direction)
-    return f"diffgap_{source}_to_{target}"
+    return sampler_name(source, target)
 
 
 def direction_of(name: str) -> str:
     """Inverse of :func:`export_name`."""
-    prefix = "diffgap_"
-    if not name.startswith(prefix) or "_to_" not in name:
-        raise ValueError(f"{name!r} is not a fused sampler export name (diffgap_<source>_to_<target>)")
-    source, _, target = name[len(prefix):].partition("_to_")
+    source, target = parse_sampler_name(name)
     return f"{target}_given_{source}"
 
 

@@ -1,4 +1,4 @@
-"""Generic ONNX export of one module from its :class:`~diffgap.iospec.IOSpec`.
+"""Generic ONNX export of one module from its :class:`~diffgap.core.iospec.IOSpec`.
 
 ``export_module(module, io_spec, path)`` reads tensor names, dtypes, the dynamic batch axis and a
 sample input from the module's one I/O declaration, exports, stamps the declared shapes and
@@ -39,15 +39,16 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from diffgap.fsutil import atomic_path
-from diffgap.iospec import BATCH, IOSpec, onnx_elem_type
+from diffgap.core.fsutil import atomic_path
+from diffgap.core.names import META_IO_SPEC
+from diffgap.core.iospec import BATCH, IOSpec, onnx_elem_type
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
 TRACE_BATCH = 2  # example batch for tracing: != 1 so a frozen batch axis shows up in parity at B=1,3,8
-META_IOSPEC = "diffgap.io_spec"
+META_IOSPEC = META_IO_SPEC
 
 
 def _sample_args(io: IOSpec, batch: int, seed: int = 0) -> tuple:

@@ -1,8 +1,8 @@
 """Torch-free runtime (import name ``diffgap.runtime``): onnxruntime and TensorRT sessions behind one
 interface, the engine builder, and the Pipeline API. Imports only numpy, onnxruntime / tensorrt+pycuda
 (lazily, when a session of that backend is created), and the torch-free contract modules
-``diffgap.iospec``, ``diffgap.manifest``, ``diffgap.fsutil`` (plus ``diffgap.tokenizer`` /
-``diffgap.audio`` when raw text / audio files are given, and ``diffgap.data`` in ``diffgap index``).
+``diffgap.core.iospec``, ``diffgap.core.manifest``, ``diffgap.core.fsutil`` (plus ``diffgap.core.tokenizer`` /
+``diffgap.core.audio`` when raw text / audio files are given, and ``diffgap.core.data`` in ``diffgap index``).
 
 Modules:
 

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffgap.cli import UserError
+    from diffgap.core.errors import UserError
 
     from .engine import BuildSettings, build_engines
 

@@ -34,7 +34,7 @@ def _audio_files(d: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffgap.cli import UserError
+    from diffgap.core.errors import UserError
 
     try:
         return _run(args)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from diffgap.manifest import Manifest
+    from diffgap.core.manifest import Manifest
 
     from .pipeline import AudioToTextBridge, build_index
 
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     man = Manifest.load(args.export_dir, verify=True)
     common = dict(backend=args.backend, precision=args.precision, seed=args.seed, guidance_scale=args.guidance_scale)
     if args.npz:
-        from diffgap.data import load_pairs
+        from diffgap.core.data import load_pairs
 
         pairs = load_pairs(args.npz, embed_dim=man.embed_dim, require=("audio",))
         text = None if args.no_captions else pairs.embeddings.get("text")
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
                     caption_ids=None if text is None else pairs.ids, **common)
         n, m = len(pairs), (0 if text is None else len(pairs))
     else:
-        from diffgap.audio import AudioError, load_clips
+        from diffgap.core.audio import AudioError, load_clips
 
         root = Path(args.audio_dir)
         files = _audio_files(root)

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffgap.cli import UserError
+    from diffgap.core.errors import UserError
 
     from .pipeline import AudioSearch, GalleryIndex
 

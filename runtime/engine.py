@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from diffgap.fsutil import atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
-from diffgap.iospec import IOSpec
-from diffgap.manifest import Manifest
+from diffgap.core.fsutil import atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
+from diffgap.core.iospec import IOSpec
+from diffgap.core.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
   embeddings) -> CLAP embedding (B, E) -> the fused sampler ``diffgap_<source>_to_<target>`` ->
   the bridged target-modality embedding (B, D) and the source's own head-space embedding (B, D).
 - :class:`VideoToAudioBridge` / :class:`AudioToVideoBridge`: the same for a video<->audio (CAVP-space)
-  export: video files (decoded by the torch-free :mod:`diffgap.video`) or frame arrays / audio files or
+  export: video files (decoded by the torch-free :mod:`diffgap.core.video`) or frame arrays / audio files or
   waveforms -> CAVP embedding -> ``diffgap_video_to_audio`` / ``diffgap_audio_to_video``.
 - :class:`AudioSearch`: a gallery index file (audio embeddings + ids, and the gallery-side bridged
   embeddings computed once at index time) answering text queries with audio ids, and audio queries
@@ -20,7 +20,7 @@ projections h and bridged embeddings b, four cosine matrices ::
 
     raw = cos(x_q, x_g)   head = cos(h_q, h_g)   query_bridge = cos(b_{s->t}(q), h_g)   gallery_bridge = cos(h_q, b_{t->s}(g))
 
-are z-scored per query over the gallery and summed with weights (``diffgap.retrieval.fuse``, the
+are z-scored per query over the gallery and summed with weights (``diffgap.core.retrieval.fuse``, the
 very function the evaluation uses). The weights come from the export manifest's
 ``extra["fusion_weights"]`` when present (per task ``text_to_audio`` / ``audio_to_text``, or one set
 for both; ``diffgap evaluate``'s component names are accepted), else :data:`DEFAULT_WEIGHTS`.
@@ -39,10 +39,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from diffgap.fsutil import atomic_path
-from diffgap.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED
-from diffgap.manifest import Manifest
-from diffgap.retrieval import cosine, fuse  # numpy-only: the evaluation's own scoring
+from diffgap.core.fsutil import atomic_path
+from diffgap.core.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED
+from diffgap.core.manifest import Manifest
+from diffgap.core.names import encoder_name, sampler_name
+from diffgap.core.retrieval import cosine, fuse  # numpy-only: the evaluation's own scoring
 
 
 from .session import Session, open_model
@@ -65,15 +66,6 @@ EVAL_TERM_NAMES = {"raw": "raw", "heads": "head", "q-bridge src": "query_bridge"
 TASKS = ("text_to_audio", "audio_to_text")
 # Equal weights: a neutral default when the export carries no validated fusion weights.
 DEFAULT_WEIGHTS = {k: 0.25 for k in SCORE_TERMS}
-
-
-def sampler_name(source: str, target: str) -> str:
-    return f"diffgap_{source}_to_{target}"
-
-
-def encoder_name(modality: str, family: str = "clap") -> str:
-    """The export name of ``modality``'s encoder in the ``family`` (``"clap"`` | ``"cavp"``) space."""
-    return f"{family}_{modality}_encoder"
 
 
 def make_noise(seeds: int | Sequence[int] | np.ndarray, batch: int, dim: int) -> np.ndarray:
@@ -249,7 +241,7 @@ class TextToAudioBridge(Bridge):
         """The tokenizer the text encoder declares (``io.meta["tokenizer"]``), loaded from the export's
         ``tokenizer`` asset (laion-clap's BPE vocab or RoBERTa's tokenizer.json)."""
         if self._tokenizer is None:
-            from diffgap.tokenizer import load_tokenizer
+            from diffgap.core.tokenizer import load_tokenizer
 
             kind = self.encoder.io.meta.get("tokenizer")
             if not kind:
@@ -273,18 +265,18 @@ class TextToAudioBridge(Bridge):
 
 
 class AudioToTextBridge(Bridge):
-    """Audio (file paths, or waveforms already prepared by :func:`diffgap.audio.prepare_clips`) ->
+    """Audio (file paths, or waveforms already prepared by :func:`diffgap.core.audio.prepare_clips`) ->
     CLAP audio embeddings -> bridged text head-space embeddings."""
 
     source, target = "audio", "text"
 
     def waveforms(self, inputs: Sequence[str | os.PathLike] | np.ndarray, long_clip: str = "center") -> np.ndarray:
-        """(B, samples) float32 CLAP inputs; paths are decoded with diffgap.audio's laion-clap data path."""
+        """(B, samples) float32 CLAP inputs; paths are decoded with diffgap.core.audio's laion-clap data path."""
         spec = self.encoder.io.inputs[0]
         if isinstance(inputs, np.ndarray):
             if inputs.ndim != 2 or inputs.shape[1:] != spec.feature_shape:
                 raise ValueError(
-                    f"waveforms must be (B, {spec.feature_shape[0]}) prepared with diffgap.audio.prepare_clips, got {inputs.shape}"
+                    f"waveforms must be (B, {spec.feature_shape[0]}) prepared with diffgap.core.audio.prepare_clips, got {inputs.shape}"
                 )
             return inputs.astype(np.float32, copy=False)
         from diffgap import audio
@@ -333,7 +325,7 @@ class VideoToAudioBridge(_CavpBridge):
         """(B, T, 3, S, S) float32 in [0, 1], the video encoder's input.
 
         Arrays: float in [0, 1] or uint8 (divided by 255), exactly the declared (B, T, 3, S, S).
-        Paths: decoded with :func:`diffgap.video.load_frames` at the exported fps / size / frame count
+        Paths: decoded with :func:`diffgap.core.video.load_frames` at the exported fps / size / frame count
         from ``start`` seconds (``resize``: ``"squash"``, Diff-Foley's, or ``"center_crop"``).
         """
         spec = self.encoder.io.inputs[0]
@@ -341,7 +333,7 @@ class VideoToAudioBridge(_CavpBridge):
             if inputs.ndim != 1 + len(spec.feature_shape) or inputs.shape[1:] != spec.feature_shape:
                 raise ValueError(
                     f"frames must be (B, {', '.join(map(str, spec.feature_shape))}) (T, RGB, H, W), got {inputs.shape}; "
-                    "decode videos with diffgap.video.load_frames or pass file paths"
+                    "decode videos with diffgap.core.video.load_frames or pass file paths"
                 )
             if inputs.dtype == np.uint8:
                 return (inputs.astype(np.float32) / 255.0).astype(spec.np_dtype, copy=False)
@@ -371,7 +363,7 @@ class AudioToVideoBridge(_CavpBridge):
     def waveforms(self, inputs: Sequence[str | os.PathLike] | np.ndarray, start: float = 0.0) -> np.ndarray:
         """(B, clip_samples) float32 at the exported sample rate, the audio encoder's input.
 
-        Arrays are taken as prepared. Paths are decoded with :func:`diffgap.video.load_audio_track`
+        Arrays are taken as prepared. Paths are decoded with :func:`diffgap.core.video.load_audio_track`
         (PyAV: audio files and the first audio stream of a video), mono, resampled, from ``start``
         seconds; the first ``clip_samples`` are kept and shorter clips zero-padded at the end
         (Diff-Foley's ``wav2spec`` policy, as :meth:`diffgap.encoders.cavp.CavpEncoder.prepare_audio`).

@@ -7,7 +7,7 @@ Backends (the caller names one and gets it, or a clear error — never a silent 
 - ``"ort-trt"``   onnxruntime, TensorRT execution provider;
 - ``"tensorrt"``  TensorRT engine + pycuda (:class:`diffgap.runtime.trt_session.TrtSession`).
 
-Every session carries the module's :class:`~diffgap.iospec.IOSpec` (from the export manifest, the
+Every session carries the module's :class:`~diffgap.core.iospec.IOSpec` (from the export manifest, the
 ONNX ``metadata_props`` key :data:`ONNX_IO_SPEC_KEY`, or an engine's sidecar json), checks every feed
 against it (dtype, rank, shape, batch vs the profile, NaN/Inf) before running, fills omitted optional
 inputs with their declared default, and checks every output against it afterwards.
@@ -24,17 +24,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diffgap.fsutil import sha256_file
-from diffgap.iospec import IOSpec, TensorSpec
-from diffgap.manifest import Manifest
+from diffgap.core.fsutil import sha256_file
+from diffgap.core.iospec import IOSpec, TensorSpec
+from diffgap.core.manifest import Manifest
+from diffgap.core.names import META_IO_SPEC
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
-# The ONNX metadata_props key under which the exporter stores ``IOSpec.to_dict()`` as json
-# (agreed with export/onnx_export.py).
-ONNX_IO_SPEC_KEY = "diffgap.io_spec"
+# The ONNX metadata_props key under which the exporter stores ``IOSpec.to_dict()`` as json.
+ONNX_IO_SPEC_KEY = META_IO_SPEC
 
 # Execution providers each ORT backend asks for, in priority order. The CPU provider is listed last
 # on purpose: ORT runs the few nodes an accelerator EP does not claim on CPU (per-node placement,

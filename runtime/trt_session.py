@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from diffgap.iospec import IOSpec
+from diffgap.core.iospec import IOSpec
 
 from .engine import EngineMeta, HostInfo, import_tensorrt, import_pycuda, trt_logger
 from .session import Session, check_backend

@@ -14,16 +14,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from diffgap.iospec import (
+from diffgap.core.iospec import (
     BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec, TensorSpec,
 )
-from diffgap.manifest import Manifest, ModelEntry
+from diffgap.core.manifest import Manifest, ModelEntry
 
 OPSET = 17
 CONTEXT = 77
 VOCAB = 49408
 E, D = 16, 8            # CLAP-space dim, head-space dim (tiny)
-WAVE = 480000           # the real CLAP clip length, so diffgap.audio's waveforms fit
+WAVE = 480000           # the real CLAP clip length, so diffgap.core.audio's waveforms fit
 WAVE_FRAMES = 1000      # waveform -> (B, 1000, 480) frame means -> linear map
 
 
@@ -169,7 +169,7 @@ def audio_model(fp16: bool = False, seed: int = 0, max_batch: int = 4) -> onnx.M
 
 def make_export(root: str | Path, seed: int = 0, sampler_max_batch: int = 16) -> Manifest:
     """Write a complete export directory (fp32 + fp16 graphs, tokenizer asset, manifest.json)."""
-    from diffgap.tokenizer import ClipBPETokenizer
+    from diffgap.core.tokenizer import ClipBPETokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""diffgap.audio == laion-clap's data path (non-fusion), on real generated signals; listed errors."""
+"""diffgap.core.audio == laion-clap's data path (non-fusion), on real generated signals; listed errors."""
 import subprocess
 import sys
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from diffgap import audio as A
+from diffgap.core import audio as A
 
 SR = A.SAMPLE_RATE
 
@@ -35,7 +35,7 @@ def laion_fit(laion_data, x: np.ndarray) -> np.ndarray:
 
 
 def test_runtime_modules_are_torch_free():
-    code = "import sys, diffgap.audio, diffgap.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, diffgap.core.audio, diffgap.core.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -17,7 +17,7 @@ from diffgap.encoders.cavp import (
     get_cavp_config,
     slaney_mel_filterbank,
 )
-from diffgap.iospec import IOSpec
+from diffgap.core.iospec import IOSpec
 
 TINY = CAVP_CONFIGS["tiny"]
 FULL = CAVP_CONFIGS["full"]

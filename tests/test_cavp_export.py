@@ -17,7 +17,7 @@ from diffgap.encoders.cavp import CavpEncoder
 from diffgap.export import check as chk
 from diffgap.export.cli import export_all
 from diffgap.export.fused import FusedSampler
-from diffgap.manifest import Manifest
+from diffgap.core.manifest import Manifest
 from diffgap.runtime import AudioToVideoBridge, VideoToAudioBridge, make_noise
 
 MODELS = {"cavp_video_encoder", "cavp_audio_encoder", "diffgap_video_to_audio", "diffgap_audio_to_video"}
@@ -122,7 +122,7 @@ def test_runtime_decodes_video_files(exported, tmp_path):
     pytest.importorskip("av")  # PyAV writes the test video
     from test_video import write_video
 
-    from diffgap.video import load_audio_track, load_frames
+    from diffgap.core.video import load_audio_track, load_frames
 
     _, res = exported
     path = write_video(tmp_path / "clip.mp4", seconds=1.5, audio_rate=16000)

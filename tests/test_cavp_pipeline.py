@@ -12,7 +12,7 @@ import torch
 from diffgap import synth
 from diffgap.cli import main
 from diffgap.config import get_preset
-from diffgap.data import load_pairs
+from diffgap.core.data import load_pairs
 from diffgap.models import DiffGAP
 
 SMALL = dataclasses.replace(synth.VIDEO_AUDIO_CONFIG, n_train=600, n_val=120, n_test=120)

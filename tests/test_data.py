@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from diffgap.data import load_pairs, save_pairs
+from diffgap.core.data import load_pairs, save_pairs
 
 
 def _arrays(n=5, e=8, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 
 from diffgap import cli
-from diffgap.data import load_pairs
+from diffgap.core.data import load_pairs
 from diffgap.encoders import dataset as D
 from diffgap.encoders.clap import ClapEncoder
 

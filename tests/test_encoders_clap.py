@@ -8,9 +8,9 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from diffgap import audio as A
+from diffgap.core import audio as A
 from diffgap.encoders import clap as C
-from diffgap.iospec import IOSpec
+from diffgap.core.iospec import IOSpec
 
 # Wrapper vs laion-clap on the same weights: the same float32 ops in the same order, so they agree
 # to rounding; 1e-5 is the bound.

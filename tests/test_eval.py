@@ -8,7 +8,7 @@ import torch
 
 from diffgap import synth
 from diffgap.cli import main as cli_main
-from diffgap.retrieval import (bootstrap_ci, choose_fusion_weights, cosine, fuse, metrics_from_ranks,
+from diffgap.core.retrieval import (bootstrap_ci, choose_fusion_weights, cosine, fuse, metrics_from_ranks,
                                ranks_of_diagonal, simplex_grid)
 
 
@@ -81,7 +81,7 @@ def test_eval_cli_prints_every_row_and_writes_json(trained, capsys):
         assert "full - raw+heads" in res["tasks"][task]["contrasts"]
         assert f"Retrieval {task}" in out
     # the raw row is plain cosine on the frozen embeddings
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
     test = load_pairs(d / "data" / "test.npz")
     raw = metrics_from_ranks(ranks_of_diagonal(cosine(test["text"], test["audio"])))
     assert res["tasks"]["text->audio"]["rows"]["raw"]["R@1"] == pytest.approx(raw["R@1"])
@@ -92,7 +92,7 @@ def test_eval_cli_prints_every_row_and_writes_json(trained, capsys):
 
 
 def test_eval_cli_refuses_mismatched_data(trained, tmp_path, capsys):
-    from diffgap.data import save_pairs
+    from diffgap.core.data import save_pairs
 
     rng = np.random.default_rng(0)
     save_pairs(tmp_path / "v.npz", ids=[str(i) for i in range(4)], text=rng.standard_normal((4, 16)),

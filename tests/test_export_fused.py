@@ -20,7 +20,7 @@ from diffgap.export.check import denoiser_feeds, ort_session  # noqa: E402
 from diffgap.export.fused import FusedSampler, direction_of, export_name  # noqa: E402
 from diffgap.export.lint import lint_model  # noqa: E402
 from diffgap.export.onnx_export import META_IOSPEC, export_module, read_metadata  # noqa: E402
-from diffgap.iospec import (  # noqa: E402
+from diffgap.core.iospec import (  # noqa: E402
     ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec,
 )
 from diffgap.models import DiffGAP  # noqa: E402

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffgap.iospec import ROLE_GUIDANCE
+from diffgap.core.iospec import ROLE_GUIDANCE
 
 pytestmark = pytest.mark.gpu
 

@@ -26,9 +26,9 @@ from diffgap.export import check as chk  # noqa: E402
 from diffgap.export.cli import export_all  # noqa: E402
 from diffgap.export.lint import lint_model  # noqa: E402
 from diffgap.export.onnx_export import META_IOSPEC, read_metadata  # noqa: E402
-from diffgap.fsutil import sha256_file  # noqa: E402
-from diffgap.iospec import IOSpec  # noqa: E402
-from diffgap.manifest import Manifest  # noqa: E402
+from diffgap.core.fsutil import sha256_file  # noqa: E402
+from diffgap.core.iospec import IOSpec  # noqa: E402
+from diffgap.core.manifest import Manifest  # noqa: E402
 
 from test_export_fused import randomized_model  # noqa: E402
 
@@ -127,7 +127,7 @@ def test_timestep_embedding_mul_stays_fp32(tmp_path):
 
     from diffgap.export.fp16 import convert_fp16
     from diffgap.export.onnx_export import export_module
-    from diffgap.iospec import IOSpec, TensorSpec
+    from diffgap.core.iospec import IOSpec, TensorSpec
     from diffgap.models import timestep_features
 
     class Net(nn.Module):

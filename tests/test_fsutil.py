@@ -1,9 +1,9 @@
-"""Atomic writes and versioned-JSON reading (diffgap.fsutil): what every file diffgap writes relies on."""
+"""Atomic writes and versioned-JSON reading (diffgap.core.fsutil): what every file diffgap writes relies on."""
 import json
 
 import pytest
 
-from diffgap.fsutil import atomic_dir, atomic_write_json, read_versioned_json
+from diffgap.core.fsutil import atomic_dir, atomic_write_json, read_versioned_json
 
 
 def test_atomic_write_json_replaces_whole_file(tmp_path):

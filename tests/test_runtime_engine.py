@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import runtime_graphs as rg
-from diffgap.manifest import Manifest
+from diffgap.core.manifest import Manifest
 from diffgap.runtime.engine import (
     ENGINE_FORMAT,
     BuildSettings,

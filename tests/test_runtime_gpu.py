@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import runtime_graphs as rg
-from diffgap.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLES
-from diffgap.manifest import Manifest
+from diffgap.core.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLES
+from diffgap.core.manifest import Manifest
 
 pytestmark = pytest.mark.gpu
 

@@ -67,7 +67,7 @@ def _torch_bridge(model, direction, cond, noise, g=None):
 
 
 def _clips(n: int, seed: int = 0) -> np.ndarray:
-    from diffgap import audio as dga
+    from diffgap.core import audio as dga
 
     rng = np.random.default_rng(seed)
     sr = 16000
@@ -137,7 +137,7 @@ def test_search_equals_pytorch_scoring(stack, tmp_path):
     qb, qp = _torch_bridge(model, "audio_given_text", q, make_noise(8, len(TEXTS), D))
     gb, gp = _torch_bridge(model, "text_given_audio", audio, make_noise(4, n, D))
     # diffgap evaluate's "full" fusion of the four cosine matrices, computed by the evaluation's code
-    from diffgap.retrieval import cosine, fuse
+    from diffgap.core.retrieval import cosine, fuse
 
     sims = [cosine(q, audio), cosine(qp, gp), cosine(qb, gp), cosine(qp, gb)]
     scores = fuse(sims, tuple(weights[k] for k in ("raw", "head", "query_bridge", "gallery_bridge")))

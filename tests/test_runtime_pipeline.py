@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import runtime_graphs as rg
-from diffgap.iospec import ROLE_PROJECTED, ROLES
-from diffgap.manifest import Manifest
+from diffgap.core.iospec import ROLE_PROJECTED, ROLES
+from diffgap.core.manifest import Manifest
 from diffgap.runtime.pipeline import (
     DEFAULT_WEIGHTS,
     AudioSearch,
@@ -112,7 +112,7 @@ def test_guidance_scale_reaches_the_graph(export):
 
 def test_audio_bridge_from_files(export, tmp_path):
     sf = pytest.importorskip("soundfile")
-    from diffgap import audio as dga
+    from diffgap.core import audio as dga
 
     sr = 16000
     t = np.arange(int(1.5 * sr)) / sr
@@ -294,7 +294,7 @@ def test_bad_index_files(export, tmp_path):
 # -- the CLI --------------------------------------------------------------------------------
 def test_cli_index_and_search(export, pairs, tmp_path, capsys):
     from diffgap.cli import main
-    from diffgap.data import save_pairs
+    from diffgap.core.data import save_pairs
 
     audio, text, ids, captions = pairs
     npz = save_pairs(tmp_path / "pairs.npz", ids=ids, audio=audio, text=text, captions=captions)

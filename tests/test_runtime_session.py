@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 import runtime_graphs as rg
-from diffgap.manifest import Manifest
+from diffgap.core.manifest import Manifest
 from diffgap.runtime.session import (
     ONNX_IO_SPEC_KEY,
     OrtSession,

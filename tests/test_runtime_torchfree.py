@@ -43,7 +43,7 @@ import diffgap.runtime, diffgap.runtime.session, diffgap.runtime.engine, diffgap
 import diffgap.runtime.pipeline, diffgap.runtime.cli_index, diffgap.runtime.cli_search, diffgap.runtime.cli_build_engines
 from diffgap.runtime.pipeline import AudioSearch, AudioToTextBridge, TextToAudioBridge, build_index
 from diffgap.runtime.session import open_model
-from diffgap.data import save_pairs
+from diffgap.core.data import save_pairs
 
 export, work = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(0)

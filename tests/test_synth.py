@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from diffgap import synth
-from diffgap.data import load_pairs
+from diffgap.core.data import load_pairs
 
 
 def test_seeded_and_split_sizes():

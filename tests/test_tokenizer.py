@@ -1,4 +1,4 @@
-"""diffgap.tokenizer: our torch-free BPE == laion-clap's bundled ``tokenize``; RoBERTa via tokenizers."""
+"""diffgap.core.tokenizer: our torch-free BPE == laion-clap's bundled ``tokenize``; RoBERTa via tokenizers."""
 import gzip
 import json
 import random
@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from diffgap.tokenizer import (CLIP_VOCAB_FILENAME, ClipBPETokenizer, RobertaTokenizer, bundled_clip_vocab,
+from diffgap.core.tokenizer import (CLIP_VOCAB_FILENAME, ClipBPETokenizer, RobertaTokenizer, bundled_clip_vocab,
                                load_tokenizer)
 
 

@@ -25,7 +25,7 @@ def _tiny(steps=60):
 
 
 def test_short_training_run_lowers_the_loss(data):
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
 
     res = train(_tiny(80), load_pairs(data / "train.npz"), progress=False, log_every=1)
     tot = np.array([h["total"] for h in res.history])
@@ -47,7 +47,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(data, tmp_path):
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
 
     pairs = load_pairs(data / "train.npz")
     cfg = _tiny(30)
@@ -74,7 +74,7 @@ def test_train_cli_writes_a_loadable_checkpoint(data, tmp_path, capsys):
 
 
 def test_train_cli_refuses_bad_data(tmp_path, capsys):
-    from diffgap.data import save_pairs
+    from diffgap.core.data import save_pairs
 
     rng = np.random.default_rng(0)
     save_pairs(tmp_path / "small.npz", ids=[str(i) for i in range(10)], text=rng.standard_normal((10, 16)),
@@ -86,7 +86,7 @@ def test_train_cli_refuses_bad_data(tmp_path, capsys):
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_other_parameterisations_train_and_sample(data, prediction):
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
 
     cfg = _tiny(10).replace(**{"diffusion.prediction": prediction})
     res = train(cfg, load_pairs(data / "train.npz"), progress=False, log_every=1)

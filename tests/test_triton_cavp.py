@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import cavp_fixtures
-from diffgap.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, triton_dtype
-from diffgap.manifest import Manifest
+from diffgap.core.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, triton_dtype
+from diffgap.core.manifest import Manifest
 from diffgap.runtime import AudioToVideoBridge, VideoToAudioBridge
 from diffgap.triton_models import repository as R
 from diffgap.triton_models.server import TritonServer

@@ -16,9 +16,9 @@ import pytest
 
 import triton_fixtures
 from diffgap.cli import main as cli_main
-from diffgap.fsutil import sha256_file
-from diffgap.iospec import triton_dtype
-from diffgap.manifest import Manifest
+from diffgap.core.fsutil import sha256_file
+from diffgap.core.iospec import triton_dtype
+from diffgap.core.manifest import Manifest
 from diffgap.runtime.pipeline import build_index
 from diffgap.triton_models import repository as R
 
@@ -296,8 +296,8 @@ def test_cli_triton_repo(export, index, tmp_path, capsys):
 
 
 ALLOWED_IMPORTS = {"__future__", "json", "pathlib", "numpy", "triton_python_backend_utils",
-                   "diffgap.iospec", "diffgap.runtime", "diffgap.runtime.pipeline", "diffgap.runtime.session",
-                   "diffgap.tokenizer"}
+                   "diffgap.core.iospec", "diffgap.runtime", "diffgap.runtime.pipeline", "diffgap.runtime.session",
+                   "diffgap.core.tokenizer"}
 
 
 def test_python_model_template_imports_only_the_torch_free_runtime():

@@ -151,8 +151,8 @@ def test_demo_search_answers_like_the_runtime(tmp_path_factory, tmp_path):
     """The serving leg of `make demo`: pairs -> index -> portable repo -> server -> HTTP queries."""
     import numpy as np
 
-    from diffgap.data import save_pairs
-    from diffgap.manifest import Manifest
+    from diffgap.core.data import save_pairs
+    from diffgap.core.manifest import Manifest
     from diffgap.runtime import AudioSearch
     from diffgap.triton_models import demo_search
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import triton_fixtures
-from diffgap.iospec import ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE
-from diffgap.manifest import Manifest
+from diffgap.core.iospec import ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE
+from diffgap.core.manifest import Manifest
 from diffgap.runtime import AudioSearch, AudioToTextBridge, TextToAudioBridge
 from diffgap.triton_models import repository as R
 from diffgap.triton_models.server import TritonServer

@@ -10,7 +10,7 @@ import pytest
 
 av = pytest.importorskip("av")
 
-from diffgap.video import VideoError, load_audio_track, load_clip, load_frames, probe  # noqa: E402
+from diffgap.core.video import VideoError, load_audio_track, load_clip, load_frames, probe  # noqa: E402
 
 SRC_FPS = 10
 LEVEL_STEP = 10  # frame i is painted with red = i * LEVEL_STEP, so the sampled index is readable back

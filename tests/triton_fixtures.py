@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffgap.manifest import Manifest
+from diffgap.core.manifest import Manifest
 from diffgap.runtime import build_index
 
 N_GALLERY = 24

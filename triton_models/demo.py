@@ -61,7 +61,7 @@ def _index_from(export_dir: Path, index_or_pairs: str | os.PathLike, work: Path)
         keys = set(z.files)
     if "meta" in keys:
         return path
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
     from diffgap.runtime import build_index
 
     pairs = load_pairs(path, require=("audio",))

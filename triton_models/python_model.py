@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from diffgap.iospec import IOSpec
+from diffgap.core.iospec import IOSpec
 from diffgap.runtime import fuse_scores, make_noise, top_k
 from diffgap.runtime.pipeline import GalleryIndex
 from diffgap.runtime.session import load
@@ -75,7 +75,7 @@ class TritonPythonModel:
                             intra_op_threads=threads or None, spin_wait=False)
 
     def _init_tokenizer(self) -> None:
-        from diffgap.tokenizer import load_tokenizer
+        from diffgap.core.tokenizer import load_tokenizer
 
         kind = _param(self.config, "tokenizer")
         asset = self.dir / _param(self.config, "tokenizer_asset")

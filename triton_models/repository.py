@@ -38,7 +38,7 @@ Flavours (both from the same declarations):
   prebuilt: the FP16 ONNX graphs with onnxruntime's TensorRT execution accelerator (FP16). The
   tokenizer, noise and search models stay python models on CPU in both.
 
-Written atomically (:func:`diffgap.fsutil.atomic_dir`): a failed generation leaves nothing behind.
+Written atomically (:func:`diffgap.core.fsutil.atomic_dir`): a failed generation leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from diffgap.fsutil import atomic_dir, atomic_write_json
-from diffgap.iospec import IOSpec, TensorSpec, triton_dtype
-from diffgap.manifest import Manifest
+from diffgap.core.fsutil import atomic_dir, atomic_write_json
+from diffgap.core.iospec import IOSpec, TensorSpec, triton_dtype
+from diffgap.core.manifest import Manifest
+from diffgap.core.names import embedding_ensemble_name, encoder_name, noise_model_name, sampler_name
 # The sampler tensors' roles (keys of the IOSpec's meta["roles"]): tensors are looked up by role in
 # the manifest's IOSpec (IOSpec.role), never by a retyped name.
 from diffgap.runtime.pipeline import (
@@ -66,7 +67,7 @@ GPU_PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
 REPO_FORMAT = "diffgap-triton-repo/1"
 REPO_INFO = "diffgap_repository.json"
 
-# -- model names (the export names are fixed by the brief; the rest are this module's) -----------
+# -- model names (export and ensemble names come from diffgap.core.names) --------------------------
 TOKENIZER = "clap_tokenizer"
 SEARCH = "audio_gallery_search"
 DIRECTIONS = (("text", "audio"), ("audio", "text"))
@@ -78,22 +79,8 @@ FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def encoder_name(modality: str, family: str = "clap") -> str:
-    return f"{family}_{modality}_encoder"
-
-
-def sampler_name(source: str, target: str) -> str:
-    return f"diffgap_{source}_to_{target}"
-
-
-def noise_name(source: str, target: str) -> str:
-    return f"{sampler_name(source, target)}_noise"
-
-
-def embedding_ensemble(source: str, target: str) -> str:
-    return f"{source}_to_{target}_embedding"
-
-
+noise_name = noise_model_name
+embedding_ensemble = embedding_ensemble_name
 SEARCH_ENSEMBLE = "text_to_audio_search"
 
 # -- the ensembles' client-facing tensors (the only names declared here) ---------------------------

@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from diffgap.fsutil import atomic_dir
+from diffgap.core.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 

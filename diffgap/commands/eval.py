@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffgap.checkpoint import load_checkpoint
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
     from diffgap.evaluate import EvalConfig, evaluate, format_report
-    from diffgap.fsutil import atomic_write_json
+    from diffgap.core.fsutil import atomic_write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)

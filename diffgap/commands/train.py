@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffgap.config import get_preset
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
     from diffgap.models import count_parameters
     from diffgap.train import init_distributed, train
 

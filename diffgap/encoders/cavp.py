@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffgap.iospec import BATCH, IOSpec, TensorSpec
+from diffgap.core.iospec import BATCH, IOSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ class CavpVideoEncoderModule(nn.Module):
             name=self.EXPORT_NAME,
             inputs=(TensorSpec(
                 "frames", "float32", (BATCH, c.num_frames, 3, c.image_size, c.image_size), low=0.0, high=1.0,
-                doc=f"RGB frames at {c.fps:g} fps, {c.image_size}x{c.image_size}, values in [0, 1] (diffgap.video.load_frames)",
+                doc=f"RGB frames at {c.fps:g} fps, {c.image_size}x{c.image_size}, values in [0, 1] (diffgap.core.video.load_frames)",
             ),),
             outputs=(TensorSpec("video_embedding", "float32", (BATCH, c.embed_dim), doc="L2-normalised CAVP video embedding"),),
             min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
@@ -637,7 +637,7 @@ class CavpEncoder:
         if t.ndim != 5 or tuple(t.shape[1:]) != want:
             raise ValueError(
                 f"frames must be (B, {', '.join(map(str, want))}) (T at {c.fps:g} fps, RGB, {c.image_size}px), got "
-                f"{tuple(t.shape)}; decode with diffgap.video.load_frames(path, num_frames={c.num_frames}, size={c.image_size})"
+                f"{tuple(t.shape)}; decode with diffgap.core.video.load_frames(path, num_frames={c.num_frames}, size={c.image_size})"
             )
         return t
 

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffgap import audio as daudio
-from diffgap.iospec import BATCH, IOSpec, TensorSpec
+from diffgap.core import audio as daudio
+from diffgap.core.iospec import BATCH, IOSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class ClapAudioEncoderModule(nn.Module):
     laion-clap's non-fusion HTS-AT path end to end: STFT + log-mel (torchlibrosa) + bn0 +
     reshape_wav2img + Swin stages + audio_projection, then ``F.normalize`` -- exactly
     ``CLAP.get_audio_embedding`` on ``{"waveform": x}``. The waveform must already be laion-clap
-    preprocessed (int16 round trip, pad/repeat to 10 s): see :func:`diffgap.audio.prepare_clips`.
+    preprocessed (int16 round trip, pad/repeat to 10 s): see :func:`diffgap.core.audio.prepare_clips`.
     """
 
     def __init__(self, clap, batch: tuple[int, int, int] = (1, 8, 32)) -> None:
@@ -331,7 +331,7 @@ def audio_io_spec(min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32) -
     return IOSpec(
         name="clap_audio_encoder",
         inputs=(TensorSpec("waveform", "float32", (BATCH, CLIP_SAMPLES), low=-1.0, high=1.0,
-                           doc="48 kHz mono, int16-quantised, repeat-padded to 10 s (diffgap.audio)"),),
+                           doc="48 kHz mono, int16-quantised, repeat-padded to 10 s (diffgap.core.audio)"),),
         outputs=(TensorSpec("audio_embedding", "float32", (BATCH, EMBED_DIM), doc="L2-normalised CLAP audio embedding"),),
         min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
         meta={"sample_rate": SAMPLE_RATE, "clip_samples": CLIP_SAMPLES},
@@ -441,7 +441,7 @@ def _check_state_dict(model: nn.Module, sd: dict, path: Path, arch: ClapArch) ->
 
 def save_checkpoint(encoder: "ClapEncoder", path: str | os.PathLike) -> Path:
     """Write ``encoder``'s weights as a LAION-CLAP-style checkpoint (+ its named arch), atomically."""
-    from diffgap.fsutil import atomic_path
+    from diffgap.core.fsutil import atomic_path
 
     path = Path(path)
     payload = {"state_dict": encoder.model.state_dict(), "diffgap_clap_arch": dataclasses.asdict(encoder.arch)}
@@ -452,7 +452,7 @@ def save_checkpoint(encoder: "ClapEncoder", path: str | os.PathLike) -> Path:
 
 def load_clap_checkpoint(path: str | os.PathLike, roberta_dir: str | os.PathLike | None = None):
     """A real LAION-CLAP checkpoint -> ``(model, model_cfg, arch, tokenizer)``; clear errors otherwise."""
-    from diffgap.tokenizer import ClipBPETokenizer, RobertaTokenizer
+    from diffgap.core.tokenizer import ClipBPETokenizer, RobertaTokenizer
 
     path = Path(path)
     sd, saved_arch = _read_state_dict(path)
@@ -497,7 +497,7 @@ class ClapEncoder:
     @classmethod
     def from_arch(cls, name: str = "tiny", seed: int = 0) -> "ClapEncoder":
         """A named offline architecture (``tiny`` | ``htsat-tiny``) with seeded random weights."""
-        from diffgap.tokenizer import ClipBPETokenizer
+        from diffgap.core.tokenizer import ClipBPETokenizer
 
         arch = get_arch(name)
         model, cfg = build_clap_model(arch, seed=seed)
@@ -539,7 +539,7 @@ class ClapEncoder:
         """Prepared clips (N, 480000) float32 -> (N, 512) (no preprocessing applied)."""
         clips = np.ascontiguousarray(clips, dtype=np.float32)
         if clips.ndim != 2 or clips.shape[1] != CLIP_SAMPLES:
-            raise ValueError(f"clips must be (N, {CLIP_SAMPLES}) float32, got {clips.shape}; use diffgap.audio.prepare_clips")
+            raise ValueError(f"clips must be (N, {CLIP_SAMPLES}) float32, got {clips.shape}; use diffgap.core.audio.prepare_clips")
         out = [self.audio_module(torch.from_numpy(clips[i:i + batch_size])) for i in range(0, len(clips), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, EMBED_DIM), np.float32)
 
@@ -547,7 +547,7 @@ class ClapEncoder:
                      long_clip: str = "center", batch_size: int = 8) -> np.ndarray:
         """waveforms (each (T,) or (T, C), any length, at ``sample_rate``) -> (B, 512) float32.
 
-        laion-clap's data path (:mod:`diffgap.audio`): mono, 48 kHz, int16 round trip, repeat-pad;
+        laion-clap's data path (:mod:`diffgap.core.audio`): mono, 48 kHz, int16 round trip, repeat-pad;
         longer clips follow ``long_clip`` ("chunks" averages the normalised chunk embeddings).
         """
         per_item = [daudio.prepare_clips(np.asarray(w), sample_rate, long_clip) for w in waveforms]
@@ -613,7 +613,7 @@ def demo_embed(out_dir: str | os.PathLike, arch: str = "tiny", seed: int = 0) ->
 
     import soundfile as sf
 
-    from diffgap.data import load_pairs
+    from diffgap.core.data import load_pairs
     from diffgap.encoders.dataset import embed_plan, plan_from_csv
 
     out_dir = Path(out_dir)

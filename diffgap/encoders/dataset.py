@@ -1,4 +1,4 @@
-"""Audio folders + caption tables -> paired CLAP embeddings (``diffgap.data`` ``.npz``), resumably.
+"""Audio folders + caption tables -> paired CLAP embeddings (``diffgap.core.data`` ``.npz``), resumably.
 
 Inputs (any of):
 
@@ -14,7 +14,7 @@ Inputs (any of):
 Every unique audio file and caption is embedded once. Work is cut into fixed chunks written as
 shard files (atomically) under ``.<out>.embed-parts/`` next to the output, with a fingerprint of the
 inputs and encoder; a rerun after an interruption skips finished shards. Only when every shard is
-done is the ``.npz`` written (atomically, by ``diffgap.data.save_pairs``) and the shard folder
+done is the ``.npz`` written (atomically, by ``diffgap.core.data.save_pairs``) and the shard folder
 removed -- so there is never a half-written ``.npz``. Files that fail to decode, rows without audio
 and empty captions are skipped and reported with the reason (also in ``<out>.skipped.tsv``).
 """
@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from diffgap.fsutil import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from diffgap.core.fsutil import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,8 @@ def embed_plan(
     Resumable (see the module docstring). Returns ``(out, skipped)``; ``skipped`` lists
     ``(item, reason)`` for everything left out. ``on_shard`` is called after each shard is written.
     """
-    from diffgap import audio as daudio
-    from diffgap.data import save_pairs
+    from diffgap.core import audio as daudio
+    from diffgap.core.data import save_pairs
 
     out = Path(out)
     if batch_size < 1:

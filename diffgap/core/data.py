@@ -72,7 +72,7 @@ def validate_arrays(
     """Check a dict of arrays against the format; return a :class:`Pairs` (float32 embeddings)."""
     mods = {k: arrays[k] for k in MODALITY_KEYS if k in arrays}
     if len(mods) < 2:
-        raise ValueError(f"{path}: needs at least two of {MODALITY_KEYS} arrays, found {sorted(arrays)}; write it with `diffgap embed` or diffgap.data.save_pairs")
+        raise ValueError(f"{path}: needs at least two of {MODALITY_KEYS} arrays, found {sorted(arrays)}; write it with `diffgap embed` or diffgap.core.data.save_pairs")
     for r in require:
         if r not in mods:
             raise ValueError(f"{path}: array {r!r} is required here but missing (it has {sorted(mods)})")

@@ -24,7 +24,7 @@ With ``num_frames`` given, a video shorter than ``num_frames / fps`` is padded b
 last frame (logged); longer videos are cut at ``num_frames``. Output: ``(T, 3, size, size)`` uint8.
 
 Audio (:func:`load_audio_track`): the first audio stream, decoded to float, averaged to mono,
-resampled with soxr "HQ" (:func:`diffgap.audio.resample`) to ``sample_rate``; ``start``/``duration``
+resampled with soxr "HQ" (:func:`diffgap.core.audio.resample`) to ``sample_rate``; ``start``/``duration``
 cut it on the same clock as the frames. :func:`load_clip` returns both for a CAVP config, aligned.
 
 Failures raise :class:`VideoError` (a ``ValueError``) whose one-line message names the file, the
@@ -40,7 +40,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from diffgap import audio as daudio
+from diffgap.core import audio as daudio
 
 log = logging.getLogger(__name__)
 

@@ -143,7 +143,7 @@ class ClipBPETokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Copy the vocab file into ``directory`` (e.g. an export dir); returns the new path."""
-        from diffgap.fsutil import atomic_path
+        from diffgap.core.fsutil import atomic_path
 
         if self.source is None:
             raise ValueError("this tokenizer was built from in-memory merges; build it with from_file to save it")
@@ -272,7 +272,7 @@ class RobertaTokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (the full pipeline) into ``directory``; returns its path."""
-        from diffgap.fsutil import atomic_write_text
+        from diffgap.core.fsutil import atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,10 @@
+"""Errors shared by every layer.
+
+:class:`UserError` is a mistake the user can fix (a wrong path, a mismatched file, a bad flag); the
+CLI prints its one-line message and exits 2. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix; the CLI prints its one-line message (no traceback) and exits 2."""

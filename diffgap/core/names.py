@@ -1,0 +1,46 @@
+"""Every name two layers must agree on, declared once.
+
+Export names (what ``manifest.json`` lists, what the runtime opens, what Triton serves), the ONNX
+``metadata_props`` keys the exporter writes and the runtime reads, and the Triton repository's own
+model names. Tensor names are not here: each module's :class:`~diffgap.core.iospec.IOSpec` declares
+its own, and callers look them up by role.
+"""
+from __future__ import annotations
+
+FAMILIES = ("clap", "cavp")
+
+# ONNX metadata_props keys written by diffgap.export and read by diffgap.runtime.
+META_IO_SPEC = "diffgap.io_spec"     # IOSpec.to_dict() as json
+META_PRECISION = "precision"         # "fp32" | "fp16"
+
+SAMPLER_PREFIX = "diffgap_"
+
+
+def encoder_name(modality: str, family: str = "clap") -> str:
+    """Export name of ``modality``'s encoder in the ``family`` space: ``clap_text_encoder``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown encoder family {family!r}; use one of {FAMILIES}")
+    return f"{family}_{modality}_encoder"
+
+
+def sampler_name(source: str, target: str) -> str:
+    """Export name of the fused sampler bridging ``source`` -> ``target``: ``diffgap_text_to_audio``."""
+    return f"{SAMPLER_PREFIX}{source}_to_{target}"
+
+
+def parse_sampler_name(name: str) -> tuple[str, str]:
+    """Inverse of :func:`sampler_name`: ``"diffgap_text_to_audio"`` -> ``("text", "audio")``."""
+    if not name.startswith(SAMPLER_PREFIX) or "_to_" not in name:
+        raise ValueError(f"{name!r} is not a fused sampler export name ({SAMPLER_PREFIX}<source>_to_<target>)")
+    source, _, target = name[len(SAMPLER_PREFIX):].partition("_to_")
+    return source, target
+
+
+def noise_model_name(source: str, target: str) -> str:
+    """Triton model that draws the sampler's seeded noise."""
+    return f"{sampler_name(source, target)}_noise"
+
+
+def embedding_ensemble_name(source: str, target: str) -> str:
+    """Triton ensemble joining ``source``'s encoder and the sampler: ``text_to_audio_embedding``."""
+    return f"{source}_to_{target}_embedding"
