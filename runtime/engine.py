@@ -20,15 +20,17 @@ whatever the ONNX says), so the fp16 engine is built from ``<model>.fp16.onnx`` 
 from ``<model>.onnx``. TensorRT 10.12+ needs the explicit ``STRONGLY_TYPED`` creation flag;
 TensorRT 11 is always strongly typed and ignores it (TensorRT 11 migration guide).
 
-Everything that needs a GPU is imported lazily; the cache-key, sidecar and version logic is pure
-python and unit-tested on CPU.
+Each sidecar records the TensorRT version that built the engine (``trt_version``; also part of the
+key), which ``diffgap triton-repo --flavor gpu`` compares with the serving tritonserver's TensorRT.
+Versions, lazy imports, GPU identity and the current device live in :mod:`diffgap.runtime.trt_host`
+(re-exported here). Everything that needs a GPU is imported lazily; the cache-key, sidecar and
+version logic is pure python and unit-tested on CPU.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,121 +40,18 @@ from diffgap.core.fsutil import atomic_write_bytes, atomic_write_json, read_vers
 from diffgap.core.iospec import IOSpec
 from diffgap.core.manifest import Manifest
 
+from .trt_host import (  # noqa: F401  (re-exported: the engine API's public names)
+    MIN_TRT, HostInfo, check_device_index, check_server_trt, check_trt_version, device_context, import_pycuda,
+    import_tensorrt, needs_strongly_typed_flag, network_flags, parse_version, trt_logger, trt_release,
+)
+
 log = logging.getLogger(__name__)
 
 ENGINE_FORMAT = "diffgap-engine/1"
 ENGINE_DIRNAME = "engines"
 TIMING_CACHE = "timing.cache"
-MIN_TRT = (10, 12)          # first release with the strongly-typed flow we rely on (weak typing deprecated in 10.12)
 DEFAULT_OPT_LEVEL = 3       # TensorRT's own default builder_optimization_level
 OPT_LEVELS = range(0, 6)    # IBuilderConfig.builder_optimization_level accepts 0..5
-
-
-# ----------------------------------------------------------------------------------------------
-# versions and lazy imports
-# ----------------------------------------------------------------------------------------------
-def parse_version(v: str) -> tuple[int, ...]:
-    """``"10.13.0.35"`` -> ``(10, 13, 0, 35)``; trailing non-numeric parts (``"11.0.0rc1"``) are dropped."""
-    parts: list[int] = []
-    for p in str(v).split("."):
-        m = re.match(r"\d+", p)
-        if not m:
-            break
-        parts.append(int(m.group()))
-        if m.group() != p:
-            break
-    if not parts:
-        raise ValueError(f"cannot parse version {v!r}")
-    return tuple(parts)
-
-
-def check_trt_version(v: str) -> tuple[int, ...]:
-    ver = parse_version(v)
-    if ver[:2] < MIN_TRT:
-        raise RuntimeError(
-            f"TensorRT {v} is too old: diffgap builds strongly typed FP16 engines, which needs TensorRT "
-            f">= {MIN_TRT[0]}.{MIN_TRT[1]}; `pip install 'tensorrt>=10.12'`"
-        )
-    return ver
-
-
-def needs_strongly_typed_flag(v: str) -> bool:
-    """True on 10.12+ (strong typing is opt-in), False on 11+ (always strongly typed, flag ignored)."""
-    return check_trt_version(v)[0] < 11
-
-
-def network_flags(trt: Any) -> int:
-    """``create_network`` flags for a strongly typed network on the installed TensorRT."""
-    if not needs_strongly_typed_flag(trt.__version__):
-        return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-
-
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise ImportError(
-            "backend 'tensorrt' needs the tensorrt package (GPU hosts only): `pip install -e .[gpu]`"
-        ) from e
-    check_trt_version(trt.__version__)
-    return trt
-
-
-def import_pycuda() -> Any:
-    try:
-        import pycuda.driver as cuda
-    except ImportError as e:
-        raise ImportError("backend 'tensorrt' needs pycuda (GPU hosts only): `pip install -e .[gpu]`") from e
-    return cuda
-
-
-_LOGGER: Any = None
-
-
-def trt_logger() -> Any:
-    """One process-wide TensorRT logger (TensorRT expects a single ILogger per process)."""
-    global _LOGGER
-    if _LOGGER is None:
-        trt = import_tensorrt()
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
-
-
-# ----------------------------------------------------------------------------------------------
-# host identity and the cache key
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HostInfo:
-    """What a serialized engine is tied to: TensorRT version, GPU model, compute capability."""
-
-    trt_version: str
-    gpu_name: str
-    compute_capability: str  # "9.0"
-
-    @classmethod
-    def current(cls, device: int = 0) -> "HostInfo":
-        trt = import_tensorrt()
-        cuda = import_pycuda()
-        try:
-            cuda.init()
-            if cuda.Device.count() <= device:
-                raise RuntimeError(f"no CUDA device {device} visible ({cuda.Device.count()} found)")
-            dev = cuda.Device(device)
-            major, minor = dev.compute_capability()
-            return cls(trt_version=trt.__version__, gpu_name=dev.name(), compute_capability=f"{major}.{minor}")
-        except cuda.Error as e:
-            raise RuntimeError(f"CUDA is not usable on this machine ({e}); TensorRT engines need an NVIDIA GPU") from e
-
-    @property
-    def slug(self) -> str:
-        """Folder name: ``nvidia-h100-80gb-hbm3_sm90_trt10.13.0.35``."""
-        gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu_name.lower()).strip("-") or "gpu"
-        cc = self.compute_capability.replace(".", "")
-        return f"{gpu}_sm{cc}_trt{self.trt_version}"
-
-    def describe(self) -> str:
-        return f"{self.gpu_name} (sm {self.compute_capability}), TensorRT {self.trt_version}"
 
 
 @dataclass(frozen=True)
@@ -217,9 +116,15 @@ class EngineMeta:
     def host(self) -> HostInfo:
         return HostInfo(self.key["trt_version"], self.key["gpu_name"], self.key["compute_capability"])
 
+    @property
+    def trt_version(self) -> str:
+        """The TensorRT release that built the engine: the only one that can deserialise it."""
+        return str(self.key["trt_version"])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": ENGINE_FORMAT, "model": self.model, "precision": self.precision, "onnx_file": self.onnx_file,
+            "trt_version": self.trt_version,
             "key": self.key, "key_digest": key_digest(self.key), "io": self.io.to_dict(),
             "engine_sha256": self.engine_sha256, "engine_bytes": self.engine_bytes,
             "build_seconds": self.build_seconds, "created": self.created, "extra": self.extra,
@@ -287,10 +192,12 @@ def find_engine(
     precision: str = "fp16",
     engine_dir: str | Path | None = None,
     host: HostInfo | None = None,
+    device: int = 0,
 ) -> Path:
-    """The engine for ``model`` built on this host from the current export, or a clear error."""
+    """The engine for ``model`` built for CUDA device ``device`` of this host from the current export,
+    or a clear error. ``host`` overrides the identity read from that device."""
     root = engine_root(man, engine_dir)
-    host = host or HostInfo.current()
+    host = host or HostInfo.current(check_device_index(device))
     plan = engine_path(root, host, model, precision)
     if not plan.is_file():
         others = sorted(root.glob(f"*/{model}.{precision}.plan")) if root.is_dir() else []
@@ -453,11 +360,13 @@ def build_engines(
     force: bool = False,
     device: int = 0,
 ) -> list[BuildDecision]:
-    """Build (or reuse) the engines of an export directory on this GPU; returns what was done.
+    """Build (or reuse) the engines of an export directory on CUDA device ``device``; returns what was done.
 
-    With ``rebuild=False`` an out-of-date engine raises ``ValueError`` naming the mismatch and
-    nothing is built.
+    Device ``device`` is made current around the builds (TensorRT builds on the current device) and
+    its name and compute capability key the cache. With ``rebuild=False`` an out-of-date engine
+    raises ``ValueError`` naming the mismatch and nothing is built.
     """
+    check_device_index(device)
     man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir, verify=True)
     host = HostInfo.current(device)
     decisions = plan_builds(man, host, models, precisions, engine_dir, settings, rebuild, force)
@@ -467,13 +376,17 @@ def build_engines(
         raise ValueError(f"out-of-date engines and rebuilding is off (--no-rebuild): {lines}; rerun without --no-rebuild")
     root = engine_root(man, engine_dir)
     timing = root / host.slug / TIMING_CACHE
+    todo = [d for d in decisions if d.action != "reuse"]
     for d in decisions:
         if d.action == "reuse":
             log.info("reusing %s (%s)", d.plan, d.reason)
-            continue
-        log.info("%s %s %s: %s", d.action, d.model, d.precision, d.reason)
-        build_engine(
-            man.path(d.model, d.precision), man.model(d.model).io, d.plan, model=d.model, precision=d.precision,
-            key=d.key, settings=settings, timing_cache=timing,
-        )
+    if not todo:
+        return decisions
+    with device_context(device):
+        for d in todo:
+            log.info("%s %s %s on CUDA device %d: %s", d.action, d.model, d.precision, device, d.reason)
+            build_engine(
+                man.path(d.model, d.precision), man.model(d.model).io, d.plan, model=d.model, precision=d.precision,
+                key=d.key, settings=settings, timing_cache=timing,
+            )
     return decisions

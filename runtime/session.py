@@ -54,6 +54,26 @@ _ORT_TYPES = {
 }
 
 
+# onnxruntime exception classes (onnxruntime.capi.onnxruntime_pybind11_state) that mean the *file* is
+# at fault: not an ONNX protobuf at all / cut short (INVALID_PROTOBUF), or a protobuf whose graph
+# ORT rejects (INVALID_GRAPH). Every other ORT error (FAIL, EP_FAIL, RUNTIME_EXCEPTION, NOT_IMPLEMENTED
+# ...) is about the provider, the libraries or the machine and is reported as ORT said it.
+_ORT_NOT_ONNX = "InvalidProtobuf"
+_ORT_BAD_GRAPH = "InvalidGraph"
+
+
+def _ort_load_error(e: Exception, path: Path, backend: str) -> Exception:
+    """A one-line error for a failed ``InferenceSession(path)`` that blames the right thing."""
+    kind = type(e).__name__
+    text = str(e).strip()
+    first = (text.splitlines()[0] if text else kind)[:400]
+    if kind == _ORT_NOT_ONNX:
+        return ValueError(f"{path} is not an ONNX model or is truncated (onnxruntime: {first}); re-export it with `diffgap export`")
+    if kind == _ORT_BAD_GRAPH:
+        return ValueError(f"{path} is an ONNX file whose graph onnxruntime rejects (onnxruntime: {first}); re-export it with `diffgap export`")
+    return RuntimeError(f"onnxruntime could not create a {backend!r} session for {path} ({kind}: {first})")
+
+
 def check_backend(backend: str, precision: str = "fp32") -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -225,9 +245,8 @@ class OrtSession(Session):
             providers.append((p, opts) if opts else p)
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-        except Exception as e:  # InvalidProtobuf / Fail / InvalidGraph: a truncated or foreign file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path} is not a loadable ONNX model ({first[:300]}); re-export it with `diffgap export`") from e
+        except Exception as e:  # ORT's own exception classes; see _ort_load_error
+            raise _ort_load_error(e, path, backend) from e
         active = self._sess.get_providers()
         if wanted not in active:
             # ORT drops an EP whose libraries/driver/GPU are missing and carries on with CPU.
@@ -352,18 +371,24 @@ def open_model(
         from .engine import find_engine
         from .trt_session import TrtSession
 
-        plan = find_engine(man, name, precision, engine_dir=engine_dir)
+        plan = find_engine(man, name, precision, engine_dir=engine_dir, device=int(options.get("device", 0)))
         return TrtSession(plan, io=entry.io, precision=precision, **options)
     if backend == "ort-cpu" and precision == "fp16":
         log.info("%s: ORT's CPU provider computes FP16 graphs in float32 after casts; this measures weight rounding only", name)
-    if backend == "ort-trt" and "provider_options" not in options:
+    device = options.pop("device", None)
+    if device is not None and backend == "ort-cpu":
+        raise ValueError("device= selects a GPU; backend 'ort-cpu' has none")
+    provider_options: dict[str, Any] = {}
+    if backend == "ort-trt":
         # ORT's TensorRT EP keeps its own engine/timing caches, beside (not inside) ours
         cache = (Path(engine_dir) if engine_dir else man.root / "engines") / "ort-trt-cache"
-        options["provider_options"] = {
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache),
-            "trt_timing_cache_enable": True,
-            "trt_timing_cache_path": str(cache),
-        }
         cache.mkdir(parents=True, exist_ok=True)
+        from .ort_trt import ort_trt_options
+
+        provider_options.update(ort_trt_options(entry.io, cache))
+    if device is not None:
+        provider_options["device_id"] = int(device)
+    provider_options.update(options.pop("provider_options", None) or {})  # the caller's word wins
+    if provider_options:
+        options["provider_options"] = provider_options
     return OrtSession(man.root / rel, io=entry.io, backend=backend, precision=precision, **options)

@@ -4,9 +4,11 @@ TensorRT 10/11 named-tensor API (``set_input_shape`` / ``set_tensor_address`` /
 ``execute_async_v3``), one CUDA stream, page-locked host buffers and device buffers sized for the
 profile's max batch (allocated once, so tensor addresses never change — which is also what lets a
 captured CUDA graph be replayed). With ``cuda_graph=True`` the enqueue for each batch size is
-captured once into a CUDA graph and replayed afterwards (static shapes per batch size).
+captured once into a CUDA graph and replayed afterwards (static shapes per batch size); capture and
+replay go through cuda-python's runtime API on the pycuda stream's handle
+(:mod:`diffgap.runtime.cuda_graphs`), since pycuda itself has no graph API.
 
-tensorrt and pycuda are imported when a session is created, never at module import.
+tensorrt, pycuda and cuda-python are imported when a session is created, never at module import.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from diffgap.core.iospec import IOSpec
 
+from .cuda_graphs import CudaGraph, import_cudart
 from .engine import EngineMeta, HostInfo, import_tensorrt, import_pycuda, trt_logger
 from .session import Session, check_backend
 
@@ -63,7 +66,10 @@ class TrtSession(Session):
 
         trt = import_tensorrt()
         cuda = import_pycuda()
+        if self.cuda_graph:
+            import_cudart()  # fail now, not on the first call, when cuda-python is missing
         self._trt, self._cuda = trt, cuda
+        self.device = int(device)
         if meta is not None:
             meta.check_file(path)
             if check_host:
@@ -100,7 +106,7 @@ class TrtSession(Session):
                 if not self._context.set_tensor_address(t.name, int(self._dev[t.name])):
                     raise RuntimeError(f"{path}: set_tensor_address failed for {t.name!r}")
             self._shapes: dict[str, tuple[int, ...]] = {}
-            self._graphs: dict[int, Any] = {}
+            self._graphs: dict[int, CudaGraph] = {}
         except BaseException:
             self._release()
             self._ctx.pop()
@@ -157,7 +163,7 @@ class TrtSession(Session):
                     self._shapes[t.name] = x.shape
                 cuda.memcpy_htod_async(self._dev[t.name], staged, self._stream)
             if self.cuda_graph:
-                self._graph_for(batch).launch(self._stream)
+                self._graph_for(batch).launch(self._stream.handle)
             elif not ctx.execute_async_v3(self._stream.handle):
                 raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
             out: dict[str, np.ndarray] = {}
@@ -175,28 +181,21 @@ class TrtSession(Session):
         finally:
             self._ctx.pop()
 
-    def _graph_for(self, batch: int) -> Any:
+    def _graph_for(self, batch: int) -> CudaGraph:
         """The CUDA graph of one enqueue at this batch size, captured on first use."""
         g = self._graphs.get(batch)
         if g is not None:
             return g
         stream = self._stream
-        if not hasattr(stream, "begin_capture"):
-            raise RuntimeError("CUDA-graph capture needs pycuda >= 2022.1 (Stream.begin_capture); upgrade pycuda or pass cuda_graph=False")
         # TensorRT does shape-dependent setup on the first enqueue after set_input_shape; that work
         # must not land inside the capture, so run once un-captured first (TensorRT developer guide,
         # "CUDA Graphs").
         if not self._context.execute_async_v3(stream.handle):
             raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed before graph capture")
         stream.synchronize()
-        stream.begin_capture()
-        try:
-            ok = self._context.execute_async_v3(stream.handle)
-        finally:
-            graph = stream.end_capture()
-        if not ok:
-            raise RuntimeError(f"{self.name}: TensorRT enqueue failed during CUDA-graph capture; use cuda_graph=False")
-        g = graph.instantiate()
+        g = CudaGraph.capture(
+            stream.handle, lambda: self._context.execute_async_v3(stream.handle), what=f"{self.name}: TensorRT enqueue",
+        )
         self._graphs[batch] = g
         log.debug("%s: captured a CUDA graph for batch %d", self.name, batch)
         return g
@@ -204,7 +203,16 @@ class TrtSession(Session):
     # -- lifecycle --------------------------------------------------------------------------
     def _release(self) -> None:
         # Inside the pushed CUDA context, graphs before the context before the engine (TensorRT's
-        # destruction order); the pinned and device buffers are freed here too, not at GC time.
+        # destruction order); graph execs, pinned and device buffers are freed here, not at GC time.
+        graphs = getattr(self, "_graphs", None) or {}
+        errors = []
+        for g in graphs.values():
+            try:
+                g.close()
+            except RuntimeError as e:  # keep releasing the rest; report after
+                errors.append(str(e))
+        if errors:
+            log.warning("%s: releasing CUDA graphs: %s", self.name, "; ".join(errors))
         for name in ("_graphs", "_context", "_stream", "_engine", "_runtime"):
             if hasattr(self, name):
                 setattr(self, name, None)

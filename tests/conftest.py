@@ -31,7 +31,9 @@ def pytest_collection_modifyitems(config, items):
     reason = None
     checked = False
     for item in items:
-        if "gpu" in item.keywords:
+        # the marker itself, not item.keywords: keywords also hold every parent node's name, so a
+        # checkout in a folder called "gpu" would mark every test
+        if item.get_closest_marker("gpu") is not None:
             if not checked:
                 reason, checked = _gpu_reason(), True
             if reason:

@@ -121,10 +121,10 @@ def test_truncated_onnx_is_refused(tmp_path):
     src = rg.sampler_model("text", "audio").SerializeToString()
     p = tmp_path / "trunc.onnx"
     p.write_bytes(src[: len(src) // 2])
-    with pytest.raises(ValueError, match="is not a loadable ONNX model"):
+    with pytest.raises(ValueError, match="is not an ONNX model or is truncated"):
         load(p)
     p.write_bytes(b"this is not a protobuf at all")
-    with pytest.raises(ValueError, match="is not a loadable ONNX model"):
+    with pytest.raises(ValueError, match="is not an ONNX model or is truncated"):
         load(p)
 
 

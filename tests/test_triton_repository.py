@@ -210,7 +210,15 @@ def test_gpu_flavour_onnxruntime_alternative(export, index, tmp_path):
         assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in cfg.instance_group] == ["KIND_GPU"]
         assert list(cfg.dynamic_batching.preferred_batch_size) == sorted({entry.io.opt_batch, entry.io.max_batch})
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator
-        assert acc[0].name == "tensorrt" and acc[0].parameters["precision_mode"] == "FP16"
+        assert len(acc) == 1 and acc[0].name == "tensorrt"
+        p = dict(acc[0].parameters)
+        # FP16/INT8 off ("FP32" in the onnxruntime backend's words): the FP16 graph keeps its own types
+        assert p["precision_mode"] == "FP32"
+        # one explicit profile: the IOSpec's min/opt/max shapes of every input, "name:d0xd1,..."
+        for kind, col in (("min", 0), ("opt", 1), ("max", 2)):
+            shapes = dict(item.split(":") for item in p[f"trt_profile_{kind}_shapes"].split(","))
+            assert shapes == {t.name: "x".join(map(str, entry.io.profile(t.name)[col])) for t in entry.io.inputs}
+        assert p["trt_engine_cache_enable"] == "1" and p["trt_engine_cache_path"].endswith(f"/{name}")
         assert sha256_file(repo / name / "1" / "model.onnx") == man.files[entry.files["fp16"]]["sha256"]
         for t, spec in zip(cfg.input, entry.io.inputs):
             _assert_matches_spec(t, spec)
@@ -220,9 +228,37 @@ def test_gpu_flavour_onnxruntime_alternative(export, index, tmp_path):
         _check_ensemble(cfgs, ens)
 
 
+def test_gpu_flavour_accelerator_agrees_with_the_ort_trt_backend(export, tmp_path):
+    """Triton's onnxruntime_onnx accelerator and open_model's ort-trt backend set the same options."""
+    from diffgap.runtime.ort_trt import ort_trt_options
+
+    repo = R.build_repository(export, tmp_path / "gpu", flavor="gpu", gpu_platform="onnxruntime_onnx",
+                              ort_trt_cache_dir="/models_cache")
+    cfgs = load_configs(repo)
+    for name, entry in Manifest.load(export).models.items():
+        p = dict(cfgs[name].optimization.execution_accelerators.gpu_execution_accelerator[0].parameters)
+        want = ort_trt_options(entry.io, f"/models_cache/{name}")
+        # the backend's precision_mode maps to trt_fp16_enable / trt_int8_enable (FP16 -> fp16, INT8 -> int8)
+        assert want.pop("trt_fp16_enable") is (p.pop("precision_mode") == "FP16") is False
+        assert want.pop("trt_int8_enable") is False
+        assert int(p.pop("max_workspace_size_bytes")) > 0
+        assert p == {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in want.items()}
+
+
+def test_gpu_flavour_tensorrt_needs_the_server_trt_version(export, tmp_path):
+    from diffgap.core.errors import UserError
+
+    with pytest.raises(UserError, match="--server-trt-version .*dpkg -l \\| grep nvinfer.*onnxruntime_onnx"):
+        R.build_repository(export, tmp_path / "gpu", flavor="gpu")
+    with pytest.raises(UserError, match="not a version"):
+        R.build_repository(export, tmp_path / "gpu", flavor="gpu", server_trt_version="latest")
+    assert cli_main(["triton-repo", str(export), "--out", str(tmp_path / "gpu"), "--flavor", "gpu"]) == 2
+    assert not (tmp_path / "gpu").exists(), "a failed generation leaves nothing behind"
+
+
 def test_gpu_flavour_tensorrt_needs_engines(export, tmp_path):
     with pytest.raises(FileNotFoundError, match="build-engines"):
-        R.build_repository(export, tmp_path / "gpu", flavor="gpu")
+        R.build_repository(export, tmp_path / "gpu", flavor="gpu", server_trt_version="10.8.0")
     assert not (tmp_path / "gpu").exists(), "a failed generation leaves nothing behind"
 
 
@@ -230,8 +266,19 @@ def test_gpu_flavour_tensorrt_needs_engines(export, tmp_path):
 def test_gpu_flavour_tensorrt_plans(export, tmp_path):
     from diffgap.runtime.engine import build_engines, find_engine
 
+    from diffgap.core.errors import UserError
+    from diffgap.runtime.engine import HostInfo
+
     build_engines(export, engine_dir=tmp_path / "engines")
-    repo = R.build_repository(export, tmp_path / "gpu", flavor="gpu", engine_dir=tmp_path / "engines")
+    here = HostInfo.current().trt_version
+    major, minor = here.split(".")[:2]
+    other = f"{major}.{int(minor) + 1}.0"
+    with pytest.raises(UserError, match=f"built with TensorRT {here} but the server runs TensorRT {other}"):
+        R.build_repository(export, tmp_path / "bad", flavor="gpu", engine_dir=tmp_path / "engines", server_trt_version=other)
+    assert not (tmp_path / "bad").exists()
+    repo = R.build_repository(export, tmp_path / "gpu", flavor="gpu", engine_dir=tmp_path / "engines",
+                              server_trt_version=here)
+    assert R.read_repository_info(repo)["server_trt_version"] == here
     cfgs = load_configs(repo)
     man = Manifest.load(export)
     for name, entry in man.models.items():
@@ -311,7 +358,19 @@ def test_python_model_template_imports_only_the_torch_free_runtime():
     assert imported <= ALLOWED_IMPORTS, imported - ALLOWED_IMPORTS
 
 
-def test_pbtxt_writer_escapes_strings():
-    text = R.to_pbtxt({"name": 'a "quoted" name', "parameters": R.parameters(x='back\\slash')})
+def test_config_text_is_triton_protobuf_text():
+    text = R.config_text({"name": 'a "quoted" name', "parameters": R.parameters(x='back\\slash')})
     cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert cfg.name == 'a "quoted" name' and cfg.parameters["x"].string_value == "back\\slash"
+    # map fields as lists of key/value entries (text format's own shape) or as dicts: one message
+    step = {"model_name": "m", "input_map": [{"key": "a", "value": "b"}], "output_map": {"c": "d"}}
+    listed = R.model_config({"name": "e", "platform": "ensemble", "ensemble_scheduling": {"step": [step]}})
+    s = listed.ensemble_scheduling.step[0]
+    assert dict(s.input_map) == {"a": "b"} and dict(s.output_map) == {"c": "d"}
+    # a message passes through; its text is what Triton's parser reads back
+    assert text_format.Parse(R.config_text(listed), model_config_pb2.ModelConfig()) == listed
+    # mistakes fail at generation, not at server start-up
+    with pytest.raises(ValueError, match="not a valid Triton ModelConfig"):
+        R.config_text({"name": "x", "max_batch": 4})
+    with pytest.raises(ValueError, match="not a valid Triton ModelConfig"):
+        R.config_text({"name": "x", "input": [{"name": "i", "data_type": "TYPE_FLOAT32", "dims": [1]}]})

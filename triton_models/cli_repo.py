@@ -16,6 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10, help="results per query of text_to_audio_search (default: %(default)s)")
     p.add_argument("--gpu-platform", choices=("tensorrt_plan", "onnxruntime_onnx"), default="tensorrt_plan",
                    help="gpu flavour: prebuilt TensorRT engines (default) or ONNX on onnxruntime with the TensorRT accelerator")
+    p.add_argument("--server-trt-version", metavar="X.Y.Z",
+                   help="gpu flavour with tensorrt_plan (required): the TensorRT release inside the tritonserver image that "
+                        "will serve the repository; engines built by another release are refused. Read it with "
+                        "`docker run --rm nvcr.io/nvidia/tritonserver:<yy.mm>-py3 sh -c 'dpkg -l | grep nvinfer'`")
+    p.add_argument("--ort-trt-cache-dir", default=None, metavar="DIR",
+                   help="gpu flavour with onnxruntime_onnx: TensorRT engine cache folder inside the server (default: /tmp/diffgap_ort_trt_cache)")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="gpu flavour: which graphs/engines (default: %(default)s)")
     p.add_argument("--engine-dir", help="gpu flavour: engine cache of `diffgap build-engines` (default: EXPORT_DIR/engines)")
     p.add_argument("--default-seed", type=int, default=None, help="sampler seed when a request sends none (default: the runtime's)")
@@ -34,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
         flavor=args.flavor, index=args.index, top_k=args.top_k, gpu_platform=args.gpu_platform,
         precision=args.precision, engine_dir=args.engine_dir, instances=args.instances,
         queue_delay_us=args.queue_delay_us,
-        intra_op_threads=args.intra_op_threads,
+        intra_op_threads=args.intra_op_threads, server_trt_version=args.server_trt_version,
     )
+    if args.ort_trt_cache_dir:
+        opts["ort_trt_cache_dir"] = args.ort_trt_cache_dir
     if args.default_seed is not None:
         opts["default_seed"] = args.default_seed
     out = build_repository(args.export_dir, args.out, overwrite=args.overwrite, **opts)

@@ -1,5 +1,8 @@
 """Generate a Triton model repository from a diffgap export directory.
 
+(About 480 lines: one planner composes every model of both flavours and both encoder families, and
+the ensembles are wired from the composing models' configs, so they are planned together.)
+
 Triton's own layout (``<model>/config.pbtxt``, ``<model>/1/model.*``). Models:
 
 ==============================  =================================================================
@@ -34,9 +37,16 @@ Flavours (both from the same declarations):
 - ``gpu``: the exported graphs as ``tensorrt_plan`` engines (built by ``diffgap build-engines`` on the
   serving GPU; copied from the engine cache), ``KIND_GPU``, dynamic batching with preferred sizes, and
   CUDA graphs for the preferred batch sizes (every non-batch dim is static, so each batch size is one
-  graph). ``--gpu-platform onnxruntime_onnx`` is the documented alternative when engines cannot be
-  prebuilt: the FP16 ONNX graphs with onnxruntime's TensorRT execution accelerator (FP16). The
+  graph). An engine deserialises only in the TensorRT release that built it, so each engine's
+  recorded TensorRT version is checked against ``server_trt_version`` (the serving tritonserver's;
+  ``--server-trt-version``) and a mismatch is refused. ``--gpu-platform onnxruntime_onnx`` is the
+  alternative when engines cannot be built in the serving release: the ONNX graphs with
+  onnxruntime's TensorRT accelerator, set up as ``open_model(..., backend="ort-trt")`` does (FP16/INT8
+  off so the FP16 graph keeps its own types, the IOSpec's profile shapes, an engine cache). The
   tokenizer, noise and search models stay python models on CPU in both.
+
+Every ``config.pbtxt`` is a ``ModelConfig`` message of Triton's own protobuf, printed in text format
+(:mod:`diffgap.triton_models.model_config`).
 
 Written atomically (:func:`diffgap.core.fsutil.atomic_dir`): a failed generation leaves nothing behind.
 """
@@ -48,10 +58,11 @@ import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable
 
+from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
-from diffgap.core.iospec import IOSpec, TensorSpec, triton_dtype
+from diffgap.core.iospec import IOSpec, triton_dtype
 from diffgap.core.manifest import Manifest
 from diffgap.core.names import embedding_ensemble_name, encoder_name, noise_model_name, sampler_name
 # The sampler tensors' roles (keys of the IOSpec's meta["roles"]): tensors are looked up by role in
@@ -60,7 +71,16 @@ from diffgap.runtime.pipeline import (
     DEFAULT_SEED, SAMPLER_BRIDGED, SAMPLER_CONDITION, SAMPLER_NOISE, SAMPLER_PROJECTED,
 )
 
+from .model_config import (  # noqa: F401  (the config helpers every model of the repository uses)
+    Enum, config_text, ensemble_step, gpu_graph_config, model_config, parameters, preferred_sizes, string_tensor,
+    tensor_config,
+)
+
 log = logging.getLogger(__name__)
+
+_step = ensemble_step
+# Earlier name of config_text (a dict or ModelConfig -> config.pbtxt text).
+to_pbtxt = config_text
 
 FLAVORS = ("portable", "gpu")
 GPU_PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
@@ -106,75 +126,19 @@ MAX_TEXT_BYTES = 2048
 # throughput at concurrency 8). GPU: 100 us, small next to one engine call, lets batches fill.
 PORTABLE_QUEUE_DELAY_US = 0
 GPU_QUEUE_DELAY_US = 100
+# onnxruntime_onnx models: the TensorRT accelerator's engine cache inside the server (per model).
+ORT_TRT_CACHE_DIR = "/tmp/diffgap_ort_trt_cache"
 
 
 # ------------------------------------------------------------------------------------------------
-# config.pbtxt text format
+# config helpers (config.pbtxt is written through Triton's ModelConfig protobuf: model_config.py)
 # ------------------------------------------------------------------------------------------------
-class Enum(str):
-    """A protobuf enum value (written unquoted), e.g. ``TYPE_FP32``, ``KIND_GPU``."""
-
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, Enum):
-        return str(v)
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v), ensure_ascii=False)  # \" and \\ escapes are valid protobuf text format
-
-
-def to_pbtxt(msg: Mapping[str, Any], indent: int = 0) -> str:
-    """A nested dict as protobuf text format (lists of dicts are repeated messages)."""
-    pad = "  " * indent
-    lines = []
-    for key, v in msg.items():
-        if v is None:
-            continue
-        if isinstance(v, Mapping):
-            lines += [f"{pad}{key} {{", to_pbtxt(v, indent + 1), f"{pad}}}"]
-        elif isinstance(v, (list, tuple)):
-            if v and isinstance(v[0], Mapping):
-                lines.append(f"{pad}{key} [")
-                for i, item in enumerate(v):
-                    lines += [f"{pad}  {{", to_pbtxt(item, indent + 2), f"{pad}  }}{',' if i < len(v) - 1 else ''}"]
-                lines.append(f"{pad}]")
-            else:
-                lines.append(f"{pad}{key}: [ {', '.join(_scalar(x) for x in v)} ]")
-        else:
-            lines.append(f"{pad}{key}: {_scalar(v)}")
-    return "\n".join(l for l in lines if l)
-
-
-def tensor_config(t: TensorSpec, name: str | None = None, optional: bool | None = None) -> dict[str, Any]:
-    """One ``input``/``output`` entry from its declaration (Triton's dims omit the batch axis)."""
-    d: dict[str, Any] = {"name": name or t.name, "data_type": Enum(triton_dtype(t.dtype)), "dims": list(t.feature_shape)}
-    if (t.optional if optional is None else optional):
-        d["optional"] = True
-    return d
-
-
-def string_tensor(name: str, dims: Sequence[int], optional: bool = False) -> dict[str, Any]:
-    d: dict[str, Any] = {"name": name, "data_type": Enum("TYPE_STRING"), "dims": list(dims)}
-    if optional:
-        d["optional"] = True
-    return d
-
-
 def seed_tensor(optional: bool = True) -> dict[str, Any]:
     d: dict[str, Any] = {"name": SEED, "data_type": Enum(triton_dtype("int64")), "dims": [1]}
     if optional:
         d["optional"] = True
     return d
 
-
-def parameters(**kv: Any) -> list[dict[str, Any]]:
-    return [{"key": k, "value": {"string_value": str(v)}} for k, v in kv.items()]
-
-
-def preferred_sizes(io: IOSpec, max_batch: int) -> list[int]:
-    return sorted({b for b in (io.opt_batch, max_batch) if 1 <= b <= max_batch})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,6 +166,11 @@ class RepoOptions:
     intra_op_threads: int = 0           # ORT intra-op threads per model instance; 0 = ORT's default (one per core)
     max_text_bytes: int = MAX_TEXT_BYTES
     queue_delay_us: int | None = None   # dynamic batching window; None = the flavour's default
+    # gpu flavour, tensorrt_plan: the serving tritonserver's TensorRT release (its engines must match)
+    server_trt_version: str | None = None
+    # gpu flavour, onnxruntime_onnx: where, inside the server, the TensorRT accelerator caches its
+    # engines and timing cache (one folder per model; must be writable by the server process)
+    ort_trt_cache_dir: str = ORT_TRT_CACHE_DIR
 
     def __post_init__(self) -> None:
         if self.flavor not in FLAVORS:
@@ -220,6 +189,19 @@ class RepoOptions:
             raise ValueError(f"--intra-op-threads must be >= 0 (0 = one per core), got {self.intra_op_threads}")
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
             raise ValueError(f"queue delay must be >= 0 microseconds, got {self.queue_delay_us}")
+        if self.flavor == "gpu" and self.gpu_platform == "tensorrt_plan":
+            from diffgap.runtime.trt_host import SERVER_TRT_HINT, trt_release
+
+            if not self.server_trt_version:
+                raise UserError(
+                    "--flavor gpu ships TensorRT engines, which load only in the TensorRT release that built them: "
+                    f"pass --server-trt-version with the serving tritonserver's TensorRT ({SERVER_TRT_HINT}), "
+                    "or use --gpu-platform onnxruntime_onnx"
+                )
+            try:
+                trt_release(self.server_trt_version)
+            except ValueError as e:
+                raise UserError(f"--server-trt-version {self.server_trt_version!r} is not a version such as 10.8.0; {SERVER_TRT_HINT}") from e
 
     def queue_delay(self, gpu: bool) -> int:
         if self.queue_delay_us is not None:
@@ -294,42 +276,26 @@ class _Planner:
                 io.max_batch, "onnx", files={"model.onnx": self.man.path(name, "fp32")},
                 intra_op_threads=o.intra_op_threads,
             )
-        sizes = preferred_sizes(io, io.max_batch)
-        cfg: dict[str, Any] = {"name": name, "platform": o.gpu_platform, "max_batch_size": io.max_batch}
-        if o.gpu_platform == "tensorrt_plan":
-            from diffgap.runtime.engine import find_engine
+        cfg = gpu_graph_config(
+            name, io, o.gpu_platform, instances=o.instances, queue_delay_us=o.queue_delay(gpu=True),
+            ort_trt_cache_dir=o.ort_trt_cache_dir,
+        )
+        if o.gpu_platform == "onnxruntime_onnx":
+            return ModelDir(name, cfg, {"model.onnx": self.man.path(name, o.precision)})
+        from diffgap.runtime.engine import EngineMeta, check_server_trt, find_engine
 
-            # A plan binds every input: optional ones are always fed by the noise model, so none is optional here.
-            cfg["input"] = [tensor_config(t, optional=False) for t in io.inputs]
-            try:
-                plan = find_engine(self.man, name, o.precision, engine_dir=o.engine_dir)
-            except ImportError as e:
-                # Engines are keyed by the GPU and TensorRT version they were built with, so they can
-                # only be looked up (and served) on the GPU host itself.
-                raise FileNotFoundError(
-                    f"cannot look up TensorRT engines here ({e}); on the serving GPU host run "
-                    f"`diffgap build-engines {self.man.root}` and then this command, or pass "
-                    "--gpu-platform onnxruntime_onnx"
-                ) from e
-            files = {"model.plan": plan}
-        else:
-            cfg["input"] = [tensor_config(t) for t in io.inputs]
-            files = {"model.onnx": self.man.path(name, o.precision)}
-        cfg["output"] = [tensor_config(t) for t in io.outputs]
-        cfg["instance_group"] = [{"count": o.instances, "kind": Enum("KIND_GPU")}]
-        cfg["dynamic_batching"] = {"preferred_batch_size": sizes, "max_queue_delay_microseconds": o.queue_delay(gpu=True)}
-        if o.gpu_platform == "tensorrt_plan":
-            # Static feature dims: one CUDA graph per preferred batch size (Triton TensorRT backend).
-            cfg["optimization"] = {"cuda": {"graphs": True, "graph_spec": [{"batch_size": b} for b in sizes]}}
-        else:
-            cfg["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
-                # Accelerator parameters are a map<string, string> (not ModelParameter messages).
-                {"name": "tensorrt", "parameters": [
-                    {"key": "precision_mode", "value": o.precision.upper()},
-                    {"key": "max_workspace_size_bytes", "value": str(1 << 30)},
-                ]},
-            ]}}
-        return ModelDir(name, cfg, files)
+        try:
+            plan = find_engine(self.man, name, o.precision, engine_dir=o.engine_dir)
+        except ImportError as e:
+            # Engines are keyed by the GPU and TensorRT version they were built with, so they can
+            # only be looked up (and served) on the GPU host itself.
+            raise FileNotFoundError(
+                f"cannot look up TensorRT engines here ({e}); on the serving GPU host run "
+                f"`diffgap build-engines {self.man.root}` and then this command, or pass "
+                "--gpu-platform onnxruntime_onnx"
+            ) from e
+        check_server_trt(EngineMeta.read(plan).trt_version, o.server_trt_version, f"engine {plan}")
+        return ModelDir(name, cfg, {"model.plan": plan})
 
     def tokenizer(self) -> ModelDir:
         enc = self.io(encoder_name("text"))
@@ -467,15 +433,6 @@ class _Planner:
         return self.models
 
 
-def _step(model: str, input_map: Mapping[str, str], output_map: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        "model_name": model,
-        "model_version": -1,
-        "input_map": [{"key": k, "value": v} for k, v in input_map.items()],
-        "output_map": [{"key": k, "value": v} for k, v in output_map.items()],
-    }
-
-
 def plan_repository(export_dir: str | Path | Manifest, **options: Any) -> dict[str, ModelDir]:
     """What :func:`build_repository` would write (configs as dicts, files as sources), without writing."""
     man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir, verify=True)
@@ -501,7 +458,7 @@ def build_repository(
         for md in models.values():
             d = tmp / md.name
             (d / "1").mkdir(parents=True)
-            (d / "config.pbtxt").write_text(to_pbtxt(md.config) + "\n")
+            (d / "config.pbtxt").write_text(config_text(md.config))
             for dest, src in md.files.items():
                 if isinstance(src, Path):
                     shutil.copyfile(src, d / "1" / dest)
@@ -511,6 +468,7 @@ def build_repository(
             "format": REPO_FORMAT,
             "flavor": opts.flavor,
             "gpu_platform": opts.gpu_platform if opts.flavor == "gpu" else None,
+            "server_trt_version": opts.server_trt_version if opts.flavor == "gpu" and opts.gpu_platform == "tensorrt_plan" else None,
             "precision": opts.precision if opts.flavor == "gpu" else "fp32",
             "export_dir": str(man.root.resolve()),
             "preset": man.preset,
