@@ -331,6 +331,27 @@ def load(
     return OrtSession(path, io=io, backend=backend, precision=precision or "fp32", **options)
 
 
+def ort_provider_options(
+    backend: str, io: IOSpec, cache_dir: Path, device: int | None = None, given: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Provider options :func:`open_model` gives the ``ort-*`` backend's accelerator: for ``ort-trt``
+    :func:`~diffgap.runtime.ort_trt.ort_trt_options` (typed graph, the IOSpec's profile, an engine
+    cache in ``cache_dir``, created here), ``device_id`` for a GPU, then the caller's own options."""
+    out: dict[str, Any] = {}
+    if device is not None and backend == "ort-cpu":
+        raise ValueError("device= selects a GPU; backend 'ort-cpu' has none")
+    if backend == "ort-trt":
+        from .ort_trt import ort_trt_options
+
+        # ORT's TensorRT EP keeps its own engine/timing caches, beside (not inside) ours
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        out.update(ort_trt_options(io, cache_dir))
+    if device is not None:
+        out["device_id"] = int(device)
+    out.update(given or {})  # the caller's word wins
+    return out
+
+
 def verify_export_file(man: Manifest, rel: str) -> None:
     """Check one exported file against its manifest sha256 (missing, truncated or replaced -> error)."""
     p = man.root / rel
@@ -359,7 +380,8 @@ def open_model(
     the engine ``diffgap build-engines`` made for this host (see :mod:`diffgap.runtime.engine`).
     The IOSpec always comes from ``manifest.json``; with ``verify`` the file's sha256 is checked
     against the manifest first. ``options`` go to the backend (``intra_op_threads``, ``spin_wait``,
-    ``provider_options``; ``cuda_graph``, ``device`` for TensorRT).
+    ``provider_options``; ``cuda_graph`` for TensorRT; ``device``, the CUDA device index, for
+    TensorRT and the ORT GPU backends).
     """
     check_backend(backend, precision)
     man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
@@ -371,24 +393,12 @@ def open_model(
         from .engine import find_engine
         from .trt_session import TrtSession
 
-        plan = find_engine(man, name, precision, engine_dir=engine_dir, device=int(options.get("device", 0)))
+        plan = find_engine(man, name, precision, engine_dir=engine_dir, device=options.get("device", 0))
         return TrtSession(plan, io=entry.io, precision=precision, **options)
     if backend == "ort-cpu" and precision == "fp16":
         log.info("%s: ORT's CPU provider computes FP16 graphs in float32 after casts; this measures weight rounding only", name)
-    device = options.pop("device", None)
-    if device is not None and backend == "ort-cpu":
-        raise ValueError("device= selects a GPU; backend 'ort-cpu' has none")
-    provider_options: dict[str, Any] = {}
-    if backend == "ort-trt":
-        # ORT's TensorRT EP keeps its own engine/timing caches, beside (not inside) ours
-        cache = (Path(engine_dir) if engine_dir else man.root / "engines") / "ort-trt-cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        from .ort_trt import ort_trt_options
-
-        provider_options.update(ort_trt_options(entry.io, cache))
-    if device is not None:
-        provider_options["device_id"] = int(device)
-    provider_options.update(options.pop("provider_options", None) or {})  # the caller's word wins
-    if provider_options:
-        options["provider_options"] = provider_options
+    cache = (Path(engine_dir) if engine_dir else man.root / "engines") / "ort-trt-cache"
+    opts = ort_provider_options(backend, entry.io, cache, options.pop("device", None), options.pop("provider_options", None))
+    if opts:
+        options["provider_options"] = opts
     return OrtSession(man.root / rel, io=entry.io, backend=backend, precision=precision, **options)

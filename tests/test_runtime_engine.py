@@ -199,3 +199,78 @@ def test_build_engines_cli_without_tensorrt(fresh, capsys):
 
     assert main(["build-engines", str(fresh.root)]) == 2
     assert "needs the tensorrt package" in capsys.readouterr().err
+
+
+# -- the serving release's TensorRT ---------------------------------------------------------
+def test_sidecar_records_the_tensorrt_version(fresh):
+    _fake_engine(fresh, H100, "diffgap_text_to_audio")
+    plan = engine_path(fresh.root / "engines", H100, "diffgap_text_to_audio", "fp16")
+    d = json.loads(EngineMeta.sidecar(plan).read_text())
+    assert d["trt_version"] == "10.13.0.35" == EngineMeta.read(plan).trt_version
+
+
+def test_server_trt_version_check():
+    from diffgap.core.errors import UserError
+    from diffgap.runtime.engine import check_server_trt, trt_release
+
+    # what `dpkg -l | grep nvinfer` prints in a tritonserver image, and python's tensorrt.__version__
+    assert trt_release("10.8.0.43-1+cuda12.8") == (10, 8, 0) == trt_release("10.8.0.43") == trt_release("10.8")
+    check_server_trt("10.8.0.43", "10.8.0.43-1+cuda12.8", "engine x")     # same release: fine
+    with pytest.raises(UserError, match=r"built with TensorRT 10.13.0.35 but the server runs TensorRT 10.8.0.*"
+                                        r"build the engines inside that release's container.*onnxruntime_onnx"):
+        check_server_trt("10.13.0.35", "10.8.0", "engine x")
+    with pytest.raises(UserError, match="TensorRT 10.8.1"):                 # patch releases differ too
+        check_server_trt("10.8.0.43", "10.8.1", "engine x")
+    with pytest.raises(UserError, match=r"pass --server-trt-version.*dpkg -l \| grep nvinfer"):
+        check_server_trt("10.8.0.43", None, "engine x")
+    with pytest.raises(UserError, match="not a version"):
+        check_server_trt("10.8.0.43", "latest", "engine x")
+
+
+# -- devices ----------------------------------------------------------------------------------
+def test_device_index_is_checked_before_any_gpu_work(fresh):
+    from diffgap.runtime.engine import build_engines, check_device_index
+
+    assert check_device_index(3) == 3
+    for bad in (-1, 1.5, True, "0"):
+        with pytest.raises(ValueError, match="CUDA device index >= 0"):
+            check_device_index(bad)
+    with pytest.raises(ValueError, match="CUDA device index"):
+        build_engines(fresh, device=-1)
+    with pytest.raises(ValueError, match="CUDA device index"):
+        find_engine(fresh, "diffgap_text_to_audio", device=-2)
+
+
+# -- CUDA graphs through cuda-python (error handling needs no GPU) ----------------------------
+def test_cuda_python_result_tuples_are_checked():
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed (pip install cuda-python)")
+    from diffgap.runtime.cuda_graphs import check, error_name, import_cudart
+
+    assert import_cudart() is cudart
+    E = cudart.cudaError_t
+    assert check((E.cudaSuccess,), "noop") is None
+    assert check((E.cudaSuccess, 7), "one") == 7
+    assert check((E.cudaSuccess, 1, 2), "two") == (1, 2)
+    assert error_name(cudart, E.cudaErrorStreamCaptureInvalidated) == "cudaErrorStreamCaptureInvalidated"
+    with pytest.raises(RuntimeError, match=r"cudaGraphLaunch failed: cudaErrorInvalidValue \(1\)"):
+        check((E.cudaErrorInvalidValue,), "cudaGraphLaunch")
+    with pytest.raises(TypeError, match="not cudaError_t"):
+        check((0, 1), "cudaGraphInstantiate")
+    with pytest.raises(TypeError, match="result tuple"):
+        check(None, "cudaStreamEndCapture")
+
+
+def test_cuda_graph_capture_without_a_device_fails_at_begin_capture():
+    """A real cuda-python call: without a CUDA driver, cudaStreamBeginCapture returns an error code,
+    which is raised naming the call, and the enqueue is never run."""
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed (pip install cuda-python)")
+    from diffgap.runtime.cuda_graphs import CudaGraph, unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("a CUDA device is visible: tests/test_runtime_gpu.py captures real graphs")
+    assert "no usable CUDA device" in unavailable_reason()
+    ran = []
+    with pytest.raises(RuntimeError, match=r"cudaStreamBeginCapture failed: cudaError\w+"):
+        CudaGraph.capture(0, lambda: ran.append(1) or True)
+    assert ran == []
+    assert cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # the mode capture uses

@@ -119,6 +119,8 @@ def test_trt_fp32_matches_ort_fp32(built):
 
 
 def test_cuda_graph_replay_equals_plain_execution(built):
+    """Graphs captured with cuda-python on the pycuda stream replay bit-identical results."""
+    pytest.importorskip("cuda.bindings.runtime", reason="CUDA-graph mode needs cuda-python (pip install cuda-python)")
     from diffgap.runtime.engine import find_engine
     from diffgap.runtime.trt_session import TrtSession
 
@@ -136,6 +138,50 @@ def test_cuda_graph_replay_equals_plain_execution(built):
         feeds = plain.io.sample_inputs(4, seed=99)
         out = plain.io.role(ROLE_BRIDGED).name
         np.testing.assert_array_equal(plain.infer(feeds)[out], graphed.infer(feeds)[out])
+        graphs = list(graphed._graphs.values())
+    assert graphs and all(g.closed for g in graphs), "closing the session destroys its graph execs"
+
+
+def test_builds_and_lookups_use_the_requested_device(built, tmp_path):
+    """device=N makes GPU N current for the build (the CUDA runtime TensorRT uses sees N) and keys
+    the cache by GPU N; the last visible device is used, so a multi-GPU host checks a non-zero one."""
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="needs cuda-python to ask the CUDA runtime")
+    import pycuda.driver as cuda
+
+    from diffgap.runtime.cuda_graphs import check
+    from diffgap.runtime.engine import EngineMeta, HostInfo, build_engines, device_context, find_engine
+
+    man, _, _ = built
+    cuda.init()
+    last = cuda.Device.count() - 1
+    with device_context(last) as dev:
+        assert cuda.Context.get_device().pci_bus_id() == dev.pci_bus_id() == cuda.Device(last).pci_bus_id()
+        assert check(cudart.cudaGetDevice(), "cudaGetDevice") == last
+    decisions = build_engines(man, models=[SAMPLER], engine_dir=tmp_path / "e", device=last)
+    assert EngineMeta.read(decisions[0].plan).host == HostInfo.current(last)
+    assert find_engine(man, SAMPLER, engine_dir=tmp_path / "e", device=last) == decisions[0].plan
+    with pytest.raises(RuntimeError, match=f"no CUDA device {last + 1} visible"):
+        build_engines(man, models=[SAMPLER], engine_dir=tmp_path / "e", device=last + 1)
+
+
+def test_ort_trt_backend_runs_the_fp16_graph_typed(built, tmp_path):
+    """ORT's TensorRT provider with the shared options (fp16 off, IOSpec profile, engine cache)."""
+    import onnxruntime as ort
+
+    from diffgap.runtime.session import open_model
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no TensorRT provider (install onnxruntime-gpu)")
+    man, _, _ = built
+    with open_model(man, SAMPLER, backend="ort-trt", precision="fp16", engine_dir=tmp_path) as t, \
+            open_model(man, SAMPLER) as o:
+        assert t.providers[0] == "TensorrtExecutionProvider"
+        for batch in sorted({t.io.min_batch, t.io.opt_batch, t.io.max_batch}):
+            feeds = _feeds(t.io, batch, seed=batch)
+            a, b = t.infer(feeds), o.infer(feeds)
+            for k in a:
+                assert _cos(a[k], b[k]).min() >= 0.999, (batch, k)
+    assert any((tmp_path / "ort-trt-cache").iterdir()), "the provider cached its engine"
 
 
 def test_trt_session_bad_inputs(built):
