@@ -167,8 +167,20 @@ def audio_model(fp16: bool = False, seed: int = 0, max_batch: int = 4) -> onnx.M
     return _model(io, nodes, [shape, _init("W_wav", w["wav"], fp16)], fp16)
 
 
-def make_export(root: str | Path, seed: int = 0, sampler_max_batch: int = 16) -> Manifest:
-    """Write a complete export directory (fp32 + fp16 graphs, tokenizer asset, manifest.json)."""
+def have_clip_vocab() -> bool:
+    """Whether laion-clap's vocabulary file (the tokenizer asset) is installed here."""
+    from diffgap.core.tokenizer import bundled_clip_vocab
+
+    try:
+        bundled_clip_vocab()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def make_export(root: str | Path, seed: int = 0, sampler_max_batch: int = 16, tokenizer: bool = True) -> Manifest:
+    """Write a complete export directory (fp32 + fp16 graphs, tokenizer asset, manifest.json);
+    ``tokenizer=False`` leaves the asset out (hosts without laion-clap's vocabulary)."""
     from diffgap.core.tokenizer import ClipBPETokenizer
 
     root = Path(root)
@@ -185,8 +197,8 @@ def make_export(root: str | Path, seed: int = 0, sampler_max_batch: int = 16) ->
         onnx.save(build(False), str(root / files["fp32"]))
         onnx.save(build(True), str(root / files["fp16"]))
         models[name] = ModelEntry(io=io, files=files, meta={})
-    vocab = ClipBPETokenizer.from_file(None).save(root)
+    assets = {"tokenizer": ClipBPETokenizer.from_file(None).save(root).name} if tokenizer else {}
     man = Manifest(root=root, preset="runtime-test", embed_dim=E, models=models, checkpoint_sha256="0" * 64,
-                   package_version="0.1.0", assets={"tokenizer": vocab.name})
+                   package_version="0.1.0", assets=assets)
     man.save()
     return man
