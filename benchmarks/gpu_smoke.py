@@ -29,20 +29,21 @@ import importlib.util
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+try:  # imported as benchmarks.gpu_smoke, or run as a script (its folder is then sys.path[0])
+    from .gpu_smoke_report import Report, Skip, compare, timed
+except ImportError:
+    from gpu_smoke_report import Report, Skip, compare, timed
+
 ROOT = Path(__file__).resolve().parents[1]
-FORMAT = "diffgap-gpu-smoke/1"
 # ORT backends and TensorRT rows, (backend, precision, options); the reference is ort-cpu fp32
 BACKENDS = [("ort-cpu", "fp32", {}), ("ort-cuda", "fp32", {}), ("ort-trt", "fp16", {}),
             ("tensorrt", "fp16", {}), ("tensorrt", "fp16", {"cuda_graph": True}), ("tensorrt", "fp32", {})]
-MIN_COS_FP16 = 0.999   # FP16 rows vs the FP32 reference, per output row (the GPU tests' bound)
-MAX_ABS_FP32 = 5e-3    # FP32 rows: TensorRT may use TF32 tensor-core math on Ampere and later
 
 
 def use_checkout() -> bool:
@@ -66,67 +67,6 @@ def _version(mod: str) -> str | None:
     except Exception as e:  # ImportError, or a library that fails to initialise
         return None if isinstance(e, ModuleNotFoundError) else f"unusable ({type(e).__name__}: {e})"[:160]
     return str(getattr(m, "__version__", "installed"))
-
-
-class Report:
-    def __init__(self, out: Path, settings: dict[str, Any]) -> None:
-        self.out, self.rows, self.settings = out, [], settings
-        self.machine: dict[str, Any] = {}
-
-    def add(self, step: str, status: str, reason: str = "", **fields: Any) -> dict[str, Any]:
-        row = {"step": step, "status": status, "reason": reason, **fields}
-        self.rows.append(row)
-        label = " ".join(str(fields[k]) for k in ("model", "backend", "precision", "batch") if k in fields)
-        print(f"[gpu-smoke] {status:7s} {step} {label} {reason}".rstrip(), flush=True)
-        self.write()
-        return row
-
-    def run(self, step: str, fn: Callable[[], dict[str, Any] | None], **fields: Any) -> dict[str, Any]:
-        """One row from ``fn``: its dict is merged in; ``Skip`` -> skipped; any other error -> failed."""
-        t0 = time.perf_counter()
-        try:
-            extra = fn() or {}
-        except Skip as e:
-            return self.add(step, "skipped", str(e), **fields)
-        except Exception as e:  # recorded, and the run goes on
-            return self.add(step, "failed", f"{type(e).__name__}: {e}"[:600], seconds=round(time.perf_counter() - t0, 3), **fields)
-        status = extra.pop("status", "ok")
-        reason = extra.pop("reason", "")
-        return self.add(step, status, reason, seconds=round(time.perf_counter() - t0, 3), **fields, **extra)
-
-    def summary(self) -> dict[str, int]:
-        return {s: sum(r["status"] == s for r in self.rows) for s in ("ok", "failed", "skipped")}
-
-    def write(self) -> None:
-        from diffgap.core.fsutil import atomic_write_json, atomic_write_text
-
-        doc = {"format": FORMAT, "machine": self.machine, "settings": self.settings, "summary": self.summary(), "rows": self.rows}
-        atomic_write_json(self.out / "gpu_smoke.json", doc)
-        atomic_write_text(self.out / "gpu_smoke.md", markdown(doc))
-
-
-class Skip(Exception):
-    """This row cannot run on this host; the message says why."""
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    m, s = doc["machine"], doc["summary"]
-    lines = [f"# GPU smoke run, {m.get('date', '')}", "",
-             f"Machine: {m.get('host', '')}; GPU: {m.get('gpu') or 'none'}; python {m.get('python', '')}.", "",
-             "Libraries: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in m.get("libraries", {}).items()) + ".", "",
-             f"Rows: {s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped "
-             f"(timings: median of {doc['settings']['repeats']} calls after {doc['settings']['warmup']} warm-up calls).", "",
-             "| step | model | backend | precision | B | status | median ms | p90 ms | items/s | parity | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["rows"]:
-        par = r.get("parity", "")
-        if isinstance(par, dict):
-            par = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in par.items())
-        cells = [r["step"], r.get("model", ""), r.get("backend", ""), r.get("precision", ""), r.get("batch", ""), r["status"],
-                 f"{r['median_ms']:.3f}" if "median_ms" in r else "", f"{r['p90_ms']:.3f}" if "p90_ms" in r else "",
-                 f"{r['items_per_s']:.1f}" if "items_per_s" in r else "", par, str(r.get("reason", "")).replace("|", "/")]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,32 +193,6 @@ def pytest_gpu(rep: Report, man: Any, out: Path, checkout: bool) -> None:
     rep.run("pytest-gpu", run)
 
 
-def _time(call: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        call()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return {"median_ms": statistics.median(ts), "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10]}
-
-
-def _compare(got: dict[str, Any], ref: dict[str, Any], precision: str) -> tuple[dict[str, float], str]:
-    import numpy as np
-
-    cos, err = 1.0, 0.0
-    for k, a in got.items():
-        a, b = a.astype(np.float64), ref[k].astype(np.float64)
-        a2, b2 = a.reshape(len(a), -1), b.reshape(len(b), -1)
-        c = (a2 * b2).sum(1) / np.maximum(np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1), 1e-30)
-        cos, err = min(cos, float(c.min())), max(err, float(np.abs(a - b).max()))
-    bad = (precision == "fp16" and cos < MIN_COS_FP16) or (precision == "fp32" and err > MAX_ABS_FP32)
-    return {"min_cosine": cos, "max_abs": err}, (f"parity outside the bound (fp16: cosine >= {MIN_COS_FP16}, "
-                                                  f"fp32: |diff| <= {MAX_ABS_FP32})" if bad else "")
-
-
 def backends(rep: Report, man: Any, engine_dir: Path, have_engines: bool, gpu_why: str | None, warmup: int, repeats: int) -> None:
     from diffgap.runtime.session import open_model
 
@@ -318,7 +232,7 @@ def backends(rep: Report, man: Any, engine_dir: Path, have_engines: bool, gpu_wh
                     fb = io.sample_inputs(b, seed=b)
 
                     def row(fb: dict = fb) -> dict[str, Any]:
-                        t = _time(lambda: sess.infer(fb), warmup, repeats)
+                        t = timed(lambda: sess.infer(fb), warmup, repeats)
                         return {**t, "items_per_s": b / (t["median_ms"] / 1e3)}
 
                     rep.run("latency", row, model=name, backend=label, precision=prec, batch=b)
@@ -329,7 +243,7 @@ def backends(rep: Report, man: Any, engine_dir: Path, have_engines: bool, gpu_wh
                 def parity() -> dict[str, Any]:
                     if ref is None:
                         raise Skip("no ort-cpu fp32 reference on this host")
-                    par, bad = _compare(sess.infer(feeds), ref, prec)
+                    par, bad = compare(sess.infer(feeds), ref, prec)
                     return {"parity": par, "status": "failed" if bad else "ok", "reason": bad}
 
                 rep.run("parity", parity, model=name, backend=label, precision=prec, batch=io.opt_batch)
@@ -370,7 +284,7 @@ def torch_baselines(rep: Report, preset: str, gpu_why: str | None, warmup: int, 
             return y
 
         def eager_row() -> dict[str, Any]:
-            t = _time(eager, warmup, repeats)
+            t = timed(eager, warmup, repeats)
             return {**t, "items_per_s": b / (t["median_ms"] / 1e3)}
 
         rep.run("torch", eager_row, backend="torch-eager", batch=b, **label)
@@ -395,7 +309,7 @@ def torch_baselines(rep: Report, preset: str, gpu_why: str | None, warmup: int, 
 
             replay()
             diff = float((static_y - eager()).abs().max())
-            t = _time(replay, warmup, repeats)
+            t = timed(replay, warmup, repeats)
             bad = "" if diff <= 1e-5 else f"graph replay differs from eager by {diff:.3g}"
             return {**t, "items_per_s": b / (t["median_ms"] / 1e3), "parity": {"max_abs_vs_eager": diff},
                     "status": "failed" if bad else "ok", "reason": bad}

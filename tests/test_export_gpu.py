@@ -3,7 +3,7 @@
 ``@pytest.mark.gpu``: tests/conftest.py skips these with a reason where TensorRT, pycuda or a CUDA
 device is missing. On a GPU host they export the tiny presets with :func:`export_all`, build FP16
 and FP32 engines with ``diffgap.runtime.engine.build_engines`` and compare every model against
-PyTorch FP32 with the bounds of issue 4 -- here the FP16 figure measures real FP16 tensor-core
+PyTorch FP32 with the export's parity bounds -- here the FP16 figure measures real FP16 tensor-core
 arithmetic for the encoders too (what ORT CPU cannot show), and the audio encoder's bicubic
 ``Resize`` (a lint warning) is proven parseable.
 """
@@ -17,6 +17,8 @@ from diffgap.core.iospec import ROLE_GUIDANCE
 pytestmark = pytest.mark.gpu
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("onnx", reason="the export needs onnx (`pip install -e .[export]`)")
+pytest.importorskip("modelopt", reason="the FP16 export needs nvidia-modelopt (`pip install -e .[export]`)")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Generate a Triton model repository from a diffgap export directory.
 
-(About 480 lines: one planner composes every model of both flavours and both encoder families, and
+(About 490 lines: one planner composes every model of both flavours and both encoder families, and
 the ensembles are wired from the composing models' configs, so they are planned together.)
 
 Triton's own layout (``<model>/config.pbtxt``, ``<model>/1/model.*``). Models:
