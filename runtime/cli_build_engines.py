@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), metavar="{0..5}",
                    help="TensorRT builder optimisation level (default: 3)")
     p.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit in MiB (default: TensorRT's)")
-    p.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device to build on: made current during the build, and its GPU model keys the cache (default: 0)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-rebuild", action="store_true",
                    help="refuse (exit 2) instead of rebuilding engines built for another export, TensorRT or GPU")

@@ -22,7 +22,7 @@ import numpy as np
 from diffgap.core.iospec import IOSpec
 
 from .cuda_graphs import CudaGraph, import_cudart
-from .engine import EngineMeta, HostInfo, import_tensorrt, import_pycuda, trt_logger
+from .engine import EngineMeta, HostInfo, check_device_index, import_pycuda, import_tensorrt, trt_logger
 from .session import Session, check_backend
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class TrtSession(Session):
         if self.cuda_graph:
             import_cudart()  # fail now, not on the first call, when cuda-python is missing
         self._trt, self._cuda = trt, cuda
-        self.device = int(device)
+        self.device = check_device_index(device)
         if meta is not None:
             meta.check_file(path)
             if check_host:
