@@ -4,8 +4,10 @@ Backends (the caller names one and gets it, or a clear error — never a silent 
 
 - ``"ort-cpu"``   onnxruntime, CPU execution provider (the embedded default);
 - ``"ort-cuda"``  onnxruntime, CUDA execution provider;
-- ``"ort-trt"``   onnxruntime, TensorRT execution provider;
-- ``"tensorrt"``  TensorRT engine + pycuda (:class:`diffgap.runtime.trt_session.TrtSession`).
+- ``"ort-trt"``   onnxruntime, TensorRT execution provider (as :mod:`diffgap.runtime.ort_trt` sets it up:
+  the graph's own types, the IOSpec's profile, an engine cache);
+- ``"tensorrt"``  TensorRT engine + pycuda, CUDA graphs through cuda-python
+  (:class:`diffgap.runtime.trt_session.TrtSession`).
 
 Every session carries the module's :class:`~diffgap.core.iospec.IOSpec` (from the export manifest, the
 ONNX ``metadata_props`` key :data:`ONNX_IO_SPEC_KEY`, or an engine's sidecar json), checks every feed

@@ -96,3 +96,36 @@ def test_smoke_driver_without_a_gpu_reports_skips(tmp_path):
     assert not [r for r in rows if r["status"] == "failed"]
     md = (out / "gpu_smoke.md").read_text()
     assert md.count("| skipped |") == sum(r["status"] == "skipped" for r in rows)
+
+
+def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke_report", ROOT / "benchmarks" / "gpu_smoke_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rep = mod.Report(tmp_path, {"repeats": 1, "warmup": 0})
+
+    def boom():
+        raise RuntimeError("execute_async_v3 failed")
+
+    def not_here():
+        raise mod.Skip("no GPU: test")
+
+    rep.run("latency", boom, model="m", backend="tensorrt+graph", precision="fp16", batch=4)
+    rep.run("latency", not_here, model="m", backend="ort-trt", precision="fp16")
+    rep.run("latency", lambda: {"median_ms": 1.5, "p90_ms": 2.0, "items_per_s": 4.0}, model="m", backend="tensorrt", batch=4)
+    doc = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert [r["status"] for r in doc["rows"]] == ["failed", "skipped", "ok"]
+    assert doc["rows"][0]["reason"] == "RuntimeError: execute_async_v3 failed"
+    assert doc["summary"] == {"ok": 1, "failed": 1, "skipped": 1}
+    md = (tmp_path / "gpu_smoke.md").read_text()
+    assert "| latency | m | tensorrt+graph | fp16 | 4 | failed |" in md and "| 1.500 | 2.000 | 4.0 |" in md
+    # parity: FP16 rows by row cosine, FP32 rows by max abs difference
+    import numpy as np
+
+    ref = {"y": np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)}
+    par, bad = mod.compare({"y": ref["y"] + 1e-4}, ref, "fp32")
+    assert not bad and abs(par["max_abs"] - 1e-4) < 1e-6
+    par, bad = mod.compare({"y": np.array([[1.0, 0.1], [0.0, 1.0]], np.float32)}, ref, "fp16")
+    assert bad and par["min_cosine"] < 0.999
