@@ -17,7 +17,8 @@ before it. What runs depends on what the host has:
 
 Anything missing gives ``skipped`` rows that say what and why (no GPU, no TensorRT, no onnx to build
 the test export ...). Without ``--export`` the engines and ONNX rows use the small test export of
-``tests/runtime_graphs.py`` (needs ``onnx``). Works from a plain checkout too: when ``diffgap`` is not
+``tests/runtime_graphs.py`` (needs ``onnx``); the export and the engines go to a scratch folder
+(``--work``), so the report folder holds only ``gpu_smoke.json``, ``gpu_smoke.md`` and the pytest logs. Works from a plain checkout too: when ``diffgap`` is not
 installed, the repository's folders are mapped onto the ``diffgap`` package as pyproject.toml maps them.
 Exit status: 1 if any row failed, else 0.
 """
@@ -31,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -115,7 +117,7 @@ def trt_reason() -> str | None:
 # ------------------------------------------------------------------------------------------------
 # steps
 # ------------------------------------------------------------------------------------------------
-def load_export(path: str | None, out: Path) -> Any:
+def load_export(path: str | None, work: Path) -> Any:
     from diffgap.core.manifest import Manifest
 
     if path:
@@ -128,7 +130,7 @@ def load_export(path: str | None, out: Path) -> Any:
     import runtime_graphs
 
     # the tokenizer asset comes from laion-clap's vocabulary file; engines and timings do not need it
-    return runtime_graphs.make_export(out / "export", tokenizer=runtime_graphs.have_clip_vocab())
+    return runtime_graphs.make_export(work / "export", tokenizer=runtime_graphs.have_clip_vocab())
 
 
 def engines(rep: Report, man: Any, engine_dir: Path, opt_level: int) -> bool:
@@ -168,13 +170,13 @@ def engines(rep: Report, man: Any, engine_dir: Path, opt_level: int) -> bool:
     return ok
 
 
-def pytest_gpu(rep: Report, man: Any, out: Path, checkout: bool) -> None:
+def pytest_gpu(rep: Report, man: Any, out: Path, work: Path, checkout: bool) -> None:
     def run() -> dict[str, Any]:
         if importlib.util.find_spec("pytest") is None:
             raise Skip("pytest is not installed")
         env = dict(os.environ, DIFFGAP_GPU_EXPORT=str(man.root), HF_HUB_OFFLINE="1")
         if checkout:  # the same package mapping for the child, through a sitecustomize on its path
-            shim = out / "_checkout_shim"
+            shim = work / "checkout_shim"
             shim.mkdir(exist_ok=True)
             (shim / "sitecustomize.py").write_text(
                 f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport diffgap\ndiffgap.__path__.append({str(ROOT)!r})\n")
@@ -327,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="clap-512", help="model preset of the PyTorch baselines (default: %(default)s)")
     ap.add_argument("--torch-batches", default="1,8,64", help="batch sizes of the PyTorch rows (default: %(default)s)")
     ap.add_argument("--skip-pytest", action="store_true", help="do not run `pytest -m gpu`")
+    ap.add_argument("--work", help="scratch folder for the test export and the engines (default: a temporary folder, "
+                                   "removed at the end; the report folder only gets the report and the logs)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
@@ -336,24 +340,34 @@ def main(argv: list[str] | None = None) -> int:
     rep = Report(out, {"repeats": args.repeats, "warmup": args.warmup, "opt_level": args.opt_level, "preset": args.preset,
                        "export": args.export or "tests/runtime_graphs.py test export", "diffgap_from_checkout": checkout})
     rep.machine = machine()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="diffgap-gpu-smoke-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(rep, args, out, work, checkout)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(rep: Report, args: argparse.Namespace, out: Path, work: Path, checkout: bool) -> int:
     gpu_why = no_gpu_reason()
     rep.add("gpu", "skipped" if gpu_why else "ok", gpu_why or (rep.machine["gpu"] or "a CUDA device is visible"))
     man = None
     try:
-        man = load_export(args.export, out)
+        man = load_export(args.export, work)
         note = "" if "tokenizer" in man.assets else "; no tokenizer asset (laion-clap's vocabulary is not installed)"
         rep.add("export", "ok", f"{man.root} ({', '.join(sorted(man.models))}){note}")
     except Skip as e:
         rep.add("export", "skipped", str(e))
     except Exception as e:
         rep.add("export", "failed", f"{type(e).__name__}: {e}"[:600])
-    engine_dir = out / "engines"
+    engine_dir = work / "engines"
     if man is not None:
         have = engines(rep, man, engine_dir, args.opt_level)
         if args.skip_pytest:
             rep.add("pytest-gpu", "skipped", "--skip-pytest")
         else:
-            pytest_gpu(rep, man, out, checkout)
+            pytest_gpu(rep, man, out, work, checkout)
         backends(rep, man, engine_dir, have, gpu_why, args.warmup, args.repeats)
     torch_baselines(rep, args.preset, gpu_why, args.warmup, args.repeats, [int(b) for b in args.torch_batches.split(",")])
     s = rep.summary()
