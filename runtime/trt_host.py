@@ -182,27 +182,33 @@ def trt_release(v: str) -> tuple[int, int, int]:
     return tuple((parts + (0, 0, 0))[:3])  # type: ignore[return-value]
 
 
+FIXES = (
+    "build the engines inside that release's container (`diffgap build-engines` there), or ship ONNX "
+    "with --gpu-platform onnxruntime_onnx (Triton builds the TensorRT engine at load time)"
+)
+
+
+def server_trt_release(server_trt: str | None) -> tuple[int, int, int]:
+    """The serving tritonserver's TensorRT release from ``--server-trt-version``; UserError if absent or unparsable."""
+    if not server_trt:
+        raise UserError(
+            "a tensorrt_plan engine loads only in the TensorRT release that built it: pass --server-trt-version "
+            f"with the serving tritonserver's TensorRT ({SERVER_TRT_HINT}), or use --gpu-platform onnxruntime_onnx"
+        )
+    try:
+        return trt_release(server_trt)
+    except ValueError as e:
+        raise UserError(f"--server-trt-version {server_trt!r} is not a version such as 10.8.0; {SERVER_TRT_HINT}") from e
+
+
 def check_server_trt(engine_trt: str, server_trt: str | None, what: str) -> None:
     """Refuse an engine whose TensorRT release differs from the serving tritonserver's.
 
     An engine deserialises only in the release that built it (major.minor.patch), so a mismatch
     would load nothing at server start-up; the message gives both ways out.
     """
-    fixes = (
-        "build the engines inside that release's container (`diffgap build-engines` there), or ship ONNX "
-        "with --gpu-platform onnxruntime_onnx (Triton builds the TensorRT engine at load time)"
-    )
-    if not server_trt:
-        raise UserError(
-            f"{what}: a tensorrt_plan engine loads only in the TensorRT release that built it (this one: "
-            f"TensorRT {engine_trt}); pass --server-trt-version with the serving tritonserver's TensorRT ({SERVER_TRT_HINT}), or {fixes}"
-        )
-    try:
-        server = trt_release(server_trt)
-    except ValueError as e:
-        raise UserError(f"--server-trt-version {server_trt!r} is not a version such as 10.8.0; {SERVER_TRT_HINT}") from e
-    if trt_release(engine_trt) != server:
+    if trt_release(engine_trt) != server_trt_release(server_trt):
         raise UserError(
             f"{what} was built with TensorRT {engine_trt} but the server runs TensorRT {server_trt}: it would not "
-            f"load (\"Version tag does not match\"); {fixes}"
+            f"load (\"Version tag does not match\"); {FIXES}"
         )

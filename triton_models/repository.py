@@ -1,6 +1,6 @@
 """Generate a Triton model repository from a diffgap export directory.
 
-(About 490 lines: one planner composes every model of both flavours and both encoder families, and
+(About 480 lines: one planner composes every model of both flavours and both encoder families, and
 the ensembles are wired from the composing models' configs, so they are planned together.)
 
 Triton's own layout (``<model>/config.pbtxt``, ``<model>/1/model.*``). Models:
@@ -60,7 +60,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
 from diffgap.core.iospec import IOSpec, triton_dtype
 from diffgap.core.manifest import Manifest
@@ -190,18 +189,9 @@ class RepoOptions:
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
             raise ValueError(f"queue delay must be >= 0 microseconds, got {self.queue_delay_us}")
         if self.flavor == "gpu" and self.gpu_platform == "tensorrt_plan":
-            from diffgap.runtime.trt_host import SERVER_TRT_HINT, trt_release
+            from diffgap.runtime.trt_host import server_trt_release
 
-            if not self.server_trt_version:
-                raise UserError(
-                    "--flavor gpu ships TensorRT engines, which load only in the TensorRT release that built them: "
-                    f"pass --server-trt-version with the serving tritonserver's TensorRT ({SERVER_TRT_HINT}), "
-                    "or use --gpu-platform onnxruntime_onnx"
-                )
-            try:
-                trt_release(self.server_trt_version)
-            except ValueError as e:
-                raise UserError(f"--server-trt-version {self.server_trt_version!r} is not a version such as 10.8.0; {SERVER_TRT_HINT}") from e
+            server_trt_release(self.server_trt_version)  # required, and a version: checked before any work
 
     def queue_delay(self, gpu: bool) -> int:
         if self.queue_delay_us is not None:
