@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.data import MODALITY_KEYS, Pairs, save_pairs
+from .core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class SynthGenerator:
     def __init__(self, cfg: SynthConfig, modalities: tuple[str, str] = TEXT_AUDIO):
         a, b = modalities
         if a == b or not {a, b} <= set(MODALITY_KEYS):
-            raise ValueError(f"modalities must be two distinct names of {MODALITY_KEYS}, got {modalities}")
+            raise UserError(f"modalities must be two distinct names of {MODALITY_KEYS}, got {modalities}")
         self.cfg = cfg
         self.modalities = (a, b)
         rng = np.random.default_rng(cfg.seed)

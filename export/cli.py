@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffgap.core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 HELP = "export a checkpoint to ONNX (CLAP or CAVP encoders + fused K-step samplers, FP32 + FP16) with a manifest"
@@ -115,7 +117,7 @@ def fusion_weights_from_eval(path: str | os.PathLike) -> dict[str, dict[str, flo
         tasks = json.loads(path.read_text())["tasks"]
         return {task.replace("->", "_to_"): dict(res["rows"]["full"]["weights"]) for task, res in tasks.items()}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"--fusion-weights {path} is not a `diffgap eval --json` report ({e!r}); re-run diffgap eval") from e
+        raise UserError(f"--fusion-weights {path} is not a `diffgap eval --json` report ({e!r}); re-run diffgap eval") from e
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -162,7 +164,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     while not anc.exists():
         anc = anc.parent
     if not anc.is_dir():
-        raise ValueError(f"cannot create --out {out}: {anc} is a file, not a directory; choose another --out")
+        raise UserError(f"cannot create --out {out}: {anc} is a file, not a directory; choose another --out")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write under {anc} (permission denied); choose a writable --out")
 
@@ -171,9 +173,9 @@ def _check_steps(steps: int | None, T: int) -> None:
     if steps is None:
         return
     if isinstance(steps, bool) or not isinstance(steps, int):
-        raise ValueError(f"--steps must be an integer, got {steps!r}")
+        raise UserError(f"--steps must be an integer, got {steps!r}")
     if steps < 1 or steps > T:
-        raise ValueError(f"--steps {steps} is out of range: use 1 <= K <= T = {T} (the schedule's training timesteps)")
+        raise UserError(f"--steps {steps} is out of range: use 1 <= K <= T = {T} (the schedule's training timesteps)")
 
 
 def _audio_feeds(io, batch: int, seed: int) -> dict:
@@ -282,7 +284,7 @@ def export_all(
     ckpt = Path(checkpoint)
     _check_out_dir(out, overwrite)
     if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
-        raise ValueError(f"--steps {steps} is out of range: K must be >= 1")
+        raise UserError(f"--steps {steps} is out of range: K must be >= 1")
 
     import torch
 
@@ -310,7 +312,7 @@ def export_all(
     if encoders is not None and family == "cavp":
         enc, cavp_source = _cavp_encoder(encoders, encoder_seed)
         if cfg.embed_dim != enc.embed_dim:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint preset {cfg.name!r} takes {cfg.embed_dim}-d embeddings but the CAVP encoders output "
                 f"{enc.embed_dim}-d; pass a checkpoint trained on CAVP embeddings"
             )
@@ -318,12 +320,12 @@ def export_all(
         from diffgap.encoders.clap import EMBED_DIM, ClapEncoder
 
         if tuple(sorted(cfg.modalities)) != ("audio", "text"):
-            raise ValueError(
+            raise UserError(
                 f"checkpoint preset {cfg.name!r} bridges {cfg.modalities}, not text<->audio: CLAP encoders do not "
                 "apply; pass --encoders none or a CLAP-space checkpoint"
             )
         if cfg.embed_dim != EMBED_DIM:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint preset {cfg.name!r} takes {cfg.embed_dim}-d embeddings but CLAP encoders output "
                 f"{EMBED_DIM}-d; pass a checkpoint trained on CLAP embeddings"
             )

@@ -71,6 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffgap.core.errors import UserError
 from diffgap.core.iospec import BATCH, IOSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def get_cavp_config(name: str | CavpConfig) -> CavpConfig:
     if isinstance(name, CavpConfig):
         return name
     if name not in CAVP_CONFIGS:
-        raise ValueError(f"unknown CAVP config {name!r}; choose one of {sorted(CAVP_CONFIGS)}")
+        raise UserError(f"unknown CAVP config {name!r}; choose one of {sorted(CAVP_CONFIGS)}")
     return CAVP_CONFIGS[name]
 
 
@@ -432,7 +433,7 @@ def _read_checkpoint(path: Path) -> Mapping[str, Any]:
         # weights_only: a checkpoint is data, never code to unpickle.
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise UserError(
             f"cannot read CAVP checkpoint {str(path)!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "pass Diff-Foley's CAVP .ckpt/.pt (read with torch.load(weights_only=True): re-save just its "
             "state dict if it pickles other objects) or a .safetensors file"
@@ -450,7 +451,7 @@ def load_cavp_state_dict(model: CavpModel, path: str | Path) -> None:
         raise FileNotFoundError(f"CAVP checkpoint {str(path)!r} not found; pass the path to Diff-Foley's CAVP checkpoint file")
     raw = _read_checkpoint(path)
     if not isinstance(raw, Mapping):
-        raise ValueError(f"CAVP checkpoint {str(path)!r} holds a {type(raw).__name__}, not a state dict")
+        raise UserError(f"CAVP checkpoint {str(path)!r} holds a {type(raw).__name__}, not a state dict")
     for wrapper in ("state_dict", "model"):
         if wrapper in raw and isinstance(raw[wrapper], Mapping):
             raw = raw[wrapper]
@@ -459,21 +460,21 @@ def load_cavp_state_dict(model: CavpModel, path: str | Path) -> None:
     expected = model.state_dict()
     for key, ref in expected.items():
         if key not in sd:
-            raise ValueError(
+            raise UserError(
                 f"CAVP checkpoint {str(path)!r} lacks key {key!r} (first mismatch against the Diff-Foley CAVP "
                 f"layout for config {model.config.name!r}); is it a Stage-1 CAVP checkpoint of this architecture?"
             )
         got = sd[key]
         if not isinstance(got, torch.Tensor):
-            raise ValueError(f"CAVP checkpoint {str(path)!r}: {key!r} is a {type(got).__name__}, not a tensor")
+            raise UserError(f"CAVP checkpoint {str(path)!r}: {key!r} is a {type(got).__name__}, not a tensor")
         if tuple(got.shape) != tuple(ref.shape):
-            raise ValueError(
+            raise UserError(
                 f"CAVP checkpoint {str(path)!r}: {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)} "
                 f"for config {model.config.name!r} (first mismatch); build the encoder with the CavpConfig the checkpoint was trained with"
             )
     extra = [k for k in sd if k not in expected]
     if extra:
-        raise ValueError(
+        raise UserError(
             f"CAVP checkpoint {str(path)!r} has unexpected key {extra[0]!r} ({len(extra)} in all; first mismatch); "
             "it is not a Diff-Foley Stage-1 CAVP checkpoint of this architecture"
         )
