@@ -32,13 +32,12 @@ from torch import nn
 
 from diffgap.core.errors import UserError
 from diffgap.core.iospec import (
-    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec, TensorSpec,
+    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, SAMPLER_BATCH_PROFILE,
+    BatchProfile, IOSpec, TensorSpec,
 )
 from diffgap.core.names import parse_sampler_name, sampler_name
 from diffgap.diffusion import DDIMSampler, timestep_start, timesteps_summary
 from diffgap.models import parse_direction
-
-DEFAULT_BATCH = (1, 16, 256)  # min / opt / max batch of the TensorRT profile and Triton config
 
 
 def export_name(direction: str) -> str:
@@ -65,7 +64,7 @@ class FusedSampler(nn.Module):
         guidance: bool = True,
         mode: str | None = None,
         t0: float | None = None,
-        batch: tuple[int, int, int] = DEFAULT_BATCH,
+        batch: BatchProfile = SAMPLER_BATCH_PROFILE,
     ) -> None:
         super().__init__()
         cfg = model.config

@@ -72,7 +72,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffgap.core.errors import UserError
-from diffgap.core.iospec import BATCH, IOSpec, TensorSpec
+from diffgap.core.iospec import BATCH, BATCH_PROFILES, BatchProfile, IOSpec, TensorSpec
+from diffgap.core.names import encoder_name
 
 log = logging.getLogger(__name__)
 
@@ -486,10 +487,9 @@ def load_cavp_state_dict(model: CavpModel, path: str | Path) -> None:
 class CavpVideoEncoderModule(nn.Module):
     """Export wrapper: ``frames`` (B, T, 3, H, W) float32 in [0, 1] -> ``video_embedding`` (B, E) float32."""
 
-    EXPORT_NAME = "cavp_video_encoder"
+    EXPORT_NAME = encoder_name("video", "cavp")
 
-    # A full-size clip is 16x3x224x224 float32 (9.6 MB): a modest (min, opt, max) batch profile.
-    def __init__(self, model: CavpModel, batch: tuple[int, int, int] = (1, 4, 16)) -> None:
+    def __init__(self, model: CavpModel, batch: BatchProfile = BATCH_PROFILES[EXPORT_NAME]) -> None:
         super().__init__()
         self.batch = batch
         self.model = model
@@ -518,9 +518,9 @@ class CavpVideoEncoderModule(nn.Module):
 class CavpAudioEncoderModule(nn.Module):
     """Export wrapper: ``waveform`` (B, clip_samples) float32 -> ``audio_embedding`` (B, E) float32."""
 
-    EXPORT_NAME = "cavp_audio_encoder"
+    EXPORT_NAME = encoder_name("audio", "cavp")
 
-    def __init__(self, model: CavpModel, batch: tuple[int, int, int] = (1, 8, 64)) -> None:
+    def __init__(self, model: CavpModel, batch: BatchProfile = BATCH_PROFILES[EXPORT_NAME]) -> None:
         super().__init__()
         self.batch = batch
         self.model = model
