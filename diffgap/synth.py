@@ -99,6 +99,16 @@ class SynthGenerator:
         gap_dir /= np.linalg.norm(gap_dir)
         self.mods = {a: _Modality(cfg, rng, -1.0, gap_dir), b: _Modality(cfg, rng, +1.0, gap_dir)}
 
+    def distortion(self, m: str, s: np.ndarray) -> np.ndarray:
+        """Modality ``m``'s nonlinear distortion of the semantic factors s (n, k) -> (n, k), E||.||^2 ~ 1.
+
+        The second Hermite polynomial He2(z) = z^2 - 1 of z ~ N(0, 1) is uncorrelated with z, so the
+        distortion has no linear component in s: no linear map can undo it.
+        """
+        M = self.mods[m]
+        z = s @ M.W1.T / np.sqrt(self.cfg.semantic_dim)                             # (n, h), each ~N(0, 1)
+        return (z**2 - 1.0) @ M.W2.T / np.sqrt(2.0 * self.cfg.distortion_hidden)
+
     def _embed(self, m: str, s: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         c = self.cfg
         M = self.mods[m]
@@ -106,9 +116,7 @@ class SynthGenerator:
         k = c.semantic_dim
         u = s / np.sqrt(k)                                                          # (n, k), E||u||^2 = 1
         priv = rng.standard_normal((n, c.private_dim)) @ M.Q.T / np.sqrt(c.private_dim)  # (n, k), E||.||^2 = 1
-        z = s @ M.W1.T / np.sqrt(k)                                                 # (n, h), each ~N(0, 1)
-        dist = (z**2 - 1.0) @ M.W2.T / np.sqrt(2.0 * c.distortion_hidden)           # (n, k), E||.||^2 ~ 1
-        inner = u + c.private_scale * priv + c.distortion_scale * dist + c.inner_noise_scale * rng.standard_normal((n, k)) / np.sqrt(k)
+        inner = u + c.private_scale * priv + c.distortion_scale * self.distortion(m, s) + c.inner_noise_scale * rng.standard_normal((n, k)) / np.sqrt(k)
         noise = rng.standard_normal((n, c.embed_dim)) / np.sqrt(c.embed_dim)        # (n, E), E||.||^2 = 1
         x = inner @ self.A.T + M.offset + c.noise_scale * noise
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

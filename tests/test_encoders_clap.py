@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from diffgap.core import audio as A
 from diffgap.encoders import clap as C
+from diffgap.core.errors import UserError
 from diffgap.core.iospec import IOSpec
 
 # Wrapper vs laion-clap on the same weights: the same float32 ops in the same order, so they agree
@@ -203,31 +204,31 @@ def test_fake_checkpoints_refused(enc, tmp_path):
     renamed = dict(sd)
     renamed["audio_branch.bogus.weight"] = renamed.pop(first)
     torch.save({**_laion_style(renamed), **arch}, tmp_path / "renamed.pt")
-    with pytest.raises(ValueError, match=f"first missing key '{first}'"):
+    with pytest.raises(UserError, match=f"first missing key '{first}'"):
         C.ClapEncoder.from_checkpoint(tmp_path / "renamed.pt")
 
     extra = dict(sd, **{"text_branch.extra": torch.zeros(1)})
     torch.save({**_laion_style(extra), **arch}, tmp_path / "extra.pt")
-    with pytest.raises(ValueError, match="first unexpected key 'text_branch.extra'"):
+    with pytest.raises(UserError, match="first unexpected key 'text_branch.extra'"):
         C.ClapEncoder.from_checkpoint(tmp_path / "extra.pt")
 
     reshaped = dict(sd)
     reshaped["text_projection.0.weight"] = torch.zeros(512, 65)
     torch.save({**_laion_style(reshaped), **arch}, tmp_path / "reshaped.pt")
-    with pytest.raises(ValueError, match=r"'text_projection.0.weight' has shape \(512, 65\) in the checkpoint"):
+    with pytest.raises(UserError, match=r"'text_projection.0.weight' has shape \(512, 65\) in the checkpoint"):
         C.ClapEncoder.from_checkpoint(tmp_path / "reshaped.pt")
 
     (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
         C.ClapEncoder.from_checkpoint(tmp_path / "garbage.pt")
 
     torch.save({"state_dict": {"foo": torch.zeros(2)}}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match="first missing key 'audio_branch.patch_embed.proj.weight'"):
+    with pytest.raises(UserError, match="first missing key 'audio_branch.patch_embed.proj.weight'"):
         C.ClapEncoder.from_checkpoint(tmp_path / "foreign.pt")
 
     fusion = dict(sd, **{"audio_branch.patch_embed.fusion_model.local_att.0.weight": torch.zeros(1)})
     torch.save(_laion_style(fusion), tmp_path / "fusion.pt")
-    with pytest.raises(ValueError, match="feature-fusion"):
+    with pytest.raises(UserError, match="feature-fusion"):
         C.ClapEncoder.from_checkpoint(tmp_path / "fusion.pt")
 
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -256,7 +257,7 @@ def test_roberta_checkpoint_without_hf_files_says_where(enc, tmp_path, monkeypat
 
 
 def test_unknown_arch():
-    with pytest.raises(ValueError, match="unknown CLAP architecture"):
+    with pytest.raises(UserError, match="unknown CLAP architecture"):
         C.ClapEncoder.from_arch("htsat-huge")
 
 
