@@ -15,13 +15,13 @@ is left to bridge is what a linear map cannot fix. Per item i and modality m (te
 Captions are drawn from a small template grammar keyed on the two largest semantic factors, so
 they are readable but carry no extra signal.
 
-Calibration (issue 2, on the 1,000-pair test split): raw-cosine text-to-audio R@1 in [15%, 35%],
+Calibration (on the 1,000-pair test split): raw-cosine text-to-audio R@1 in [15%, 35%],
 and a linear contrastive adapter trained on the train split gains at most 15 points. The defaults
 below were fixed once by :func:`calibration_report` (``diffgap synth --calibrate``) before any
 DiffGAP model was trained on them and are not tuned toward any method. Measured values are in
 the README and asserted by tests/test_synth.py.
 
-The video-audio benchmark (CAVP space, issue 8) is this same generator with its arrays named
+The video-audio benchmark (CAVP space) is this same generator with its arrays named
 ``video``/``audio`` and its own seed (:data:`VIDEO_AUDIO_CONFIG`; ``diffgap synth --modalities
 video-audio --seed 1``); no parameter was changed or tuned for it.
 """
@@ -52,7 +52,7 @@ class SynthConfig:
     gap: float = 0.8              # distance between the two modality-gap offsets
     n_train: int = 20000
     n_val: int = 1000
-    n_test: int = 1000            # issue 2: calibration targets are stated on 1,000 test pairs
+    n_test: int = 1000            # the calibration band is stated on 1,000 test pairs
     seed: int = 0
 
 
@@ -62,7 +62,7 @@ _PLACES = ["in the distance", "nearby", "indoors", "outside", "on a street", "in
 
 TEXT_AUDIO = ("text", "audio")
 VIDEO_AUDIO = ("video", "audio")
-# The video-audio benchmark (issue 8, CAVP space): the same generator and parameters as the
+# The video-audio benchmark (CAVP space): the same generator and parameters as the
 # text-audio one, only its own seed; nothing in it was tuned toward any method.
 VIDEO_AUDIO_CONFIG = SynthConfig(seed=1)
 

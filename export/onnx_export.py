@@ -23,8 +23,8 @@ dead-code elimination; node names, I/O and metadata are kept): the TorchScript e
 count, which every later pass (FP16 conversion, TensorRT parsing) benefits from. Parity is always
 measured on the final file.
 
-Opset 17 (the lowest the brief allows, inside every TensorRT 10.x parser's documented range, and
-the first with a LayerNormalization op). ONNX's ``dim_param`` for the batch axis is the IOSpec's
+Opset 17 (inside every TensorRT 10.x ONNX parser's documented range, and the first opset with a
+LayerNormalization op: one node, which :mod:`diffgap.export.fp16` keeps in FP32). ONNX's ``dim_param`` for the batch axis is the IOSpec's
 ``"batch"``; feature dims are written as fixed values so consumers (TensorRT profiles, Triton
 configs) see exactly what the IOSpec declares.
 """

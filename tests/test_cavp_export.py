@@ -1,4 +1,4 @@
-"""Video<->audio export (issue 8 with issue 4's checks): the tiny CAVP encoders and a cavp-tiny DiffGAP
+"""Video<->audio export with the same checks as text<->audio: the tiny CAVP encoders and a cavp-tiny DiffGAP
 through ``export_all`` -- both CAVP towers and both fused samplers, FP32 + FP16, parity at B = 1, 3, 8,
 the TensorRT lint and the manifest -- and the torch-free runtime bridges on the exported graphs."""
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_export_writes_every_cavp_model_fp32_fp16_with_manifest(exported):
 def test_parity_fp16_bounds_and_lint(exported):
     _, res = exported
     par = res.parity
-    assert par["ok"] and set(par["models"]) == MODELS
+    assert set(par["models"]) == MODELS  # export_all(check=True) raised unless all were ok: check the figures
     for name, row in par["models"].items():
         assert row["batches"] == [1, 3, 8]
         assert row["fp32_max_abs"] <= chk.FP32_MAX_ABS, name

@@ -41,7 +41,7 @@ def test_registry_and_default_preset_size():
         get_preset("nope")
     counts = DiffGAP(get_preset("clap-512")).parameter_counts()
     for d in ("audio_given_text", "text_given_audio"):
-        # "a few million per direction" (issue 2); 4.53M with the default settings
+        # a few million per direction (DiffGAP's small denoisers); 4.53M with the default settings
         assert 3_000_000 <= counts[d] <= 6_000_000, counts
     assert get_preset("clap-512").directions == ("audio_given_text", "text_given_audio")
 

@@ -40,7 +40,7 @@ So this module names its submodules exactly like ``CAVP_Inference``; after unwra
 checkpoint's keys map onto :class:`CavpModel` one-to-one (identity mapping) and the mapping is asserted
 key by key, with shapes, in ``tests/test_cavp.py`` against the names above.
 
-Audio front end. The issue quotes 22.05 kHz / 80 mels / 125-7600 Hz: those are Diff-Foley's *Stage-2*
+Audio front end. 22.05 kHz / 80 mels / 125-7600 Hz, often quoted for Diff-Foley, are Diff-Foley's *Stage-2*
 (latent diffusion) spectrogram settings (``inverse_op`` in ``demo_util.py``). The CAVP audio encoder
 itself cannot take 80 mels: its first layer is ``BatchNorm2d(128)`` over the mel axis, the training
 code's Cnn14 smoke input is (2, 1, 256, 128) and it is initialised from PANNs ``Cnn14_16k``; Diff-Foley's
