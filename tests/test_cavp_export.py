@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cavp_fixtures
+from diffgap.core.errors import UserError
 from diffgap.encoders.cavp import CavpEncoder
 from diffgap.export import check as chk
 from diffgap.export.cli import export_all
@@ -181,7 +182,7 @@ def test_encoder_choice_errors(exported, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither one of"):
         export_all(ckpt, tmp_path / "x", encoders="htsat-tiny")
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match="Diff-Foley CAVP checkpoint|CAVP checkpoint"):
+    with pytest.raises(UserError, match="Diff-Foley CAVP checkpoint|CAVP checkpoint"):
         bad = tmp_path / "bad.ckpt"
         torch.save({"state_dict": {"video_encoder.conv1.conv.weight": torch.zeros(1)}}, bad)
         export_all(ckpt, tmp_path / "y", encoders=str(bad))
