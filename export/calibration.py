@@ -12,7 +12,7 @@ video frames half black. What each model is calibrated on instead:
   modulated noise (speech-like envelope), near silence -- at RMS loudness from -45 to -12 dBFS
   (quiet room to loud music), through laion-clap's int16 round trip;
 * **video encoder**: frames in [0, 1] with smooth colour gradients, a moving textured disc and mild
-  sensor noise, mean brightness 0.25-0.65 (not the half-black clipped noise);
+  sensor noise, mean brightness 0.3-0.7 (not the half-black clipped noise);
 * **fused samplers**: conditions are the exported source encoder's embeddings of the inputs above
   (unit-norm vectors of the trained encoder's distribution) when encoders are exported with it;
   with ``--encoders none`` they are unit-norm random directions, the only thing known about a CLAP
@@ -21,7 +21,7 @@ video frames half black. What each model is calibrated on instead:
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -96,8 +96,8 @@ def frames(batch: int, num_frames: int, size: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     out = np.empty((batch, num_frames, 3, size, size), np.float32)
     for b in range(batch):
-        base = rng.uniform(0.15, 0.55, size=3)
-        tilt = rng.uniform(-0.2, 0.2, size=(3, 2))
+        base = rng.uniform(0.3, 0.6, size=3)
+        tilt = rng.uniform(-0.12, 0.12, size=(3, 2))
         texture = 0.08 * np.sin(2 * np.pi * rng.uniform(3, 12) * (xx + yy))
         for f in range(num_frames):
             cx, cy = 0.2 + 0.6 * f / max(num_frames - 1, 1), 0.5 + 0.2 * np.sin(f / 3 + b)
@@ -113,9 +113,11 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def sampler_feeds(io: IOSpec, batch: int, seed: int = 0,
-                  conditions: Callable[[int, int], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                  conditions: Callable[[int, int], np.ndarray] | None = None,
+                  guidance: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """A fused sampler's feeds: ``conditions(batch, seed)`` (source-encoder embeddings) or unit-norm
-    random directions, N(0, 1) noise, and the exported default guidance scale."""
+    random directions, N(0, 1) noise, and the exported default guidance scale (``guidance``: per-row
+    scales cycled over the rows instead, as the parity checks use to cover the guided path)."""
     rng = np.random.default_rng(seed)
     cond, noise = io.role(ROLE_CONDITION), io.role(ROLE_NOISE)
     c = conditions(batch, seed) if conditions is not None else rng.standard_normal(cond.concrete(batch))
@@ -123,7 +125,8 @@ def sampler_feeds(io: IOSpec, batch: int, seed: int = 0,
              noise.name: rng.standard_normal(noise.concrete(batch)).astype(noise.np_dtype)}
     if io.has_role(ROLE_GUIDANCE):
         g = io.role(ROLE_GUIDANCE)
-        feeds[g.name] = np.full(g.concrete(batch), g.default, g.np_dtype)
+        scales = [g.default] if guidance is None else list(guidance)
+        feeds[g.name] = np.array([[scales[i % len(scales)]] for i in range(batch)], g.np_dtype)
     return feeds
 
 

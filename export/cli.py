@@ -36,10 +36,15 @@ from pathlib import Path
 
 from diffgap.core.errors import UserError
 
-from .plan import (  # noqa: F401 - the export API, importable from here as before
+from .plan import (  # the export API, importable from here as before
     CAVP_ENCODER_CONFIGS, ENCODER_ARCHS, ENCODER_FAMILIES, ExportCheckError, ExportJob, ExportPlan, ExportResult,
     plan_export, run_export,
 )
+
+__all__ = [
+    "CAVP_ENCODER_CONFIGS", "ENCODER_ARCHS", "ENCODER_FAMILIES", "ExportCheckError", "ExportJob", "ExportPlan",
+    "ExportResult", "HELP", "add_arguments", "export_all", "fusion_weights_from_eval", "plan_export", "run", "run_export",
+]
 
 HELP = "export a checkpoint to ONNX (CLAP or CAVP encoders + fused K-step samplers, FP32 + FP16) with a manifest"
 

@@ -57,7 +57,7 @@ import onnx
 from diffgap.core.iospec import IOSpec, onnx_elem_type
 
 from .modelopt_autocast_patch import linear_time_autocast
-from .onnx_export import check_and_infer, read_metadata, save_model, set_metadata
+from .onnx_export import META_GRAPH_PRECISION, check_and_infer, read_metadata, save_model, set_metadata
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def convert_fp16(
     del out.metadata_props[:]
     set_metadata(out, {
         **meta,
-        "diffgap.precision": "fp16",
+        META_GRAPH_PRECISION: "fp16",
         "diffgap.fp16_tool": _autocast_version(),
         "diffgap.fp16_fp32_pinned_nodes": str(len(exclude)),
         "diffgap.fp16_fp32_op_types": ",".join(op_types_to_exclude),

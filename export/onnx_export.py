@@ -49,6 +49,7 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 17
 TRACE_BATCH = 2  # example batch for tracing: != 1 so a frozen batch axis shows up in parity at B=1,3,8
 META_IOSPEC = META_IO_SPEC
+META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own precision, next to its I/O declaration
 
 
 def _sample_args(io: IOSpec, batch: int, seed: int = 0) -> tuple:

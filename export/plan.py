@@ -133,8 +133,9 @@ class ExportJob:
     fp16_kind: str                  # diffgap.export.fp16.convert_fp16's kind
     check_kind: str                 # "encoder" | "denoiser" (diffgap.export.check bounds)
     fp16_backend: str               # "reference" (onnx.reference FP16 arithmetic) | "ort" (ORT CPU)
-    feeds: Feeds                    # FP16 calibration and parity inputs
+    feeds: Feeds                    # FP16 calibration inputs (and parity inputs unless parity_feeds is set)
     meta: dict                      # the manifest entry's meta (also written as ONNX metadata)
+    parity_feeds: Feeds | None = None
 
 
 @dataclass
@@ -243,8 +244,11 @@ def plan_export(
         io = s.io_spec()
         source_modality = s.direction.split("_given_")[1]
         cond = conditions.get(source_modality)
+        # calibration at the exported default guidance scale; parity also at 3 (the guided branch)
         feeds = (lambda b, seed, io=io, cond=cond: cal.sampler_feeds(io, b, seed, cond))
-        jobs.append(ExportJob(s, "denoiser", "denoiser", "reference", feeds, s.metadata()))
+        parity = (lambda b, seed, io=io, cond=cond, g=s.default_guidance:
+                  cal.sampler_feeds(io, b, seed, cond, guidance=(g, 3.0)))
+        jobs.append(ExportJob(s, "denoiser", "denoiser", "reference", feeds, s.metadata(), parity))
     return ExportPlan(
         checkpoint=ckpt, out=out, overwrite=overwrite, config=cfg, checkpoint_meta=meta,
         checkpoint_sha256=sha256_file(ckpt / WEIGHTS), family=family, encoder=enc, jobs=jobs,
@@ -284,7 +288,7 @@ def run_export(plan: ExportPlan, on_table: Callable[[str], Any] | None = None) -
             if plan.check:
                 rows.append(chk.check_model(
                     job.module, io, tmp / files["fp32"], tmp / files["fp16"] if plan.fp16 else None,
-                    kind=job.check_kind, fp16_backend=job.fp16_backend, feeds_fn=job.feeds,
+                    kind=job.check_kind, fp16_backend=job.fp16_backend, feeds_fn=job.parity_feeds or job.feeds,
                 ))
             models[io.name] = ModelEntry(io=io, files=files, meta=dict(job.meta))
 
@@ -326,7 +330,7 @@ def _export_job(job: ExportJob, tmp: Path, common_meta: dict, plan: ExportPlan, 
     from . import calibration as cal
     from .fp16 import convert_fp16
     from .lint import lint_model
-    from .onnx_export import export_module
+    from .onnx_export import META_GRAPH_PRECISION, export_module
 
     io = job.module.io_spec()
     files = {"fp32": f"{io.name}.onnx"}
@@ -339,7 +343,7 @@ def _export_job(job: ExportJob, tmp: Path, common_meta: dict, plan: ExportPlan, 
         gmeta["diffgap.K"] = str(job.module.steps)
         gmeta["diffgap.schedule"] = plan.config.diffusion.schedule
     t0 = time.time()
-    export_module(job.module, io, tmp / files["fp32"], opset=plan.opset, metadata={**gmeta, "diffgap.precision": "fp32"})
+    export_module(job.module, io, tmp / files["fp32"], opset=plan.opset, metadata={**gmeta, META_GRAPH_PRECISION: "fp32"})
     log.info("%s: fp32 graph in %.1f s", io.name, time.time() - t0)
     if plan.fp16:
         files["fp16"] = f"{io.name}.fp16.onnx"
