@@ -169,11 +169,14 @@ def _encoder_jobs(family: str, enc, source: str) -> tuple[list[ExportJob], dict[
                 return module(*(torch.from_numpy(v) for v in feeds_fn(batch, seed).values())).numpy()
         return conditions
 
+    def one_input(module, make):  # (batch, seed) -> {the module's single input: make(batch, seed)}
+        return lambda b, seed: cal.single_input(module.io_spec(), make(b, seed))
+
     if family == "cavp":
         c = enc.config
         meta = {"encoder": source, "cavp_config": c.name}
-        video = lambda b, s: cal.single_input(enc.video_module.io_spec(), cal.frames(b, c.num_frames, c.image_size, s))  # noqa: E731
-        audio = lambda b, s: cal.single_input(enc.audio_module.io_spec(), cal.clips(b, c.clip_samples, c.sample_rate, s))  # noqa: E731
+        video = one_input(enc.video_module, lambda b, seed: cal.frames(b, c.num_frames, c.image_size, seed))
+        audio = one_input(enc.audio_module, lambda b, seed: cal.clips(b, c.clip_samples, c.sample_rate, seed))
         # Both CAVP towers' FP16 parity runs on ORT CPU: the reference evaluator's numpy 3-D/2-D
         # convolutions take far too long at full size (ResNet3D-50 on 16 x 224 x 224 frames).
         jobs = [ExportJob(enc.video_module, "video_encoder", "encoder", "ort", video, meta),
@@ -181,13 +184,29 @@ def _encoder_jobs(family: str, enc, source: str) -> tuple[list[ExportJob], dict[
         return jobs, {"video": embed(enc.video_module, video), "audio": embed(enc.audio_module, audio)}
     from diffgap.encoders.clap import CLIP_SAMPLES, SAMPLE_RATE
 
-    meta = {"encoder": enc.info()["source"], "clap_arch": enc.arch.name, "tokenizer": enc.tokenizer.kind}
-    text = lambda b, s: enc.tokenize(cal.captions(b, s))  # noqa: E731
-    audio = lambda b, s: cal.single_input(enc.audio_module.io_spec(), cal.clips(b, CLIP_SAMPLES, SAMPLE_RATE, s, int16=True))  # noqa: E731
+    meta = {"encoder": source, "clap_arch": enc.arch.name, "tokenizer": enc.tokenizer.kind}
+    text = lambda b, seed: enc.tokenize(cal.captions(b, seed))  # noqa: E731
+    audio = one_input(enc.audio_module, lambda b, seed: cal.clips(b, CLIP_SAMPLES, SAMPLE_RATE, seed, int16=True))
     # The audio tower's FP16 parity runs on ORT CPU (see diffgap.export.check for what that measures).
     jobs = [ExportJob(enc.text_module, "text_encoder", "encoder", "reference", text, meta),
             ExportJob(enc.audio_module, "audio_encoder", "encoder", "ort", audio, meta)]
     return jobs, {"text": embed(enc.text_module, text), "audio": embed(enc.audio_module, audio)}
+
+
+def _sampler_job(sampler, conditions: Feeds | None) -> ExportJob:
+    """A fused sampler: calibrated at its exported default guidance scale, parity also at 3 (the guided branch)."""
+    from . import calibration as cal
+
+    io = sampler.io_spec()
+    default = sampler.default_guidance
+
+    def feeds(b: int, seed: int) -> dict:
+        return cal.sampler_feeds(io, b, seed, conditions)
+
+    def parity(b: int, seed: int) -> dict:
+        return cal.sampler_feeds(io, b, seed, conditions, guidance=(default, 3.0))
+
+    return ExportJob(sampler, "denoiser", "denoiser", "reference", feeds, sampler.metadata(), parity)
 
 
 def plan_export(
@@ -216,7 +235,8 @@ def plan_export(
     from diffgap.checkpoint import WEIGHTS, load_checkpoint
     from diffgap.core.fsutil import sha256_file
 
-    from . import calibration as cal
+    from diffgap.models import parse_direction
+
     from .fused import FusedSampler
     from .onnx_export import DEFAULT_OPSET
 
@@ -241,14 +261,8 @@ def plan_export(
         family = "clap"
         jobs, conditions = _encoder_jobs(family, enc, enc.info()["source"])
     for s in samplers:
-        io = s.io_spec()
-        source_modality = s.direction.split("_given_")[1]
-        cond = conditions.get(source_modality)
-        # calibration at the exported default guidance scale; parity also at 3 (the guided branch)
-        feeds = (lambda b, seed, io=io, cond=cond: cal.sampler_feeds(io, b, seed, cond))
-        parity = (lambda b, seed, io=io, cond=cond, g=s.default_guidance:
-                  cal.sampler_feeds(io, b, seed, cond, guidance=(g, 3.0)))
-        jobs.append(ExportJob(s, "denoiser", "denoiser", "reference", feeds, s.metadata(), parity))
+        _, source_modality = parse_direction(s.direction)
+        jobs.append(_sampler_job(s, conditions.get(source_modality)))
     return ExportPlan(
         checkpoint=ckpt, out=out, overwrite=overwrite, config=cfg, checkpoint_meta=meta,
         checkpoint_sha256=sha256_file(ckpt / WEIGHTS), family=family, encoder=enc, jobs=jobs,
