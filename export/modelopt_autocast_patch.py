@@ -2,8 +2,8 @@
 
 Conversion time: stock AutoCast (nvidia-modelopt 0.47) is quadratic on the fused samplers (K
 unrolled DDIM steps, each with a conditional and an unconditional denoiser call; measured before the
-two calls became one stacked pass). For one clap-512 direction with the guidance input, 2 CPU cores: K = 4 ~20 s, K = 10 ~53 s, K = 25 ~268 s, K = 50
-~18 min. cProfile of K = 10 / 25 shows three causes, all in AutoCast's bookkeeping, none in its
+two calls became one stacked pass). For one clap-512 direction with the guidance input, 2 CPU
+cores: K = 4 ~20 s, K = 10 ~53 s, K = 25 ~268 s, K = 50 ~18 min. cProfile of K = 10 / 25 shows three causes, all in AutoCast's bookkeeping, none in its
 precision decisions:
 
 1. ``PrecisionConverter._cleanup_no_consumer_nodes`` and ``remove_redundant_casts`` (via
