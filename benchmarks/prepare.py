@@ -116,6 +116,7 @@ def _export_timed_sampler(ctx: Context, out: Path, steps: int) -> None:
 
     from diffgap import __version__
     from diffgap.checkpoint import WEIGHTS
+    from diffgap.export.calibration import CALIBRATION_BATCH, sampler_feeds
     from diffgap.export.fp16 import convert_fp16
     from diffgap.export.fused import FusedSampler
     from diffgap.export.onnx_export import export_module
@@ -134,7 +135,8 @@ def _export_timed_sampler(ctx: Context, out: Path, steps: int) -> None:
     with atomic_dir(out) as tmp, torch.no_grad():
         export_module(sampler, io, tmp / files["fp32"], metadata={**gmeta, "diffgap.precision": "fp32"})
         if "fp16" in files:
-            convert_fp16(tmp / files["fp32"], tmp / files["fp16"], io, kind="denoiser")
+            convert_fp16(tmp / files["fp32"], tmp / files["fp16"], io, kind="denoiser",
+                         calibration=sampler_feeds(io, CALIBRATION_BATCH, 1))
         man = Manifest(root=tmp, preset=cfg.name, embed_dim=cfg.embed_dim,
                        models={io.name: ModelEntry(io=io, files=files, meta=sampler.metadata())},
                        checkpoint_sha256=ckpt_sha, package_version=__version__,

@@ -17,6 +17,15 @@ import sys
 
 from diffgap.core.errors import UserError
 
+log = logging.getLogger("diffgap")
+
+# What the CLI reports as a one-line user error (exit 2). OS errors about paths the user named
+# (missing input, existing output, no permission) are user mistakes too; ValueError/KeyError are not:
+# raised from library code they mean a bug, and hiding their traceback hides the bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+)
+
 # name -> module; order is the order --help lists them, following the data flow.
 COMMANDS: dict[str, str] = {
     "synth": "diffgap.commands.synth",
@@ -65,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args._run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as e:
+    except USER_ERRORS as e:
+        # A mistake the user can fix: one line naming it (the message says the fix), exit 2. With -v
+        # the traceback is shown as well. Any other exception is a bug and propagates with its
+        # traceback (Python exits 1).
         if args.verbose:
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"diffgap {args.command}: error: {msg}", file=sys.stderr)
+            log.debug("traceback of the error below", exc_info=e)
+        print(f"diffgap {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"diffgap {args.command}: interrupted", file=sys.stderr)

@@ -132,7 +132,7 @@ class FinalLayer(nn.Module):
 class ConditionalDenoiser(nn.Module):
     """f(x_t, t, condition) in standardised head space; outputs the schedule's prediction target.
 
-    The condition enters twice: concatenated to x_t at the input (issue 2's prototype: adaLN alone
+    The condition enters twice: concatenated to x_t at the input (with adaLN alone the condition
     was ignored -- at high noise the network minimised the loss with the marginal mean) and through
     adaLN-zero together with the timestep embedding.
     """
@@ -284,7 +284,7 @@ class DiffGAP(nn.Module):
 
     def renormalize(self, modality: str, z: torch.Tensor) -> torch.Tensor:
         """Project a standardised estimate back onto the data manifold (the unit sphere in head
-        space). Issue 2: under the cosine schedule abar at t~T is ~1e-9, so without this the first
+        space). Under the cosine schedule abar at t~T is ~1e-9, so without this the first
         DDIM steps amplify x0 errors ~1000x."""
         return self.standardize(modality, F.normalize(self.unstandardize(modality, z), dim=-1))
 

@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffgap.diffusion import DDIMSampler, timestep_start, timesteps_summary
+from diffgap.core.errors import UserError
 from diffgap.core.iospec import (
-    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec, TensorSpec,
+    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, SAMPLER_BATCH_PROFILE,
+    BatchProfile, IOSpec, TensorSpec,
 )
 from diffgap.core.names import parse_sampler_name, sampler_name
+from diffgap.diffusion import DDIMSampler, timestep_start, timesteps_summary
 from diffgap.models import parse_direction
-
-DEFAULT_BATCH = (1, 16, 256)  # min / opt / max batch of the TensorRT profile and Triton config
 
 
 def export_name(direction: str) -> str:
@@ -64,7 +64,7 @@ class FusedSampler(nn.Module):
         guidance: bool = True,
         mode: str | None = None,
         t0: float | None = None,
-        batch: tuple[int, int, int] = DEFAULT_BATCH,
+        batch: BatchProfile = SAMPLER_BATCH_PROFILE,
     ) -> None:
         super().__init__()
         cfg = model.config
@@ -85,7 +85,7 @@ class FusedSampler(nn.Module):
         self.start = T - 1 if self.mode == "noise" else timestep_start(T, self.t0)
         if not 1 <= self.steps <= self.start + 1:
             where = "T" if self.mode == "noise" else f"the bridge start t0*T = {self.start + 1}"
-            raise ValueError(
+            raise UserError(
                 f"--steps {self.steps} is invalid for bridge mode {self.mode!r}: use 1 <= K <= {self.start + 1} ({where})"
             )
         sampler = DDIMSampler(model.schedule)

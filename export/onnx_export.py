@@ -23,8 +23,8 @@ dead-code elimination; node names, I/O and metadata are kept): the TorchScript e
 count, which every later pass (FP16 conversion, TensorRT parsing) benefits from. Parity is always
 measured on the final file.
 
-Opset 17 (the lowest the brief allows, inside every TensorRT 10.x parser's documented range, and
-the first with a LayerNormalization op). ONNX's ``dim_param`` for the batch axis is the IOSpec's
+Opset 17 (inside every TensorRT 10.x ONNX parser's documented range, and the first opset with a
+LayerNormalization op: one node, which :mod:`diffgap.export.fp16` keeps in FP32). ONNX's ``dim_param`` for the batch axis is the IOSpec's
 ``"batch"``; feature dims are written as fixed values so consumers (TensorRT profiles, Triton
 configs) see exactly what the IOSpec declares.
 """
@@ -49,6 +49,7 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 17
 TRACE_BATCH = 2  # example batch for tracing: != 1 so a frozen batch axis shows up in parity at B=1,3,8
 META_IOSPEC = META_IO_SPEC
+META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own precision, next to its I/O declaration
 
 
 def _sample_args(io: IOSpec, batch: int, seed: int = 0) -> tuple:

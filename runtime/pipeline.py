@@ -241,13 +241,14 @@ class TextToAudioBridge(Bridge):
         """The tokenizer the text encoder declares (``io.meta["tokenizer"]``), loaded from the export's
         ``tokenizer`` asset (laion-clap's BPE vocab or RoBERTa's tokenizer.json)."""
         if self._tokenizer is None:
-            from diffgap.core.tokenizer import load_tokenizer
+            from diffgap.core.tokenizer import context_length, load_tokenizer
 
             kind = self.encoder.io.meta.get("tokenizer")
             if not kind:
                 raise ValueError(f"{self.encoder.name} declares no tokenizer in its I/O metadata; re-export")
             asset = self.manifest.asset("tokenizer")
-            self._tokenizer = load_tokenizer(kind, asset.parent if kind == "roberta" and asset.is_file() else asset)
+            self._tokenizer = load_tokenizer(kind, asset.parent if kind == "roberta" and asset.is_file() else asset,
+                                             context_length(self.encoder.io))
         return self._tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -258,7 +259,7 @@ class TextToAudioBridge(Bridge):
             raise ValueError("no texts given")
         if any(not t.strip() for t in texts):
             raise ValueError("empty caption in texts; every query needs some text")
-        return self.tokenizer.feeds(list(texts))
+        return self.tokenizer.feeds(list(texts), self.encoder.io)  # keyed by the encoder's declared roles
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return self._run_encoder(self.tokenize(texts))

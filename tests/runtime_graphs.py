@@ -15,7 +15,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from diffgap.core.iospec import (
-    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, IOSpec, TensorSpec,
+    BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLE_TOKEN_IDS, ROLES, IOSpec,
+    TensorSpec,
 )
 from diffgap.core.manifest import Manifest, ModelEntry
 
@@ -81,7 +82,7 @@ def text_io(max_batch: int = 16) -> IOSpec:
         name="clap_text_encoder",
         inputs=(TensorSpec("input_ids", "int64", (BATCH, CONTEXT), low=0, high=VOCAB),),
         outputs=(TensorSpec("embedding", "float32", (BATCH, E)),),
-        min_batch=1, opt_batch=4, max_batch=max_batch, meta={"tokenizer": "clip-bpe", "context_length": CONTEXT},
+        min_batch=1, opt_batch=4, max_batch=max_batch, meta={"tokenizer": "clip-bpe", ROLES: {ROLE_TOKEN_IDS: "input_ids"}},
     )
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffgap.core.errors import UserError
 from diffgap.encoders.cavp import (
     CAVP_CONFIGS,
     CavpAudioEncoderModule,
@@ -208,7 +209,7 @@ def test_config_round_trip_and_errors():
         assert CavpConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         CavpConfig.from_dict({**TINY.to_dict(), "depth": 101})
-    with pytest.raises(ValueError, match="unknown CAVP config"):
+    with pytest.raises(UserError, match="unknown CAVP config"):
         get_cavp_config("huge")
     with pytest.raises(ValueError, match="multiple of 16"):
         CavpConfig(mel_frames=250)
@@ -294,7 +295,7 @@ def _rename(sd, old, new):
 def test_checkpoint_mismatch_is_refused(tiny, tmp_path, mutate, match):
     path = tmp_path / "bad.ckpt"
     _diff_foley_style_ckpt(tiny.model, path, mutate)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         CavpEncoder.from_checkpoint(path, config="tiny")
 
 
@@ -303,15 +304,15 @@ def test_checkpoint_wrong_config_and_bad_files(tiny, tmp_path):
     _diff_foley_style_ckpt(tiny.model, path)
     # A checkpoint against another width: the first key already has another shape.
     wider = CavpConfig.from_dict({**TINY.to_dict(), "name": "tiny-wide", "video_base_channels": 8})
-    with pytest.raises(ValueError, match=r"'video_encoder\.conv1\.conv\.weight' has shape \(4, 3, 1, 7, 7\), expected \(8, 3, 1, 7, 7\)"):
+    with pytest.raises(UserError, match=r"'video_encoder\.conv1\.conv\.weight' has shape \(4, 3, 1, 7, 7\), expected \(8, 3, 1, 7, 7\)"):
         CavpEncoder.from_checkpoint(path, config=wider)
     with pytest.raises(FileNotFoundError, match="not found"):
         CavpEncoder.from_checkpoint(tmp_path / "missing.ckpt", config="tiny")
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="cannot read CAVP checkpoint"):
+    with pytest.raises(UserError, match="cannot read CAVP checkpoint"):
         CavpEncoder.from_checkpoint(junk, config="tiny")
     listy = tmp_path / "list.ckpt"
     torch.save([1, 2, 3], listy)
-    with pytest.raises(ValueError, match="not a state dict"):
+    with pytest.raises(UserError, match="not a state dict"):
         CavpEncoder.from_checkpoint(listy, config="tiny")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffgap.core.errors import UserError
 from diffgap import synth
 from diffgap.cli import main
 from diffgap.config import get_preset
@@ -41,7 +42,7 @@ def test_video_audio_benchmark_is_the_same_generator():
     # Its own seed: a different draw from the text-audio benchmark's default seed.
     default = synth.generate(dataclasses.replace(SMALL, seed=synth.SynthConfig().seed), synth.TEXT_AUDIO)["test"]
     assert not np.allclose(default["audio"], va["audio"])
-    with pytest.raises(ValueError, match="two distinct names"):
+    with pytest.raises(UserError, match="two distinct names"):
         synth.SynthGenerator(SMALL, ("video", "video"))
 
 

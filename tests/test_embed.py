@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from diffgap.core.errors import UserError
 from diffgap import cli
 from diffgap.core.data import load_pairs
 from diffgap.encoders import dataset as D
@@ -83,7 +84,7 @@ def test_audiocaps_layout(tmp_path, enc):
 
 def test_unknown_csv_columns(tmp_path):
     (tmp_path / "x.csv").write_text("path,text\na.wav,hello\n")
-    with pytest.raises(ValueError, match="unknown caption columns"):
+    with pytest.raises(UserError, match="unknown caption columns"):
         D.plan_from_csv(tmp_path / "x.csv")
 
 

@@ -8,9 +8,7 @@ per-node precision decisions as stock AutoCast.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 from collections import Counter
 
 import numpy as np
@@ -23,6 +21,8 @@ pytest.importorskip("modelopt.onnx.autocast")
 
 from diffgap.export import check as chk  # noqa: E402
 from diffgap.export import fp16  # noqa: E402
+from diffgap.export import modelopt_autocast_patch as patch  # noqa: E402
+from diffgap.export.calibration import sampler_feeds  # noqa: E402
 from diffgap.export.fused import FusedSampler  # noqa: E402
 from diffgap.export.lint import lint_model  # noqa: E402
 from diffgap.export.onnx_export import check_and_infer, export_module  # noqa: E402
@@ -45,7 +45,7 @@ def sampler(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("fp16")
     f32, f16 = d / "s.onnx", d / "s.fp16.onnx"
     export_module(fs, io, f32)
-    m16 = fp16.convert_fp16(f32, f16, io, kind="denoiser")
+    m16 = fp16.convert_fp16(f32, f16, io, kind="denoiser", calibration=sampler_feeds(io, 8, 1))
     return fs, io, f32, f16, m16
 
 
@@ -125,14 +125,15 @@ def _signature(m: onnx.ModelProto) -> Counter:
     )
 
 
-def test_same_decisions_as_stock_autocast(model, tmp_path, monkeypatch):
+def test_same_decisions_as_stock_autocast(model, tmp_path):
     """Linear-time AutoCast vs stock AutoCast on a small sampler: same nodes, same precisions, same outputs."""
     fs = FusedSampler(model, DIRECTION, 3, guidance=True)
     io = fs.io_spec()
     export_module(fs, io, tmp_path / "s.onnx")
-    fast = fp16.convert_fp16(tmp_path / "s.onnx", tmp_path / "fast.onnx", io, kind="denoiser")
-    monkeypatch.setattr(fp16, "_linear_time_autocast", contextlib.nullcontext)
-    stock = fp16.convert_fp16(tmp_path / "s.onnx", tmp_path / "stock.onnx", io, kind="denoiser")
+    calib = sampler_feeds(io, 8, 1)
+    fast = fp16.convert_fp16(tmp_path / "s.onnx", tmp_path / "fast.onnx", io, kind="denoiser", calibration=calib)
+    stock = fp16.convert_fp16(tmp_path / "s.onnx", tmp_path / "stock.onnx", io, kind="denoiser", calibration=calib,
+                              linear_time=False)
     assert _signature(fast) == _signature(stock)
     assert len(fast.graph.initializer) < len(stock.graph.initializer)  # stock copies each shared weight per use
     feeds = chk.denoiser_feeds(io, 3, seed=5)
@@ -151,7 +152,7 @@ def test_autocast_internals_restored(model, tmp_path):
     before = (ou.get_consumer_nodes, ou.remove_redundant_casts, PrecisionConverter._add_cast,
               PrecisionConverter._cleanup_no_consumer_nodes, GraphSanitizer.duplicate_shared_constants)
     with pytest.raises(ValueError, match="boom"):
-        with fp16._linear_time_autocast():
+        with patch.linear_time_autocast():
             assert PrecisionConverter._add_cast is not before[2]
             raise ValueError("boom")
     after = (ou.get_consumer_nodes, ou.remove_redundant_casts, PrecisionConverter._add_cast,
@@ -159,21 +160,16 @@ def test_autocast_internals_restored(model, tmp_path):
     assert after == before
 
 
-def test_unexpected_autocast_internals_run_stock_with_warning(model, tmp_path, monkeypatch, caplog):
+def test_other_modelopt_version_refused(monkeypatch):
+    """The replacements copy nvidia-modelopt 0.47.0's code: any other version is refused, naming the fix."""
+    from importlib import metadata
+
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    stock_add_cast = PrecisionConverter._add_cast
-
-    def add_cast(self, tensor_name, cast_to, exclude_consumers=[], tensor_to_consumers=None,
-                 tensor_to_producers=None, extra=None):  # a future signature
-        return stock_add_cast(self, tensor_name, cast_to, exclude_consumers, tensor_to_consumers, tensor_to_producers)
-
-    monkeypatch.setattr(PrecisionConverter, "_add_cast", add_cast)
-    fs = FusedSampler(model, DIRECTION, 1, guidance=False)
-    io = fs.io_spec()
-    export_module(fs, io, tmp_path / "s.onnx")
-    with caplog.at_level(logging.WARNING, logger=fp16.__name__):
-        m16 = fp16.convert_fp16(tmp_path / "s.onnx", tmp_path / "s.fp16.onnx", io, kind="denoiser")
-    assert "internals differ" in caplog.text
-    assert PrecisionConverter._add_cast is add_cast
-    assert lint_model(m16).ok
+    stock = PrecisionConverter._add_cast
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.48.0" if name == "nvidia-modelopt" else real_version(name))
+    with pytest.raises(ImportError, match=r"0\.47\.0 internals but 0\.48\.0 is installed.*pip install"):
+        with patch.linear_time_autocast():
+            pass
+    assert PrecisionConverter._add_cast is stock

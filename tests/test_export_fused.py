@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from diffgap.core.errors import UserError  # noqa: E402
 from diffgap.config import get_preset  # noqa: E402
 from diffgap.export.check import denoiser_feeds, ort_session  # noqa: E402
 from diffgap.export.fused import FusedSampler, direction_of, export_name  # noqa: E402
@@ -136,11 +137,11 @@ def test_io_spec_and_metadata(model, tmp_path):
 
 def test_invalid_steps_rejected(model):
     T = model.config.diffusion.num_train_timesteps
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(UserError, match="steps"):
         FusedSampler(model, DIRECTION, 0)
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(UserError, match="steps"):
         FusedSampler(model, DIRECTION, T + 1, mode="noise")
-    with pytest.raises(ValueError, match="t0"):  # source mode starts at t0*T < T
+    with pytest.raises(UserError, match="t0"):  # source mode starts at t0*T < T
         FusedSampler(model, DIRECTION, T, mode="source")
     with pytest.raises(ValueError, match="direction"):
         FusedSampler(model, "video_given_text", 4)

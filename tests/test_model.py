@@ -41,7 +41,7 @@ def test_registry_and_default_preset_size():
         get_preset("nope")
     counts = DiffGAP(get_preset("clap-512")).parameter_counts()
     for d in ("audio_given_text", "text_given_audio"):
-        # "a few million per direction" (issue 2); 4.53M with the default settings
+        # a few million per direction (DiffGAP's small denoisers); 4.53M with the default settings
         assert 3_000_000 <= counts[d] <= 6_000_000, counts
     assert get_preset("clap-512").directions == ("audio_given_text", "text_given_audio")
 
@@ -133,13 +133,32 @@ def test_stacked_guidance_pass_equals_two_branches(preset):
             assert torch.allclose(out_u, den(x, t, cond, unconditional=True), atol=1e-5)
 
 
-def test_eta_sampling_deterministic_for_seed(tiny):
+def test_eta_sampling_uses_the_generator_with_ddim_sigma(tiny):
+    """eta = 1: each step adds one N(0, I) draw from ``generator`` scaled by DDIM's sigma_t. Checked against
+    diffusers' DDIMScheduler.step fed the same draws, around the model's own denoiser and head maps."""
+    from diffusers import DDIMScheduler
+
+    assert tiny.config.diffusion.prediction == "x0"  # the network output is the x0 estimate (no conversion)
     c, n = _inputs(tiny, b=3)
-    run = lambda s: tiny.bridge("audio_given_text", c, n, steps=4, mode="noise", eta=1.0,  # noqa: E731
-                                generator=torch.Generator().manual_seed(s))
+    K = 4
     with torch.no_grad():
-        assert torch.equal(run(1), run(1))
-        assert not torch.equal(run(1), run(2))
+        ours = tiny.bridge("audio_given_text", c, n, steps=K, mode="noise", eta=1.0, guidance_scale=1.0,
+                           generator=torch.Generator().manual_seed(1))
+        ref = DDIMScheduler(num_train_timesteps=tiny.schedule.T, timestep_spacing="trailing", set_alpha_to_one=True,
+                            prediction_type="sample", clip_sample=False)
+        ref.alphas_cumprod = torch.from_numpy(tiny.schedule.alphas_cumprod)
+        ref.set_timesteps(K)
+        den, g = tiny.denoiser("audio_given_text"), torch.Generator().manual_seed(1)
+        cond_z = tiny.standardize("text", tiny.project("text", c))
+        x = n
+        for t in ref.timesteps.tolist():
+            x0 = tiny.renormalize("audio", den(x, torch.full((1,), t, dtype=torch.int64), cond_z))
+            z = torch.randn(x.shape, generator=g, dtype=x.dtype)
+            x = ref.step(x0.double(), t, x.double(), eta=1.0, variance_noise=z.double()).prev_sample.float()
+        expected = torch.nn.functional.normalize(tiny.unstandardize("audio", x), dim=-1)
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+        deterministic = tiny.bridge("audio_given_text", c, n, steps=K, mode="noise", eta=0.0, guidance_scale=1.0)
+        assert (ours - deterministic).abs().max() > 1e-3  # the draws do enter the sample
 
 
 def test_config_change_save_reload_gives_identical_samples(tmp_path):

@@ -1,4 +1,4 @@
-"""diffgap.core.tokenizer: our torch-free BPE == laion-clap's bundled ``tokenize``; RoBERTa via tokenizers."""
+"""diffgap.core.tokenizer: CLIP BPE on `tokenizers` == laion-clap's bundled ``tokenize``; RoBERTa == transformers."""
 import gzip
 import json
 import random
@@ -6,6 +6,8 @@ import random
 import numpy as np
 import pytest
 
+from diffgap.core.errors import UserError
+from diffgap.core.iospec import ROLE_ATTENTION_MASK, ROLE_TOKEN_IDS, ROLES, IOSpec, TensorSpec
 from diffgap.core.tokenizer import (CLIP_VOCAB_FILENAME, ClipBPETokenizer, RobertaTokenizer, bundled_clip_vocab,
                                load_tokenizer)
 
@@ -51,10 +53,34 @@ def test_equals_laion_tokenize(tok):
 def test_single_string_and_feeds(tok):
     ids = tok("a dog barks")
     assert ids.shape == (1, 77) and ids[0, 0] == tok.sot and tok.eot in ids[0]
-    assert tok.feeds(["x", "y"])["input_ids"].shape == (2, 77)
+    assert tok.encode_roles(["x", "y"])["token_ids"].shape == (2, 77)
     # overlong: truncated after adding the end token (laion-clap), so no end token survives
     long = tok("word " * 200)[0]
     assert (long != 0).all() and tok.eot not in long
+
+
+def _text_io(mask: bool) -> IOSpec:
+    """A text encoder declaration whose tensor names differ from any tokenizer's: feeds must follow roles."""
+    ids = TensorSpec("tok", "int64", ("batch", 77))
+    m = TensorSpec("valid", "int32", ("batch", 77))
+    roles = {ROLE_TOKEN_IDS: ids.name, **({ROLE_ATTENTION_MASK: m.name} if mask else {})}
+    return IOSpec("enc", (ids, m) if mask else (ids,), (TensorSpec("e", "float32", ("batch", 4)),), meta={ROLES: roles})
+
+
+def test_feeds_keyed_by_the_encoders_roles(tok):
+    texts = ["a dog barks", "word " * 100]
+    feeds = tok.feeds(texts, _text_io(mask=False))
+    assert list(feeds) == ["tok"]
+    np.testing.assert_array_equal(feeds["tok"], tok(texts))
+    feeds = tok.feeds(texts, _text_io(mask=True))
+    assert list(feeds) == ["tok", "valid"] and feeds["valid"].dtype == np.int32
+    np.testing.assert_array_equal(feeds["valid"], (feeds["tok"] != 0).astype(np.int32))
+    with pytest.raises(ValueError, match="predates tensor roles"):
+        tok.feeds(texts, IOSpec("old", (TensorSpec("input_ids", "int64", ("batch", 77)),), (TensorSpec("e", "float32", ("batch", 4)),)))
+    short = IOSpec("enc", (TensorSpec("tok", "int64", ("batch", 64)),), (TensorSpec("e", "float32", ("batch", 4)),),
+                   meta={ROLES: {ROLE_TOKEN_IDS: "tok"}})
+    with pytest.raises(UserError, match="writes 77 tokens"):
+        tok.feeds(texts, short)
 
 
 def test_save_and_reload_in_export_dir(tok, tmp_path):
@@ -72,12 +98,12 @@ def test_bad_vocab_files_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         ClipBPETokenizer.from_file(tmp_path / "nope.txt.gz")
     (tmp_path / "tiny.txt").write_text("#version: 0.2\ni n\nt h\n")
-    with pytest.raises(ValueError, match="only .* tokens"):
+    with pytest.raises(UserError, match="only .* tokens"):
         ClipBPETokenizer.from_file(tmp_path / "tiny.txt")
     (tmp_path / "broken.txt").write_text("#version\n" + "i n\n" * 10 + "garbage\n")
-    with pytest.raises(ValueError, match="line 12 is not"):
+    with pytest.raises(UserError, match="line 12 is not"):
         ClipBPETokenizer.from_file(tmp_path / "broken.txt")
-    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+    with pytest.raises(UserError, match="unknown tokenizer kind"):
         load_tokenizer("sentencepiece", tmp_path)
 
 
@@ -113,17 +139,17 @@ def test_roberta_matches_transformers(roberta_files):
     hf = HFRoberta(vocab=str(roberta_files / "vocab.json"), merges=str(roberta_files / "merges.txt"))
     texts = ["a dog barks", "", "Ünïcödé 日本 😀", "abc def " * 60, "  spaced   out  "] + STRINGS[20:60]
     ref = hf(texts, padding="max_length", truncation=True, max_length=77, return_tensors="np")
-    feeds = ours.feeds(texts)
-    np.testing.assert_array_equal(feeds["input_ids"], ref["input_ids"])
+    feeds = ours.encode_roles(texts)
+    np.testing.assert_array_equal(feeds["token_ids"], ref["input_ids"])
     np.testing.assert_array_equal(feeds["attention_mask"], ref["attention_mask"])
-    assert feeds["input_ids"].dtype == np.int64
+    assert feeds["token_ids"].dtype == np.int64
 
 
 def test_roberta_save_reload(roberta_files, tmp_path):
     ours = RobertaTokenizer(roberta_files)
     path = ours.save(tmp_path / "export")
     back = load_tokenizer("roberta", path.parent)
-    np.testing.assert_array_equal(back.feeds(STRINGS[:30])["input_ids"], ours.feeds(STRINGS[:30])["input_ids"])
+    np.testing.assert_array_equal(back(STRINGS[:30]), ours(STRINGS[:30]))
 
 
 def test_roberta_placeholder_vocab_refused(tmp_path):
@@ -132,7 +158,7 @@ def test_roberta_placeholder_vocab_refused(tmp_path):
     d.mkdir()
     (d / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(SPECIALS)}))
     (d / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match="only 5 tokens"):
+    with pytest.raises(UserError, match="only 5 tokens"):
         RobertaTokenizer(d)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         RobertaTokenizer(tmp_path / "empty")

@@ -151,6 +151,7 @@ def test_no_tensor_name_is_retyped(export, tmp_path):
     enc = d["models"][R.encoder_name("text")]["io"]
     enc["outputs"][0]["name"] = "text_features"
     enc["inputs"][0]["name"] = "token_ids"
+    enc["meta"]["roles"]["token_ids"] = "token_ids"  # the declaration's role map follows the rename
     d["models"][R.sampler_name("text", "audio")]["io"]["max_batch"] = 6
     d["models"][R.sampler_name("text", "audio")]["io"]["opt_batch"] = 3
     export_copy = _copy_export(export, tmp_path / "export")

@@ -174,8 +174,7 @@ class TritonPythonModel:
         return {"texts": np.array(texts, dtype=object)}
 
     def _run_tokenizer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.tokenizer.feeds(list(feeds["texts"]))
-        return {t.name: out[t.name].astype(t.np_dtype, copy=False) for t in self.io.inputs}
+        return self.tokenizer.feeds(list(feeds["texts"]), self.io)  # keyed by the encoder's declared roles
 
     # noise ----------------------------------------------------------------------------------
     def _feeds_noise(self, request) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffgap.core.errors import UserError
+
 HELP = "embed an audio folder and/or a captions CSV (AudioCaps/Clotho) with CLAP into a paired .npz"
 
 ARCH_CHOICES = ("tiny", "htsat-tiny")  # diffgap.encoders.clap.ARCHS (kept import-free for --help)
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from diffgap.encoders.dataset import embed_plan, plan_from_csv, plan_from_folder
 
     if not args.captions and not args.audio_dir:
-        raise ValueError("give --captions CSV and/or --audio-dir DIR")
+        raise UserError("give --captions CSV and/or --audio-dir DIR")
     plan = plan_from_csv(args.captions, args.audio_dir) if args.captions else plan_from_folder(args.audio_dir)
     encoder = ClapEncoder.load(arch=args.arch, checkpoint=args.checkpoint, roberta_dir=args.roberta_dir, seed=args.seed)
     out, skipped = embed_plan(plan, encoder, args.out, batch_size=args.batch_size, long_clip=args.long_clip,

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        default=f.default, help=f"(default {f.default}; see diffgap/synth.py)")
     p.add_argument("--modalities", choices=["text-audio", "video-audio"], default="text-audio",
                    help="which pair to write: text-audio (CLAP-like, default) or video-audio (CAVP space; same "
-                        "generator -- the issue-8 benchmark is `--modalities video-audio --seed 1`)")
+                        "generator -- the video-audio benchmark is `--modalities video-audio --seed 1`)")
     p.add_argument("--calibrate", action="store_true",
                    help="also print raw and linear-adapter text-to-audio R@1 on the test split (trains a linear adapter; ~1 min)")
 

@@ -6,5 +6,9 @@ CLI prints its one-line message and exits 2. Anything else is a bug and keeps it
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """An error the user can fix; the CLI prints its one-line message (no traceback) and exits 2."""
+class UserError(ValueError):
+    """An error the user can fix; the CLI prints its one-line message (no traceback) and exits 2.
+
+    A ``ValueError`` (a bad value the user gave), so callers that catch ``ValueError`` keep working;
+    the CLI tells the two apart: a plain ``ValueError`` is a bug and keeps its traceback.
+    """

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from diffgap.core.errors import UserError
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -70,16 +72,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_versioned_json(path: str | os.PathLike, fmt: str, what: str, fix: str) -> dict[str, Any]:
     """The JSON object in ``path`` whose ``"format"`` is ``fmt`` (manifests, checkpoint configs, engine
-    metadata). Bad JSON or another format raises a one-line ``ValueError`` naming ``what`` the file is
+    metadata). Bad JSON or another format raises a one-line :class:`~diffgap.core.errors.UserError` naming ``what`` the file is
     and ending with ``fix``, the command that makes a good one."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+        raise UserError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
     found = doc.get("format") if isinstance(doc, dict) else None
     if found != fmt:
-        raise ValueError(f"{what} {path} has format {found!r}, expected {fmt!r}; {fix}")
+        raise UserError(f"{what} {path} has format {found!r}, expected {fmt!r}; {fix}")
     return doc
 
 

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffgap.core.names import encoder_name
+
 BATCH = "batch"
 # ``IOSpec.meta`` key mapping each tensor's *role* (what callers mean) to its declared name, so
 # consumers look tensors up by role (:meth:`IOSpec.role`) and never retype a tensor name.
@@ -28,6 +30,26 @@ ROLE_NOISE = "noise"            # input (B, D): initial Gaussian noise
 ROLE_GUIDANCE = "guidance_scale"  # optional input (B, 1): classifier-free guidance scale
 ROLE_BRIDGED = "bridged"        # output (B, D): bridged L2-normalised target head-space embedding
 ROLE_PROJECTED = "projected"    # output (B, D): the condition's own L2-normalised head-space embedding
+
+# The text encoder's roles (diffgap.encoders declares which tensor plays each; the tokenizer's
+# output is keyed by them).
+ROLE_TOKEN_IDS = "token_ids"            # input (B, L) int64: token ids, padded to the context length
+ROLE_ATTENTION_MASK = "attention_mask"  # optional input (B, L) int64: 1 on real tokens, 0 on padding
+
+# Batch profiles (min, opt, max) of the exported models: the TensorRT optimisation profile, the
+# Triton max_batch_size/preferred sizes and the runtime's chunking all read them from the IOSpec.
+# Encoders: the CLAP text tower is cheap per row (77 tokens); an audio row is a 10 s 48 kHz clip
+# (480,000 samples through HTS-AT); a CAVP video row is 16 frames of 224 x 224 through a 3-D ResNet-50.
+# The fused samplers work on (B, 512) vectors, so their batch is bounded by the gallery queries, not memory.
+BatchProfile = tuple[int, int, int]
+DEFAULT_BATCH_PROFILE: BatchProfile = (1, 8, 64)
+BATCH_PROFILES: dict[str, BatchProfile] = {
+    encoder_name("text", "clap"): (1, 16, 128),
+    encoder_name("audio", "clap"): (1, 8, 32),
+    encoder_name("video", "cavp"): (1, 4, 16),
+    encoder_name("audio", "cavp"): (1, 8, 64),
+}
+SAMPLER_BATCH_PROFILE: BatchProfile = (1, 16, 256)  # every fused sampler (diffgap_<source>_to_<target>)
 
 # dtype name -> (numpy dtype, ONNX TensorProto enum value, Triton type). The ONNX enum values are
 # fixed by onnx.proto (FLOAT=1, INT32=6, INT64=7, FLOAT16=10); written here so this stays onnx-free.
@@ -127,9 +149,9 @@ class IOSpec:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 64
+    min_batch: int = DEFAULT_BATCH_PROFILE[0]
+    opt_batch: int = DEFAULT_BATCH_PROFILE[1]
+    max_batch: int = DEFAULT_BATCH_PROFILE[2]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -281,9 +303,9 @@ class IOSpec:
                 name=d["name"],
                 inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
                 outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-                min_batch=int(d.get("min_batch", 1)),
-                opt_batch=int(d.get("opt_batch", 8)),
-                max_batch=int(d.get("max_batch", 64)),
+                min_batch=int(d.get("min_batch", DEFAULT_BATCH_PROFILE[0])),
+                opt_batch=int(d.get("opt_batch", DEFAULT_BATCH_PROFILE[1])),
+                max_batch=int(d.get("max_batch", DEFAULT_BATCH_PROFILE[2])),
                 meta=dict(d.get("meta", {})),
             )
         except (KeyError, TypeError) as e:

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             rows = list(reader)
             header = [h.strip() for h in (reader.fieldnames or [])]
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); save the captions CSV as UTF-8") from None
+        raise UserError(f"{path} is not UTF-8 text ({e}); save the captions CSV as UTF-8") from None
     except csv.Error as e:
-        raise ValueError(f"{path} is not a readable CSV ({e})") from None
+        raise UserError(f"{path} is not a readable CSV ({e})") from None
     rows = [{(k or "").strip(): (v or "") for k, v in r.items()} for r in rows]
     return header, rows
 
@@ -140,7 +141,7 @@ def plan_from_csv(csv_path: str | os.PathLike, audio_dir: str | os.PathLike | No
             for j, c in enumerate(cols, start=1):
                 add(f"{name}#{j}", rel, r[c], repr(name))
     else:
-        raise ValueError(
+        raise UserError(
             f"{csv_path}: unknown caption columns {header}; expected AudioCaps ({','.join(AUDIOCAPS_COLUMNS)}) "
             f"or Clotho ({','.join(CLOTHO_COLUMNS)})"
         )
@@ -155,7 +156,7 @@ def plan_from_folder(audio_dir: str | os.PathLike) -> Plan:
     plan = Plan([], root)
     files = sorted(_audio_index(root).values())
     if not files:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {root}")
+        raise UserError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {root}")
     for rel in files:
         txt = (root / rel).with_suffix(".txt")
         if not txt.is_file():
@@ -217,9 +218,9 @@ def embed_plan(
 
     out = Path(out)
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if out.suffix != ".npz":
-        raise ValueError(f"output {out} must end in .npz")
+        raise UserError(f"output {out} must end in .npz")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
     if not out.parent.is_dir():
@@ -228,7 +229,7 @@ def embed_plan(
         raise PermissionError(f"output folder {out.parent} is not writable; choose another --out")
     if not plan.pairs:
         reasons = "; ".join(f"{i}: {r}" for i, r in plan.skipped[:3])
-        raise ValueError(f"nothing to embed: no (audio, caption) pairs found ({reasons or 'empty input'})")
+        raise UserError(f"nothing to embed: no (audio, caption) pairs found ({reasons or 'empty input'})")
 
     parts = out.parent / f".{out.name}.embed-parts"
     fp = _fingerprint(plan, encoder_identity(encoder), batch_size, long_clip)
@@ -300,7 +301,7 @@ def embed_plan(
         skipped.append((rel, reason))
     rows = [p for p in plan.pairs if p.audio in audio_emb]
     if not rows:
-        raise ValueError(f"none of the {len(plan.audio_files)} audio files could be decoded; see the reasons above "
+        raise UserError(f"none of the {len(plan.audio_files)} audio files could be decoded; see the reasons above "
                          f"(first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "no rows to write")
     save_pairs(
         out,
