@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from diffgap.core.fsutil import atomic_path
-from diffgap.core.names import META_IO_SPEC
+from diffgap.core import names
 from diffgap.core.iospec import BATCH, IOSpec, onnx_elem_type
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
 TRACE_BATCH = 2  # example batch for tracing: != 1 so a frozen batch axis shows up in parity at B=1,3,8
-META_IOSPEC = META_IO_SPEC
-META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own precision, next to its I/O declaration
+META_IOSPEC = names.META_IO_SPEC
+META_GRAPH_PRECISION = names.META_GRAPH_PRECISION
 
 
 def _sample_args(io: IOSpec, batch: int, seed: int = 0) -> tuple:

@@ -54,7 +54,8 @@ def _module(res, name):
 @pytest.mark.parametrize("name", ["diffgap_text_to_audio", "diffgap_audio_to_text", "clap_text_encoder", "clap_audio_encoder"])
 def test_tensorrt_fp16_and_fp32_parity(gpu_export, name):
     from diffgap.export import check as chk
-    from diffgap.export.cli import _audio_feeds
+    from diffgap.encoders.clap import CLIP_SAMPLES, SAMPLE_RATE
+    from diffgap.export import calibration
     from diffgap.runtime.trt_session import TrtSession
 
     res, plans = gpu_export
@@ -65,7 +66,7 @@ def test_tensorrt_fp16_and_fp32_parity(gpu_export, name):
         if denoiser:
             feeds = chk.denoiser_feeds(io, b, seed=b)
         elif name == "clap_audio_encoder":
-            feeds = _audio_feeds(io, b, b)
+            feeds = calibration.single_input(io, calibration.clips(b, CLIP_SAMPLES, SAMPLE_RATE, b, int16=True))
         else:
             feeds = io.sample_inputs(b, seed=b)
         refs = chk.torch_forward(module, io, feeds)

@@ -11,7 +11,7 @@ FAMILIES = ("clap", "cavp")
 
 # ONNX metadata_props keys written by diffgap.export and read by diffgap.runtime.
 META_IO_SPEC = "diffgap.io_spec"     # IOSpec.to_dict() as json
-META_PRECISION = "precision"         # "fp32" | "fp16"
+META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own precision
 
 SAMPLER_PREFIX = "diffgap_"
 
