@@ -18,13 +18,14 @@ Modules:
 - ``cli_build_engines``, ``cli_index``, ``cli_search``: the ``diffgap`` subcommands.
 """
 from .fusion import fuse_scores, top_k
-from .gallery import GalleryIndex
+from .gallery import GalleryIndex, SearchError
 from .gallery_build import build_index
 from .pipeline import AudioToTextBridge, AudioToVideoBridge, BridgeResult, TextToAudioBridge, VideoToAudioBridge, make_noise
-from .search import AudioSearch
+from .search import AudioSearch, GallerySearcher
+from .search_engines import KNOBS as SEARCH_KNOBS
 from .session import BACKENDS, PRECISIONS, OrtSession, Session, load, open_model
 
 __all__ = [
-    "AudioSearch", "AudioToTextBridge", "AudioToVideoBridge", "VideoToAudioBridge", "BridgeResult", "GalleryIndex", "TextToAudioBridge", "build_index",
+    "AudioSearch", "GallerySearcher", "SearchError", "SEARCH_KNOBS", "AudioToTextBridge", "AudioToVideoBridge", "VideoToAudioBridge", "BridgeResult", "GalleryIndex", "TextToAudioBridge", "build_index",
     "fuse_scores", "make_noise", "top_k", "BACKENDS", "PRECISIONS", "OrtSession", "Session", "load", "open_model",
 ]

@@ -256,7 +256,7 @@ class AudioToTextBridge(Bridge):
                     f"waveforms must be (B, {spec.feature_shape[0]}) prepared with diffgap.core.audio.prepare_clips, got {inputs.shape}"
                 )
             return inputs.astype(np.float32, copy=False)
-        from diffgap import audio
+        from diffgap.core import audio
 
         if long_clip == "chunks":
             raise ValueError("long_clip='chunks' gives several windows per file; use 'center' or 'start' here")
@@ -317,7 +317,7 @@ class VideoToAudioBridge(_CavpBridge):
             if inputs.dtype.kind != "f":
                 raise ValueError(f"frames must be float in [0, 1] or uint8, got {inputs.dtype}")
             return inputs.astype(spec.np_dtype, copy=False)
-        from diffgap import video
+        from diffgap.core import video
 
         c = self.cavp_config()
         clips = [
@@ -355,7 +355,7 @@ class AudioToVideoBridge(_CavpBridge):
             if inputs.dtype.kind != "f":
                 raise ValueError(f"waveforms must be floating point, got {inputs.dtype}")
             return inputs.astype(spec.np_dtype, copy=False)
-        from diffgap import video
+        from diffgap.core import video
 
         c = self.cavp_config()
         n, sr = spec.feature_shape[0], int(c["sample_rate"])
