@@ -167,7 +167,7 @@ def _recall(got, ref):
     ("faiss-hnsw", {"m": 8}, {"ef_search": 64}),
     ("faiss-hnsw", {"m": 8, "storage": "sq8"}, {"ef_search": 64, "refine": 4}),
     ("faiss-ivf", {"nlist": 8}, {"nprobe": 8}),
-    ("faiss-ivf", {"nlist": 8, "storage": "pq", "pq_m": 8}, {"nprobe": 8, "refine": 8}),
+    ("faiss-ivf", {"nlist": 8, "storage": "pq", "pq_m": 4, "kmeans_iters": 4}, {"nprobe": 8, "refine": 8}),
 ])
 def test_faiss_engines_recall(export, tmp_path, engine, params, knobs):
     pytest.importorskip("faiss")
