@@ -161,10 +161,16 @@ class _FaissEngine(SearchEngine):
         return {"engine": cls.file_name(side)}
 
     @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().check_params(params)
+        if out["storage"] not in cls.storages:
+            raise SearchError(f"engine {cls.name}: storage must be one of {cls.storages}, got {out['storage']!r}")
+        cls._faiss()  # a missing faiss-cpu is reported before any work is done
+        return out
+
+    @classmethod
     def build(cls, vectors: np.ndarray, root: Path, side: str, params: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
         faiss = cls._faiss()
-        if params["storage"] not in cls.storages:
-            raise SearchError(f"engine {cls.name}: storage must be one of {cls.storages}, got {params['storage']!r}")
         n, d = vectors.shape
         params = dict(params)
         spec = cls._factory(params, n, d)

@@ -62,12 +62,19 @@ class MilvusEngine(SearchEngine):
     knobs = {"nprobe": 16, "ef_search": 64}
 
     @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().check_params(params)
+        if out["index_type"] not in INDEX_TYPES:
+            raise SearchError(f"engine milvus: index_type must be one of {INDEX_TYPES}, got {out['index_type']!r}")
+        if out["uri"]:  # an unreachable server is reported before any gallery work is done
+            disconnect(connect(out["uri"]), out["uri"])
+        return out
+
+    @classmethod
     def build(cls, vectors: np.ndarray, root: Path, side: str, params: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
         from pymilvus import DataType, MilvusClient
 
         params = dict(params)
-        if params["index_type"] not in INDEX_TYPES:
-            raise SearchError(f"engine milvus: index_type must be one of {INDEX_TYPES}, got {params['index_type']!r}")
         if not params["collection"]:
             raise SearchError("engine milvus: name a collection (--param collection=NAME)")
         params["collection"] = f"{params['collection']}_{side}"

@@ -207,6 +207,9 @@ def test_milvus_lite_flat_equals_exact(export, index, pairs, tmp_path):
     np.testing.assert_allclose(gcs, rcs, atol=1e-5)
     with pytest.raises(UserError, match=r"cannot reach Milvus at http://127.0.0.1:9 .*start the server"):
         AudioSearch(mil, export, engine_options={"uri": "http://127.0.0.1:9"})
+    with pytest.raises(UserError, match=r"cannot reach Milvus at http://127.0.0.1:9 "):
+        build_index(export, tmp_path / "nowhere", audio=audio, ids=ids, engine="milvus", engine_params={"uri": "http://127.0.0.1:9"})
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / ".nowhere.partial").exists()
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -236,6 +239,8 @@ def test_bad_builds(export, pairs, tmp_path):
         build_index(export, tmp_path / "x", audio=audio, ids=ids, engine="annoy")
     with pytest.raises(UserError, match=r"has no parameter\(s\) \['nprob'\]"):
         build_index(export, tmp_path / "x", audio=audio, ids=ids, engine="faiss-ivf", engine_params={"nprob": 3})
+    with pytest.raises(UserError, match=r"storage must be one of \('flat', 'fp16', 'sq8'\), got 'pq'"):
+        build_index(export, tmp_path / "x", audio=audio, ids=ids, engine="faiss-hnsw", engine_params={"storage": "pq"})
     assert not list(tmp_path.iterdir()), "nothing half-written"
 
 
