@@ -19,7 +19,7 @@ Groups (``--only``):
 * ``knobs``     -- what was tried where a goal is missed (ORT threads, graph optimisation level,
   IO binding).
 * ``search``    -- gallery search engines (exact, FAISS HNSW / IVF, Milvus Lite) on synthetic gallery
-  vectors at N = 10k, 100k, 200k, 1M (``--search-sizes``; 2k, 10k with ``--quick``), and
+  vectors at N = 10k, 100k, 200k, 1M (``--search-sizes``; 1k, 4k with ``--quick``), and
   ``AudioSearch`` end to end at 100k: build time, disk and resident bytes, p50/p99 at B = 1 and 16,
   queries/s, recall@10, the exact engine's bandwidth bound.
 

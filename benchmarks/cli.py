@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoders", choices=("tiny", "htsat-tiny"), default=None,
                    help="CLAP encoder architecture to export (random weights; default htsat-tiny, tiny with --quick)")
     p.add_argument("--search-sizes", type=_ints, default=None,
-                   help="gallery sizes N of the search group (default 10000,100000,200000,1000000; 2000,10000 with --quick)")
+                   help="gallery sizes N of the search group (default 10000,100000,200000,1000000; 1000,4000 with --quick)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -30,8 +30,8 @@ DIM = 1536                         # clap-512: E + 2D
 K = 10
 BATCHES = (1, 16)
 FULL_SIZES = (10_000, 100_000, 200_000, 1_000_000)   # 200k: the exact engine's bandwidth goal
-QUICK_SIZES = (2_000, 10_000)
-E2E_SIZE, E2E_SIZE_QUICK = 100_000, 2_000
+QUICK_SIZES = (1_000, 4_000)
+E2E_SIZE, E2E_SIZE_QUICK = 100_000, 1_000
 QUERIES = 256                      # query pool: recall is averaged over it, latency cycles through it
 # (label, engine, build params, per-query knobs, largest N it is built at: HNSW builds are slow on few cores)
 CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, Any], int]] = [

@@ -20,7 +20,6 @@ import abc
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
