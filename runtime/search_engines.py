@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
-import mmap
+import os
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -99,7 +99,8 @@ class SearchEngine(abc.ABC):
         if (missing.sum(axis=1) > cand.shape[1] - k).any():
             raise SearchError(f"engine {self.name} found fewer than k={k} results; raise ef_search/nprobe or refine")
         safe = np.where(missing, 0, cand)
-        vecs = np.asarray(getattr(self, "rows", self.side.vectors)[safe.ravel()]).reshape(*safe.shape, -1)
+        rows = getattr(self, "rows", None)
+        vecs = (rows[safe.ravel()] if rows is not None else np.asarray(self.side.vectors[safe.ravel()])).reshape(*safe.shape, -1)
         s = np.einsum("bcd,bd->bc", vecs, u)
         s[missing] = -np.inf
         idx, scores = top_k(s, k)
@@ -109,17 +110,30 @@ class SearchEngine(abc.ABC):
         pass
 
 
-def random_access_rows(vectors: np.ndarray) -> np.ndarray:
-    """The same rows through a private read-only mapping advised MADV_RANDOM: rescoring touches a few
-    scattered rows per query, and without the advice the kernel maps ~64 KB of cached neighbours per
-    page fault (fault-around), which would show as resident memory the engine never uses."""
-    path = getattr(vectors, "filename", None)
-    if path is None or not hasattr(mmap, "MADV_RANDOM"):
-        return vectors
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-    m.madvise(mmap.MADV_RANDOM)
-    return np.frombuffer(m, dtype=vectors.dtype, count=vectors.size, offset=int(vectors.offset)).reshape(vectors.shape)
+class RowReader:
+    """Rows of the vectors file read with ``os.pread``: rescoring touches a few scattered rows per
+    query, and reading them through the memory map would map ~64 KB of cached neighbours per page
+    fault (the kernel's fault-around), resident memory the engine never uses."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors = vectors
+        path = getattr(vectors, "filename", None)
+        self.fd = os.open(path, os.O_RDONLY) if path is not None else None
+        self.offset = int(getattr(vectors, "offset", 0))
+        self.row_bytes = vectors.shape[1] * vectors.dtype.itemsize
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        if self.fd is None:
+            return np.asarray(self.vectors[rows])
+        out = np.empty((len(rows), self.vectors.shape[1]), self.vectors.dtype)
+        for i, r in enumerate(rows.tolist()):
+            out[i] = np.frombuffer(os.pread(self.fd, self.row_bytes, self.offset + r * self.row_bytes), self.vectors.dtype)
+        return out
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class ExactEngine(SearchEngine):
@@ -196,7 +210,7 @@ class _FaissEngine(SearchEngine):
 
     def __init__(self, side: GallerySide, params: Mapping[str, Any], **options: Any) -> None:
         super().__init__(side, params)
-        self.rows = random_access_rows(side.vectors)
+        self.rows = RowReader(side.vectors)
         faiss = self._faiss()
         f = side.root / self.file_name(side.name)
         try:
@@ -216,6 +230,9 @@ class _FaissEngine(SearchEngine):
         want = min(self.side.count, k * kn["refine"])
         _, cand = self.index.search(np.ascontiguousarray(u, np.float32), want, params=self._search_params(faiss, kn, want))
         return self.rescore(u, cand, k)
+
+    def close(self) -> None:
+        self.rows.close()
 
 
 class FaissHnswEngine(_FaissEngine):
