@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--audio-dir", metavar="DIR", help="a folder of audio files, encoded here with the export's audio encoder")
     p.add_argument("--out", required=True, metavar="INDEX", help="output index directory (appears only when complete)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
-    p.add_argument("--engine", default="exact", choices=("exact", "faiss-hnsw", "faiss-ivf", "milvus"),
+    from .search_engines import DEFAULT_ENGINE, ENGINES
+
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=tuple(ENGINES),
                    help="search engine (default exact; see README 'Gallery search at scale')")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="engine parameter, repeatable: faiss-hnsw m, ef_construction, storage (flat|fp16|sq8); faiss-ivf nlist, "
