@@ -18,10 +18,14 @@ Groups (``--only``):
 * ``triton``    -- Triton ensembles over HTTP and gRPC at concurrency 1, 2, 4, 8 with perf_analyzer.
 * ``knobs``     -- what was tried where a goal is missed (ORT threads, graph optimisation level,
   IO binding).
+* ``search``    -- gallery search engines (exact, FAISS HNSW / IVF, Milvus Lite) on synthetic gallery
+  vectors at N = 10k, 100k, 200k, 1M (``--search-sizes``; 1k, 4k with ``--quick``), and
+  ``AudioSearch`` end to end at 100k: build time, disk and resident bytes, p50/p99 at B = 1 and 16,
+  queries/s, recall@10, the exact engine's bandwidth bound.
 
 Outputs (written atomically): ``<out>/<host>-<date>.json``, ``<out>/<host>-<date>.md`` and PNG plots
 ``<out>/<host>-<date>-*.png``. Weights are random (an untrained model of the preset): timings do not
 depend on the weight values.
 """
 SCHEMA = "diffgap-bench/1"
-GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs")
+GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search")

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="export afresh into the scratch dir")
     p.add_argument("--encoders", choices=("tiny", "htsat-tiny"), default=None,
                    help="CLAP encoder architecture to export (random weights; default htsat-tiny, tiny with --quick)")
+    p.add_argument("--search-sizes", type=_ints, default=None,
+                   help="gallery sizes N of the search group (default 10000,100000,200000,1000000; 1000,4000 with --quick)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -141,7 +143,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         ctx.roofline = roofline.measure_machine(ctx.threads, quick=ctx.quick)
         res["roofline"] = ctx.roofline
 
-        needs_model = set(groups) & {"denoiser", "encoders", "pipeline", "triton", "knobs"}
+        needs_model = set(groups) & {"denoiser", "encoders", "pipeline", "triton", "knobs", "search"}
         if needs_model:
             prepare.prepare(ctx, groups, export_dirs=args.export_dir, checkpoint=args.checkpoint)
             res["settings"]["main_steps"] = ctx.main_steps
@@ -169,6 +171,11 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
                                GOAL_ROOFLINE_BATCH if GOAL_ROOFLINE_BATCH in ctx.batches else max(ctx.batches)}))
             res["rows"] += [r.to_dict() for r in knobs.run(ctx, k, bs)]
             res["knob_notes"] += knob_notes(res)
+        if "search" in groups:
+            from . import search
+
+            res["search"] = search.run(ctx, args.search_sizes)
+            res["settings"]["search_sizes"] = res["search"]["sizes"]
         if "triton" in groups:
             from . import serving
 

@@ -160,7 +160,7 @@ def prepare(ctx: Context, groups: tuple[str, ...], export_dirs: list[Path] | Non
             ctx.exports.setdefault(k, Path(export_dir))
         if ctx.main_export is None and "clap_text_encoder" in man.models:
             ctx.main_export, ctx.main_steps = Path(export_dir), k
-    needs_main = bool(set(groups) & {"encoders", "pipeline", "triton"}) and ctx.main_export is None
+    needs_main = bool(set(groups) & {"encoders", "pipeline", "triton", "search"}) and ctx.main_export is None
     grid = set(groups) & {"denoiser", "knobs"}
     missing = [k for k in ctx.steps if k not in ctx.exports] if grid else []
     if not (grid or needs_main or missing):

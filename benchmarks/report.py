@@ -306,6 +306,9 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("knob_notes"):
         out.append("")
 
+    from . import search
+
+    out += search.markdown(res.get("search"))
     goals = goal_rows(res)
     out += ["## Goals (issue 7)", ""]
     body = [[g["goal"], g["target"], g["measured"], {True: "met", False: "**missed**", None: "not measured"}[g["met"]], g.get("why", "")]
@@ -411,6 +414,10 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
             a.grid(True, alpha=0.3)
             a.legend(fontsize=7)
         save(fig, f"triton-{t['label']}")
+    from . import search
+
+    if search.plot(res.get("search") or {}, stem.with_name(f"{stem.name}-search.png")):
+        written.append(stem.with_name(f"{stem.name}-search.png"))
     return written
 
 

@@ -36,7 +36,7 @@ class DemoContext:
         self.data_dir = self.out / "data"
         self.checkpoint = self.out / "checkpoint"
         self.export_dir = self.out / "export"
-        self.index = self.out / "index.npz"
+        self.index = self.out / "index"
 
 
 def step_synth(ctx: DemoContext) -> None:

@@ -11,26 +11,21 @@ Modules:
 - :mod:`.trt_session` the TensorRT backend (pycuda, page-locked buffers, optional CUDA graphs);
 - :mod:`.engine`    ``build_engines`` / ``find_engine`` and the engine cache;
 - :mod:`.pipeline`  ``TextToAudioBridge``, ``AudioToTextBridge``, ``VideoToAudioBridge``,
-  ``AudioToVideoBridge``, ``build_index``, ``AudioSearch``,
-  ``make_noise``;
+  ``AudioToVideoBridge``, ``make_noise``;
+- :mod:`.gallery`, :mod:`.gallery_build`, :mod:`.search`, :mod:`.search_engines`, :mod:`.fusion`:
+  the gallery index directory, ``build_index``, ``AudioSearch`` and the search engines (``exact``,
+  ``faiss-hnsw``, ``faiss-ivf``, ``milvus``; FAISS and pymilvus are imported only by their engines);
 - ``cli_build_engines``, ``cli_index``, ``cli_search``: the ``diffgap`` subcommands.
 """
-from .pipeline import (
-    AudioSearch,
-    AudioToTextBridge,
-    AudioToVideoBridge,
-    BridgeResult,
-    GalleryIndex,
-    TextToAudioBridge,
-    VideoToAudioBridge,
-    build_index,
-    fuse_scores,
-    make_noise,
-    top_k,
-)
+from .fusion import fuse_scores, top_k
+from .gallery import GalleryIndex, SearchError
+from .gallery_build import build_index
+from .pipeline import AudioToTextBridge, AudioToVideoBridge, BridgeResult, TextToAudioBridge, VideoToAudioBridge, make_noise
+from .search import AudioSearch, GallerySearcher
+from .search_engines import KNOBS as SEARCH_KNOBS
 from .session import BACKENDS, PRECISIONS, OrtSession, Session, load, open_model
 
 __all__ = [
-    "AudioSearch", "AudioToTextBridge", "AudioToVideoBridge", "VideoToAudioBridge", "BridgeResult", "GalleryIndex", "TextToAudioBridge", "build_index",
+    "AudioSearch", "GallerySearcher", "SearchError", "SEARCH_KNOBS", "AudioToTextBridge", "AudioToVideoBridge", "VideoToAudioBridge", "BridgeResult", "GalleryIndex", "TextToAudioBridge", "build_index",
     "fuse_scores", "make_noise", "top_k", "BACKENDS", "PRECISIONS", "OrtSession", "Session", "load", "open_model",
 ]

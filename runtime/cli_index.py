@@ -1,7 +1,10 @@
-"""``diffgap index EXPORT_DIR --npz PAIRS.npz | --audio-dir DIR --out INDEX``: build a gallery index."""
+"""``diffgap index EXPORT_DIR --npz PAIRS.npz | --audio-dir DIR --out INDEX [--engine NAME --param K=V]``:
+build a gallery index directory (streamed in chunks; an interrupted build resumes when rerun)."""
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 HELP = "build a gallery search index (audio embeddings + ids, gallery-side bridged embeddings) from an export"
@@ -15,13 +18,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--npz", metavar="PAIRS.npz", help="paired CLAP embeddings (`diffgap embed`/`synth` format): "
                      "its audio rows are the gallery; its text rows + captions (if any) serve audio -> text queries")
     src.add_argument("--audio-dir", metavar="DIR", help="a folder of audio files, encoded here with the export's audio encoder")
-    p.add_argument("--out", required=True, metavar="INDEX", help="output index file (.npz, written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index file")
+    p.add_argument("--out", required=True, metavar="INDEX", help="output index directory (appears only when complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    from .search_engines import DEFAULT_ENGINE, ENGINES
+
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=tuple(ENGINES),
+                   help="search engine (default exact; see README 'Gallery search at scale')")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine parameter, repeatable: faiss-hnsw m, ef_construction, storage (flat|fp16|sq8); faiss-ivf nlist, "
+                        "storage (flat|fp16|sq8|pq), pq_m, train_size; milvus uri, collection, index_type (FLAT|IVF_FLAT|HNSW), "
+                        "nlist, m, ef_construction; any engine's per-query defaults ef_search, nprobe, refine")
+    p.add_argument("--chunk-size", type=int, default=4096, help="gallery rows bridged per step (default 4096)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.add_argument("--no-captions", action="store_true", help="index only the audio side of --npz")
     p.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "ort-trt", "tensorrt"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed for the gallery-side bridging (default 0)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the export's)")
+
+
+def parse_params(items: list[str]) -> dict[str, object]:
+    from diffgap.core.errors import UserError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--param {item!r}: write it as KEY=VALUE, e.g. --param m=32")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+class _Progress:
+    """One refreshed stderr line per stage: rows done, rate, time left."""
+
+    def __init__(self) -> None:
+        self.t0: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        t = time.perf_counter()
+        t0 = self.t0.setdefault(stage, t)
+        rate = done / max(t - t0, 1e-9)
+        eta = f", {(total - done) / rate:.0f} s left" if t > t0 and done < total else ""
+        print(f"\r{stage}: {done}/{total} ({100 * done / total:.0f}%{eta})   ", end="\n" if done >= total else "", file=sys.stderr, flush=True)
 
 
 def _audio_files(d: Path) -> list[Path]:
@@ -45,15 +87,22 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from diffgap.core.errors import UserError
     from diffgap.core.manifest import Manifest
 
-    from .pipeline import AudioToTextBridge, build_index
+    from .gallery import GalleryIndex
+    from .gallery_build import build_index
+    from .pipeline import AudioToTextBridge
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
     man = Manifest.load(args.export_dir, verify=True)
-    common = dict(backend=args.backend, precision=args.precision, seed=args.seed, guidance_scale=args.guidance_scale)
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    common = dict(backend=args.backend, precision=args.precision, seed=args.seed, guidance_scale=args.guidance_scale,
+                  engine=args.engine, engine_params=parse_params(args.param), chunk_size=args.chunk_size,
+                  progress=None if args.quiet else _Progress())
     if args.npz:
         from diffgap.core.data import load_pairs
 
@@ -64,7 +113,6 @@ def _run(args: argparse.Namespace) -> int:
             captions = pairs.ids  # no caption strings stored: show the pair ids instead
         build_index(man, out, audio=pairs.embeddings["audio"], ids=pairs.ids, text=text, captions=captions,
                     caption_ids=None if text is None else pairs.ids, **common)
-        n, m = len(pairs), (0 if text is None else len(pairs))
     else:
         from diffgap.core.audio import AudioError, load_clips
 
@@ -88,6 +136,5 @@ def _run(args: argparse.Namespace) -> int:
         if not ids:
             raise ValueError(f"none of the audio files under {root} could be decoded")
         build_index(man, out, audio=np.concatenate(embs), ids=ids, **common)
-        n, m = len(ids), 0
-    print(f"wrote {out}: {n} gallery items, {m} captions")
+    print(f"wrote {GalleryIndex.load(out).describe()}")
     return 0

@@ -1,4 +1,4 @@
-"""The Pipeline API: encoder -> fused DiffGAP sampler, and gallery search. Torch-free.
+"""The Pipeline API: encoder -> fused DiffGAP sampler. Torch-free.
 
 - :class:`TextToAudioBridge` / :class:`AudioToTextBridge`: raw text / audio (or precomputed CLAP
   embeddings) -> CLAP embedding (B, E) -> the fused sampler ``diffgap_<source>_to_<target>`` ->
@@ -6,51 +6,34 @@
 - :class:`VideoToAudioBridge` / :class:`AudioToVideoBridge`: the same for a video<->audio (CAVP-space)
   export: video files (decoded by the torch-free :mod:`diffgap.core.video`) or frame arrays / audio files or
   waveforms -> CAVP embedding -> ``diffgap_video_to_audio`` / ``diffgap_audio_to_video``.
-- :class:`AudioSearch`: a gallery index file (audio embeddings + ids, and the gallery-side bridged
-  embeddings computed once at index time) answering text queries with audio ids, and audio queries
-  with captions.
+- Gallery search lives in :mod:`.gallery` (the index directory), :mod:`.gallery_build`
+  (:func:`build_index`), :mod:`.search` (:class:`AudioSearch`), :mod:`.search_engines` and
+  :mod:`.fusion` (the fused score as one inner product); those names are importable from here too.
 
 Reproducibility: the sampler's initial noise comes from :func:`make_noise`, where row b is drawn from
 ``numpy.random.default_rng(seed_b)``; a query's result therefore depends only on its own input and
 seed, never on the batch it was sent with (the Triton models use the same function).
-
-Scoring is ``diffgap evaluate``'s ``full`` system (issue 2, "retrieval with bridging"): for a query q
-of modality s against gallery items g of modality t, with raw CLAP embeddings x, head-space
-projections h and bridged embeddings b, four cosine matrices ::
-
-    raw = cos(x_q, x_g)   head = cos(h_q, h_g)   query_bridge = cos(b_{s->t}(q), h_g)   gallery_bridge = cos(h_q, b_{t->s}(g))
-
-are z-scored per query over the gallery and summed with weights (``diffgap.core.retrieval.fuse``, the
-very function the evaluation uses). The weights come from the export manifest's
-``extra["fusion_weights"]`` when present (per task ``text_to_audio`` / ``audio_to_text``, or one set
-for both; ``diffgap evaluate``'s component names are accepted), else :data:`DEFAULT_WEIGHTS`.
 """
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import os
-import time
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from diffgap.core.fsutil import atomic_path
 from diffgap.core.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED
 from diffgap.core.manifest import Manifest
 from diffgap.core.names import encoder_name, sampler_name
-from diffgap.core.retrieval import cosine, fuse  # numpy-only: the evaluation's own scoring
 
-
+# The scoring names stay importable from here (they live in .fusion).
+from .fusion import DEFAULT_WEIGHTS, EVAL_TERM_NAMES, SCORE_TERMS, TASKS, fuse_scores, fusion_weights, top_k  # noqa: F401
 from .session import Session, open_model
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "diffgap-index/1"
 DEFAULT_SEED = 0
 # The fused sampler's tensor *roles* (keys of its IOSpec's meta["roles"], not tensor names): the
 # tensors are looked up by role in the manifest's IOSpec (IOSpec.role), never by a retyped name.
@@ -59,13 +42,6 @@ SAMPLER_NOISE = ROLE_NOISE            # (B, D) initial Gaussian noise
 SAMPLER_GUIDANCE = ROLE_GUIDANCE      # optional (B, 1) guidance scale
 SAMPLER_BRIDGED = ROLE_BRIDGED        # (B, D) bridged, L2-normalised, target head space
 SAMPLER_PROJECTED = ROLE_PROJECTED    # (B, D) the condition's own L2-normalised head-space embedding
-SCORE_TERMS = ("raw", "head", "query_bridge", "gallery_bridge")
-# diffgap evaluate's names for the same components (diffgap/evaluate.py similarity_sets)
-EVAL_TERM_NAMES = {"raw": "raw", "heads": "head", "q-bridge src": "query_bridge", "q-bridge noise": "query_bridge",
-                   "g-bridge src": "gallery_bridge", "g-bridge noise": "gallery_bridge"}
-TASKS = ("text_to_audio", "audio_to_text")
-# Equal weights: a neutral default when the export carries no validated fusion weights.
-DEFAULT_WEIGHTS = {k: 0.25 for k in SCORE_TERMS}
 
 
 def make_noise(seeds: int | Sequence[int] | np.ndarray, batch: int, dim: int) -> np.ndarray:
@@ -395,283 +371,15 @@ class AudioToVideoBridge(_CavpBridge):
         return self._run_encoder({self.encoder.io.inputs[0].name: self.waveforms(inputs)})
 
 
-# ----------------------------------------------------------------------------------------------
-# the gallery index
-# ----------------------------------------------------------------------------------------------
-def _model_identity(man: Manifest, head_dim: int) -> dict[str, Any]:
-    return {
-        "checkpoint_sha256": man.checkpoint_sha256,
-        "preset": man.preset,
-        "embed_dim": man.embed_dim,
-        "head_dim": head_dim,
-    }
+# The index and search moved to .gallery, .gallery_build and .search (which import the bridges from
+# here); their names stay importable from this module.
+_MOVED = {"AudioSearch": ".search", "GallerySearcher": ".search", "GalleryIndex": ".gallery", "SearchError": ".gallery",
+          "INDEX_FORMAT": ".gallery", "build_index": ".gallery_build"}
 
 
-def fusion_weights(man: Manifest, weights: Mapping[str, float] | None = None, task: str = "text_to_audio") -> dict[str, float]:
-    """The four fusion weights for ``task``: ``weights`` if given, else the export's, else the default."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
-    if weights is None:
-        stored = man.extra.get("fusion_weights", DEFAULT_WEIGHTS)
-        weights = stored.get(task, DEFAULT_WEIGHTS) if any(t in stored for t in TASKS) else stored
-    w: dict[str, float] = {}
-    for k, v in dict(weights).items():
-        term = k if k in SCORE_TERMS else EVAL_TERM_NAMES.get(k)
-        if term is None:
-            raise ValueError(f"unknown score terms [{k!r}]; use {list(SCORE_TERMS)}")
-        w[term] = w.get(term, 0.0) + float(v)
-    w = {k: w.get(k, 0.0) for k in SCORE_TERMS}
-    if not any(w.values()) or any(not np.isfinite(v) for v in w.values()):
-        raise ValueError(f"fusion weights must be finite and not all zero, got {w}")
-    return w
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-
-def build_index(
-    export_dir: str | os.PathLike | Manifest,
-    out: str | os.PathLike,
-    *,
-    audio: np.ndarray,
-    ids: Sequence[str] | np.ndarray,
-    captions: Sequence[str] | np.ndarray | None = None,
-    text: np.ndarray | None = None,
-    caption_ids: Sequence[str] | np.ndarray | None = None,
-    backend: str = "ort-cpu",
-    precision: str = "fp32",
-    seed: int = DEFAULT_SEED,
-    guidance_scale: float | None = None,
-) -> Path:
-    """Write a gallery index ``.npz`` atomically.
-
-    ``audio (N, E)``: CLAP audio embeddings of the gallery, ``ids (N,)``. Optionally the caption side
-    for audio -> text queries: ``captions (M,)`` with their CLAP text embeddings ``text (M, E)`` (or
-    without ``text``, encoded here with the export's text encoder) and ``caption_ids (M,)``.
-    Gallery-side bridged embeddings (audio -> text for text queries, text -> audio for audio queries)
-    are computed here, once, with ``seed``.
-    """
-    man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
-    ids = np.asarray(ids).astype(str)
-    audio = _check_embeddings("audio", audio, man.embed_dim)
-    if ids.shape != (audio.shape[0],):
-        raise ValueError(f"ids must be ({audio.shape[0]},) to match audio, got {ids.shape}")
-    if len(set(ids.tolist())) != len(ids):
-        raise ValueError("gallery ids must be unique")
-    t0 = time.perf_counter()
-    with AudioToTextBridge(man, backend, precision, seed=seed, guidance_scale=guidance_scale) as a2t:
-        ga = a2t.bridge_embeddings(audio)
-        head_dim = a2t.head_dim
-    arrays: dict[str, np.ndarray] = {
-        "ids": ids,
-        "audio_clap": ga.source,
-        "audio_head": ga.projected,
-        "audio_bridged": ga.bridged,    # gallery-side: audio bridged into text head space
-    }
-    if captions is not None or text is not None:
-        with TextToAudioBridge(man, backend, precision, seed=seed, guidance_scale=guidance_scale) as t2a:
-            if text is None:
-                if captions is None:
-                    raise ValueError("pass captions (and optionally their CLAP text embeddings)")
-                text = t2a.encode(list(np.asarray(captions).astype(str)))
-            text = _check_embeddings("text", text, man.embed_dim)
-            gt = t2a.bridge_embeddings(text)
-        M = text.shape[0]
-        cap = np.asarray(captions).astype(str) if captions is not None else np.array([""] * M)
-        cid = np.asarray(caption_ids).astype(str) if caption_ids is not None else np.array([str(i) for i in range(M)])
-        if cap.shape != (M,) or cid.shape != (M,):
-            raise ValueError(f"captions and caption_ids must be ({M},) to match text, got {cap.shape} and {cid.shape}")
-        arrays.update({
-            "caption_ids": cid, "captions": cap, "text_clap": gt.source,
-            "text_head": gt.projected, "text_bridged": gt.bridged,   # caption side bridged into audio head space
-        })
-    meta = {
-        "format": INDEX_FORMAT,
-        "model": _model_identity(man, head_dim),
-        "seed": int(seed),
-        "guidance_scale": guidance_scale,
-        "backend": backend,
-        "precision": precision,
-        "export_dir": str(man.root.resolve()),
-        "count": int(audio.shape[0]),
-        "captions": int(arrays["caption_ids"].shape[0]) if "caption_ids" in arrays else 0,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "index_seconds": round(time.perf_counter() - t0, 3),
-    }
-    arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:  # a file object stops np.savez appending ".npz" to the temp name
-            np.savez(f, **arrays)
-    log.info("wrote index %s (%d audio, %d captions)", out, meta["count"], meta["captions"])
-    return out
-
-
-@dataclass
-class GalleryIndex:
-    path: Path
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "GalleryIndex":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"index {path} not found; build it with `diffgap index EXPORT_DIR ... --out {path}`")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable index file ({e}); rebuild it with `diffgap index`") from None
-        if "meta" not in arrays:
-            raise ValueError(f"{path} is not a diffgap index (no meta); rebuild it with `diffgap index`")
-        try:
-            meta = json.loads(str(arrays.pop("meta")))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: index metadata is not valid json ({e}); rebuild it") from None
-        if meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path} has format {meta.get('format')!r}, expected {INDEX_FORMAT!r}; rebuild it with `diffgap index`")
-        need = ("ids", "audio_clap", "audio_head", "audio_bridged")
-        missing = [k for k in need if k not in arrays]
-        if missing:
-            raise ValueError(f"{path} lacks arrays {missing}; rebuild it with `diffgap index`")
-        m = meta["model"]
-        n = arrays["ids"].shape[0]
-        shapes = {"audio_clap": (n, m["embed_dim"]), "audio_head": (n, m["head_dim"]), "audio_bridged": (n, m["head_dim"])}
-        if "caption_ids" in arrays:
-            c = arrays["caption_ids"].shape[0]
-            shapes.update({"text_clap": (c, m["embed_dim"]), "text_head": (c, m["head_dim"]), "text_bridged": (c, m["head_dim"])})
-        for k, s in shapes.items():
-            if arrays.get(k) is None or arrays[k].shape != s:
-                raise ValueError(f"{path}: array {k} has shape {None if arrays.get(k) is None else arrays[k].shape}, expected {s}; rebuild the index")
-        return cls(path, meta, arrays)
-
-    @property
-    def has_captions(self) -> bool:
-        return "caption_ids" in self.arrays
-
-    def check_model(self, man: Manifest, head_dim: int) -> None:
-        """Refuse an index made by another model (dim, preset or checkpoint differ)."""
-        want = _model_identity(man, head_dim)
-        have = self.meta["model"]
-        diff = [f"{k} {have.get(k)!r} (index) vs {want[k]!r} (export)" for k in want if have.get(k) != want[k]]
-        if diff:
-            raise ValueError(f"index {self.path} was built with another model: {'; '.join(diff)}; rebuild it with `diffgap index` for this export")
-
-
-def fuse_scores(
-    query: BridgeResult,
-    gallery_clap: np.ndarray,
-    gallery_head: np.ndarray,
-    gallery_bridged: np.ndarray,
-    weights: Mapping[str, float] = DEFAULT_WEIGHTS,
-) -> np.ndarray:
-    """Fused scores (Q, N) of bridged queries against a gallery (see the module docstring).
-
-    ``query``: the queries' :class:`BridgeResult`; ``gallery_clap (N, E)``, ``gallery_head (N, D)``,
-    ``gallery_bridged (N, D)``: the gallery's raw, head-space and bridged embeddings (an index's
-    ``audio_*`` or ``text_*`` arrays). Each cosine matrix is z-scored per query over the gallery,
-    then weighted and summed, exactly as ``diffgap evaluate`` fuses them.
-    """
-    w = {k: float(weights.get(k, 0.0)) for k in SCORE_TERMS}
-    sims = {
-        "raw": lambda: cosine(query.source, gallery_clap),
-        "head": lambda: cosine(query.projected, gallery_head),
-        "query_bridge": lambda: cosine(query.bridged, gallery_head),
-        "gallery_bridge": lambda: cosine(query.projected, gallery_bridged),
-    }
-    used = [k for k in SCORE_TERMS if w[k]]
-    return fuse([sims[k]() for k in used], tuple(w[k] for k in used))
-
-
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices (Q, k'), scores (Q, k')) of the k best per row, best first, k' = min(k, N); ties
-    go to the lower index (stable sort), so results are deterministic."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    idx = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
-    return idx, np.take_along_axis(scores, idx, axis=1)
-
-
-class AudioSearch:
-    """Text -> audio search over a gallery index (and audio -> caption search when it has captions).
-
-    ``search(texts, k)`` returns ``(ids (Q, k) str, scores (Q, k) float32)``, best first.
-    """
-
-    def __init__(
-        self,
-        index: str | os.PathLike,
-        export_dir: str | os.PathLike | Manifest,
-        backend: str = "ort-cpu",
-        precision: str = "fp32",
-        *,
-        seed: int = DEFAULT_SEED,
-        weights: Mapping[str, float] | None = None,
-        **session_options: Any,
-    ) -> None:
-        self.manifest = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir)
-        self.index = GalleryIndex.load(index)
-        self.weights = fusion_weights(self.manifest, weights, "text_to_audio")
-        self.caption_weights = fusion_weights(self.manifest, weights, "audio_to_text")
-        gs = self.index.meta.get("guidance_scale")
-        self.t2a = TextToAudioBridge(self.manifest, backend, precision, seed=seed, guidance_scale=gs, **session_options)
-        self.index.check_model(self.manifest, self.t2a.head_dim)
-        self._a2t: AudioToTextBridge | None = None
-        self._opts = dict(backend=backend, precision=precision, seed=seed, guidance_scale=gs, **session_options)
-
-    @property
-    def a2t(self) -> AudioToTextBridge:
-        if self._a2t is None:
-            self._a2t = AudioToTextBridge(self.manifest, **self._opts)
-        return self._a2t
-
-    # -- text -> audio ----------------------------------------------------------------------
-    def score_text_embeddings(self, text: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
-        """CLAP text embeddings (Q, E) -> fused scores against every gallery audio (Q, N)."""
-        q = self.t2a.bridge_embeddings(text, seed=seed)  # as given, like diffgap evaluate
-        a = self.index.arrays
-        return fuse_scores(q, a["audio_clap"], a["audio_head"], a["audio_bridged"], self.weights)
-
-    def search_embeddings(self, text: np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """CLAP text embeddings (Q, E) -> (ids (Q, k), scores (Q, k)), best first."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        idx, scores = top_k(self.score_text_embeddings(text, seed), k)
-        return self.index.arrays["ids"][idx], scores
-
-    def search(self, texts: Sequence[str], k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Captions -> (ids (Q, k), scores (Q, k)) of the best-matching gallery audio."""
-        return self.search_embeddings(self.t2a.encode(texts), k, seed)
-
-    # -- audio -> captions ------------------------------------------------------------------
-    def _require_captions(self) -> None:
-        if not self.index.has_captions:
-            raise ValueError(f"index {self.index.path} has no captions; rebuild it with captions (`diffgap index --npz` with a text array)")
-
-    def score_audio_embeddings(self, audio: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
-        self._require_captions()
-        q = self.a2t.bridge_embeddings(audio, seed=seed)
-        a = self.index.arrays
-        return fuse_scores(q, a["text_clap"], a["text_head"], a["text_bridged"], self.caption_weights)
-
-    def search_captions_embeddings(self, audio: np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CLAP audio embeddings -> (caption ids, captions, scores), each (Q, k)."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        idx, scores = top_k(self.score_audio_embeddings(audio, seed), k)
-        a = self.index.arrays
-        return a["caption_ids"][idx], a["captions"][idx], scores
-
-    def search_captions(self, audio: Sequence[str | os.PathLike] | np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Audio files (or prepared waveforms) -> (caption ids, captions, scores), each (Q, k)."""
-        self._require_captions()
-        return self.search_captions_embeddings(self.a2t.encode(audio), k, seed)
-
-    def close(self) -> None:
-        self.t2a.close()
-        if self._a2t is not None:
-            self._a2t.close()
-
-    def __enter__(self) -> "AudioSearch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        return getattr(importlib.import_module(_MOVED[name], __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,7 +49,7 @@ def pairs():
 @pytest.fixture(scope="module")
 def index(export, pairs, tmp_path_factory):
     audio, text, ids, captions = pairs
-    out = tmp_path_factory.mktemp("index") / "gallery.npz"
+    out = tmp_path_factory.mktemp("index") / "gallery"
     return build_index(export, out, audio=audio, ids=ids, text=text, captions=captions, caption_ids=ids, seed=5)
 
 
@@ -190,10 +190,11 @@ def test_index_contents(index, pairs):
     ix = GalleryIndex.load(index)
     assert ix.meta["count"] == N_GALLERY and ix.meta["seed"] == 5 and ix.has_captions
     gb, gp = rg.reference_sampler(audio, make_noise(5, N_GALLERY, rg.D))
-    np.testing.assert_allclose(ix.arrays["audio_bridged"], gb, atol=1e-6)
-    np.testing.assert_allclose(ix.arrays["audio_head"], gp, atol=1e-6)
-    np.testing.assert_array_equal(ix.arrays["ids"], ids)
-    np.testing.assert_array_equal(ix.arrays["captions"], captions)
+    _, head, bridged = ix.side("audio").raw()
+    np.testing.assert_allclose(bridged, gb, atol=1e-6)
+    np.testing.assert_allclose(head, gp, atol=1e-6)
+    np.testing.assert_array_equal(ix.side("audio").ids, ids)
+    np.testing.assert_array_equal(ix.side("text").captions, captions)
 
 
 def test_text_search_matches_reference(export, index, pairs):
@@ -209,10 +210,10 @@ def test_text_search_matches_reference(export, index, pairs):
 
 def test_text_search_from_strings(export, index):
     with AudioSearch(index, export) as s:
-        ids, scores = s.search(["a dog barks", "wind"], k=30)
-        assert ids.shape == (2, N_GALLERY) and scores.dtype == np.float32  # k clipped to the gallery
+        ids, scores = s.search(["a dog barks", "wind"], k=N_GALLERY)
+        assert ids.shape == (2, N_GALLERY) and scores.dtype == np.float32
         emb = s.t2a.encode(["a dog barks", "wind"])
-        ids2, scores2 = s.search_embeddings(emb, k=30)
+        ids2, scores2 = s.search_embeddings(emb, k=N_GALLERY)
     np.testing.assert_array_equal(ids, ids2)
     np.testing.assert_array_equal(scores, scores2)
 
@@ -254,36 +255,16 @@ def test_index_of_another_model_is_refused(export, index, tmp_path):
         AudioSearch(index, other.root)
 
 
-def test_index_dim_mismatch_is_refused(export, tmp_path):
-    with pytest.raises(ValueError, match=r"audio must be \(N, 16\), got shape \(4, 12\)"):
-        build_index(export, tmp_path / "x.npz", audio=np.ones((4, 12), np.float32), ids=list("abcd"))
-    # an index whose stored dims disagree with the model
-    ix = tmp_path / "dim.npz"
-    build_index(export, ix, audio=_unit(np.ones((3, rg.E), np.float32)), ids=["a", "b", "c"])
-    with np.load(ix) as z:
-        arrays = dict(z)
-    meta = json.loads(str(arrays["meta"]))
-    meta["model"]["embed_dim"] = 32
-    arrays["meta"] = np.array(json.dumps(meta))
-    with open(ix, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.raises(ValueError, match=r"array audio_clap has shape \(3, 16\), expected \(3, 32\)"):
-        AudioSearch(ix, export)
-
-
 def test_bad_index_files(export, tmp_path):
+    """More damaged-index cases are in tests/test_search.py."""
     with pytest.raises(FileNotFoundError, match="build it with `diffgap index"):
-        GalleryIndex.load(tmp_path / "missing.npz")
+        GalleryIndex.load(tmp_path / "missing")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable index file"):
+    with pytest.raises(ValueError, match="older single-file format; rebuild it"):
         GalleryIndex.load(tmp_path / "junk.npz")
-    with open(tmp_path / "pairs.npz", "wb") as f:
-        np.savez(f, audio=np.ones((2, rg.E), np.float32))
-    with pytest.raises(ValueError, match="is not a diffgap index"):
-        GalleryIndex.load(tmp_path / "pairs.npz")
     with pytest.raises(ValueError, match="ids must be unique"):
-        build_index(export, tmp_path / "d.npz", audio=np.ones((2, rg.E), np.float32), ids=["a", "a"])
-    ix = build_index(export, tmp_path / "nocap.npz", audio=np.ones((2, rg.E), np.float32), ids=["a", "b"])
+        build_index(export, tmp_path / "d", audio=np.ones((2, rg.E), np.float32), ids=["a", "a"])
+    ix = build_index(export, tmp_path / "nocap", audio=np.ones((2, rg.E), np.float32), ids=["a", "b"])
     with AudioSearch(ix, export) as s:
         with pytest.raises(ValueError, match="has no captions"):
             s.search_captions_embeddings(np.ones((1, rg.E), np.float32))
@@ -298,9 +279,9 @@ def test_cli_index_and_search(export, pairs, tmp_path, capsys):
 
     audio, text, ids, captions = pairs
     npz = save_pairs(tmp_path / "pairs.npz", ids=ids, audio=audio, text=text, captions=captions)
-    out = tmp_path / "gallery.npz"
-    assert main(["index", str(export.root), "--npz", str(npz), "--out", str(out)]) == 0
-    assert f"{N_GALLERY} gallery items, {N_GALLERY} captions" in capsys.readouterr().out
+    out = tmp_path / "gallery"
+    assert main(["index", str(export.root), "--npz", str(npz), "--out", str(out), "--quiet"]) == 0
+    assert f"{N_GALLERY} gallery items, {N_GALLERY} captions, engine exact" in capsys.readouterr().out
     assert main(["index", str(export.root), "--npz", str(npz), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 
@@ -324,7 +305,7 @@ def test_cli_index_and_search(export, pairs, tmp_path, capsys):
         exp_cid, exp_caps, _ = s.search_captions([tmp_path / "q.wav"], k=2)
     assert [h["id"] for h in hits] == list(exp_cid[0]) and [h["caption"] for h in hits] == list(exp_caps[0])
 
-    assert main(["search", "x", "--index", str(tmp_path / "none.npz")]) == 2
+    assert main(["search", "x", "--index", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["search", "--index", str(out)]) == 2
     assert "at least one text query" in capsys.readouterr().err
@@ -341,10 +322,10 @@ def test_cli_index_audio_dir(export, tmp_path, capsys):
     for i, f in enumerate((220, 330, 550)):
         sf.write(d / f"tone{i}.wav", (0.2 * np.sin(2 * np.pi * f * t)).astype(np.float32), sr)
     (d / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
-    out = tmp_path / "g.npz"
-    assert main(["index", str(export.root), "--audio-dir", str(d), "--out", str(out)]) == 0
+    out = tmp_path / "g"
+    assert main(["index", str(export.root), "--audio-dir", str(d), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "skipped" in printed and "broken.wav" in printed and "3 gallery items" in printed
     ix = GalleryIndex.load(out)
-    assert sorted(ix.arrays["ids"].tolist()) == ["tone0.wav", "tone1.wav", "tone2.wav"]
+    assert sorted(ix.side("audio").ids.tolist()) == ["tone0.wav", "tone1.wav", "tone2.wav"]
     assert main(["search", "a low hum", "--index", str(out), "-k", "2"]) == 0

@@ -163,7 +163,7 @@ def test_demo_search_answers_like_the_runtime(tmp_path_factory, tmp_path):
     queries = ["a dog barks", "rain on a tin roof"]
     result = demo_search(export, pairs, queries, k=3, work_dir=tmp_path / "work")
     assert result.queries == queries and len(result.latency_ms) == 2 and all(ms > 0 for ms in result.latency_ms)
-    with AudioSearch(tmp_path / "work" / "index.npz", export) as search:
+    with AudioSearch(tmp_path / "work" / "index", export) as search:
         for q, ids, scores in zip(queries, result.ids, result.scores):
             ref_ids, ref_scores = search.search([q], k=3)
             assert ids == list(ref_ids[0])

@@ -1,7 +1,7 @@
 """The serving leg of ``make demo``: portable repository -> tritonserver -> text queries over HTTP.
 
-:func:`demo_search` builds the portable repository for an export directory (with a gallery index,
-built here from paired embeddings when given a ``.npz`` of pairs), serves it with the bundled
+:func:`demo_search` builds the portable repository for an export directory (with a gallery index
+directory, built here with the default ``exact`` engine when given a ``.npz`` of pairs), serves it with the bundled
 tritonserver on loopback, sends each text query through ``text_to_audio_search`` over HTTP, and
 returns ids, scores and per-request latency. The server is always stopped before it returns.
 """
@@ -53,19 +53,18 @@ class DemoResult:
 
 
 def _index_from(export_dir: Path, index_or_pairs: str | os.PathLike, work: Path) -> Path:
-    """An index file as given, or one built from a paired-embedding ``.npz`` (gallery = its audio)."""
+    """An index directory as given, or one built (default engine) from a paired-embedding ``.npz``
+    (gallery = its audio)."""
     path = Path(index_or_pairs)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass a gallery index (`diffgap index`) or a pairs .npz")
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-    if "meta" in keys:
+    if path.is_dir():
         return path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass a gallery index directory (`diffgap index`) or a pairs .npz")
     from diffgap.core.data import load_pairs
     from diffgap.runtime import build_index
 
     pairs = load_pairs(path, require=("audio",))
-    return build_index(export_dir, work / "index.npz", audio=pairs["audio"], ids=pairs.ids)
+    return build_index(export_dir, work / "index", audio=pairs["audio"], ids=pairs.ids)
 
 
 def demo_search(

@@ -12,8 +12,10 @@ the model's ``config.pbtxt`` names its role in ``parameters { key: "diffgap_role
                 :func:`diffgap.runtime.make_noise` exactly as the in-process Pipeline makes it, plus
                 the sampler's optional inputs filled with their declared defaults (a TensorRT plan
                 needs every input bound); ``io.json`` is the sampler's IOSpec;
-- ``search``    fused scores of a bridged query against the gallery index shipped in ``index.npz``
-                (:func:`diffgap.runtime.fuse_scores`), top-k ids and scores.
+- ``search``    top-k ids and fused scores of a bridged query from the gallery index directory shipped
+                in ``index/``, through its search engine (:class:`diffgap.runtime.search.GallerySearcher`,
+                the code ``AudioSearch`` runs; a ``milvus`` index may be pointed at a server by the
+                ``milvus_uri`` parameter).
 
 Dynamic batching hands ``execute`` several requests at once: each request is validated on its own
 (a bad one gets its own error response, the others still run), the good ones are concatenated
@@ -31,8 +33,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from diffgap.core.iospec import IOSpec
-from diffgap.runtime import fuse_scores, make_noise, top_k
-from diffgap.runtime.pipeline import GalleryIndex
+from diffgap.runtime import make_noise
 from diffgap.runtime.session import load
 
 
@@ -91,11 +92,15 @@ class TritonPythonModel:
         self.optional = [t for t in self.io.inputs if t.optional]
 
     def _init_search(self) -> None:
+        from diffgap.runtime import SEARCH_KNOBS, GalleryIndex, GallerySearcher
+
         spec = json.loads((self.dir / "search.json").read_text())
-        self.index = GalleryIndex.load(self.dir / "index.npz")
         self.k = int(spec["k"])
-        self.weights = {k: float(v) for k, v in spec["weights"].items()}
         self.tensors = spec["tensors"]  # role -> tensor name (clap, projected, bridged, ids, scores)
+        uri = _param(self.config, "milvus_uri", "")
+        self.knobs = {k: int(v) for k in SEARCH_KNOBS if (v := _param(self.config, k, ""))}
+        weights = {k: float(v) for k, v in spec["weights"].items()}
+        self.searcher = GallerySearcher(GalleryIndex.load(self.dir / "index"), "audio", weights, **({"uri": uri} if uri else {}))
 
     # -- execution -------------------------------------------------------------------------
     def execute(self, requests):
@@ -221,12 +226,12 @@ class TritonPythonModel:
         from diffgap.runtime import BridgeResult
 
         q = BridgeResult(source=feeds["clap"], projected=feeds["projected"], bridged=feeds["bridged"])
-        a = self.index.arrays
-        scores = fuse_scores(q, a["audio_clap"], a["audio_head"], a["audio_bridged"], self.weights)
-        idx, best = top_k(scores, self.k)
-        ids = np.char.encode(a["ids"][idx].astype(str), "utf-8").astype(object)
-        return {self.tensors["ids"]: ids, self.tensors["scores"]: best.astype(np.float32)}
+        rows, best = self.searcher.search(q, self.k, **self.knobs)
+        ids = np.asarray(self.searcher.side.ids[rows.ravel()]).reshape(rows.shape)
+        return {self.tensors["ids"]: np.char.encode(ids.astype(str), "utf-8").astype(object), self.tensors["scores"]: best}
 
     def finalize(self) -> None:
         if getattr(self, "session", None) is not None:
             self.session.close()
+        if getattr(self, "searcher", None) is not None:
+            self.searcher.close()

@@ -12,7 +12,7 @@ Triton's own layout (``<model>/config.pbtxt``, ``<model>/1/model.*``). Models:
 ``diffgap_text_to_audio``       fused sampler (exported graph)
 ``diffgap_audio_to_text``       fused sampler (exported graph)
 ``diffgap_<dir>_noise``         python: sampler noise from an optional per-row seed (fixed default)
-``audio_gallery_search``        python: fused scores against the shipped gallery index, top-k
+``audio_gallery_search``        python: top-k fused scores from the shipped gallery index's search engine
 ``text_to_audio_embedding``     ensemble: tokenizer -> text encoder -> noise -> sampler
 ``audio_to_text_embedding``     ensemble: audio encoder -> noise -> sampler
 ``text_to_audio_search``        ensemble: ... -> sampler -> gallery search (ids, scores)
@@ -313,7 +313,13 @@ class _Planner:
         )
 
     def search(self, index_path: Path) -> ModelDir:
-        from diffgap.runtime.pipeline import GalleryIndex, fusion_weights
+        """The gallery search: the index directory ships as ``1/index``; its engine serves the queries.
+        Model parameters: ``milvus_uri`` (a ``milvus`` index: empty = the URI recorded at build time,
+        or its embedded Milvus Lite file) and the per-query knobs ``ef_search`` / ``nprobe`` /
+        ``refine`` (empty = the index's defaults); edit them in config.pbtxt to retarget a deployment."""
+        from diffgap.runtime.fusion import fusion_weights
+        from diffgap.runtime.gallery import GalleryIndex
+        from diffgap.runtime.search_engines import KNOBS
 
         io = self.io(sampler_name("text", "audio"))
         enc = self.io(encoder_name("text"))
@@ -326,7 +332,7 @@ class _Planner:
                 f"index {index_path} was built with guidance_scale={gs}; the repository's sampler runs its declared "
                 "default, so rebuild the index without --guidance-scale"
             )
-        n = int(index.arrays["ids"].shape[0])
+        n = index.count
         k = min(self.opts.top_k, n)
         if k < self.opts.top_k:
             log.warning("top-k %d > gallery size %d; serving k=%d", self.opts.top_k, n, k)
@@ -335,13 +341,16 @@ class _Planner:
             "clap": OUTPUTS["clap"], "projected": OUTPUTS["projected"], "bridged": OUTPUTS["bridged"],
             "ids": SEARCH_IDS, "scores": SEARCH_SCORES,
         }
-        spec = {"k": k, "weights": fusion_weights(self.man), "tensors": tensors, "gallery_size": n}
+        engine = index.engine["name"]
+        spec = {"k": k, "weights": fusion_weights(self.man), "tensors": tensors, "gallery_size": n, "engine": engine}
+        uri = index.meta["sides"]["audio"].get("engine_params", {}).get("uri", "") if engine == "milvus" else ""
         md = self._python(
             SEARCH, io,
             [tensor_config(clap, OUTPUTS["clap"]), tensor_config(io.role(SAMPLER_PROJECTED), OUTPUTS["projected"]),
              tensor_config(io.role(SAMPLER_BRIDGED), OUTPUTS["bridged"])],
             [string_tensor(SEARCH_IDS, [k]), {"name": SEARCH_SCORES, "data_type": Enum(triton_dtype("float32")), "dims": [k]}],
-            io.max_batch, "search", files={"index.npz": index_path, "search.json": json.dumps(spec, indent=2, sort_keys=True)},
+            io.max_batch, "search", files={"index": Path(index_path), "search.json": json.dumps(spec, indent=2, sort_keys=True)},
+            milvus_uri=uri, **{knob: "" for knob in KNOBS},
         )
         md.files["io.json"] = json.dumps(io.to_dict(), indent=2, sort_keys=True)
         return md
@@ -451,7 +460,7 @@ def build_repository(
             (d / "config.pbtxt").write_text(config_text(md.config))
             for dest, src in md.files.items():
                 if isinstance(src, Path):
-                    shutil.copyfile(src, d / "1" / dest)
+                    (shutil.copytree if src.is_dir() else shutil.copyfile)(src, d / "1" / dest)  # a directory: the gallery index
                 else:
                     (d / "1" / dest).write_text(src)
         info = {
