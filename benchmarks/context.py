@@ -7,7 +7,7 @@ from typing import Any
 
 from .harness import TimingPolicy
 
-# Full-run sizes (issue 7) and the --quick sizes used by the smoke test.
+# Full-run sizes and the --quick sizes used by the smoke test.
 FULL = {
     "steps": (10, 25, 50),
     "batches": (1, 8, 64),
@@ -22,7 +22,7 @@ QUICK = {
     "pipeline_batches": (1,),
     "concurrency": (1, 2),
 }
-# The goal rows (issue 7): fused ORT vs eager at B=1, K=25; roofline at B=64.
+# The goal rows: fused ORT vs eager at B=1, K=25; roofline at B=64.
 GOAL_STEPS = 25
 GOAL_SPEEDUP_BATCH = 1
 GOAL_ROOFLINE_BATCH = 64

@@ -8,7 +8,7 @@ Backends (one row each per K, B):
   (compiling for a new batch size) is recorded; a failure is recorded with its reason.
 * ``ort-cpu`` fp32  -- the fused ONNX graph through ``diffgap.runtime.open_model`` (feed checks included).
 * ``ort-cpu`` fp16  -- the FP16 graph on ORT's CPU provider. ORT CPU has no FP16 GEMM: it inserts casts
-  and runs float32 kernels (/work/shared/FP16.md), so this row measures ORT CPU's upcast path, not FP16
+  and runs float32 kernels (its profiler shows float32 Gemm/MatMul after the casts), so this row measures ORT CPU's upcast path, not FP16
   arithmetic.
 * ``tensorrt`` fp16 (and ``+cuda-graph``) -- only where a GPU with TensorRT + pycuda is present; else
   one recorded ``skipped`` row per (K, B) saying why.

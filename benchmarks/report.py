@@ -68,7 +68,7 @@ def _batches(run) -> str:
 OVERHEAD_PAIRS = (("text_to_audio_embedding", "TextToAudioBridge"), ("audio_to_text_embedding", "AudioToTextBridge"))
 
 def goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """The four goals of issue 7: measured figure, met / missed / not measured, and the figures that say why."""
+    """The four speed goals (fused vs eager, roofline, Triton overhead, batching): measured figure, met / missed / not measured, and the figures that say why."""
     sizes = res["settings"]
     steps = GOAL_STEPS if GOAL_STEPS in sizes["steps"] else sizes["steps"][len(sizes["steps"]) // 2]
     b_small = GOAL_SPEEDUP_BATCH if GOAL_SPEEDUP_BATCH in sizes["batches"] else min(sizes["batches"])
@@ -310,7 +310,7 @@ def markdown(res: dict[str, Any]) -> str:
 
     out += search.markdown(res.get("search"))
     goals = goal_rows(res)
-    out += ["## Goals (issue 7)", ""]
+    out += ["## Goals", ""]
     body = [[g["goal"], g["target"], g["measured"], {True: "met", False: "**missed**", None: "not measured"}[g["met"]], g.get("why", "")]
             for g in goals]
     out += [_table(["goal", "target", "measured", "", "figures behind it"], body), ""]

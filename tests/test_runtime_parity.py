@@ -4,7 +4,7 @@ One module-scoped export (``diffgap.export.cli.export_all``: clap-tiny preset wi
 weights, the offline ``tiny`` CLAP encoders, FP32 graphs) is opened through ``diffgap.runtime`` on
 ORT CPU and compared with ``DiffGAP.bridge`` / ``DiffGAP.project`` and ``ClapEncoder`` in PyTorch.
 
-Tolerance: the export's own bound for ORT CPU FP32 vs PyTorch, max abs <= 1e-4 (issue 4); the
+Tolerance: the export's own bound for ORT CPU FP32 vs PyTorch, max abs <= 1e-4 (diffgap.export.check); the
 runtime adds nothing numerical to the graphs (same feeds, same noise), so the same bound holds
 end to end. Search is checked by ids (exact) and scores (<= 1e-4).
 """
@@ -24,7 +24,7 @@ from diffgap.runtime.pipeline import (  # noqa: E402
     top_k,
 )
 
-ATOL = 1e-4  # issue 4: ORT CPU FP32 vs PyTorch max abs diff <= 1e-4
+ATOL = 1e-4  # the export check's bound: ORT CPU FP32 vs PyTorch max abs diff <= 1e-4
 TEXTS = ["a dog barks twice", "rain on a tin roof", "a violin plays", "wind through trees", "an engine idles"]
 
 

@@ -4,7 +4,7 @@
 from the tritonclient **2.51.0** manylinux wheel (same release line as the tritonserver 2.51.0 bundled
 in nvidia-pytriton 0.7.0) into a private directory, without installing that old client over the
 newer one. The PyPI ``perf-analyzer`` package is an empty placeholder and newer tritonclient wheels
-carry no binary (see /work/shared/TRITON_CPU.md).
+carry no binary.
 
 The binary needs two shared libraries, linked into ``<dir>/lib``:
 
