@@ -87,7 +87,7 @@ class TrainConfig:
     # is multiplied by ``plateau_factor`` (at most ``plateau_decays`` times), and the next plateau
     # ends the stage. The ``max_*`` caps only bound a run whose validation figure keeps improving.
     schedule: str = "auto"          # "two-stage" | "joint" | "auto" (train both, keep the better on val)
-    val_every: int = 100
+    val_every: int = 50
     patience: int = 3
     plateau_factor: float = 0.3
     plateau_decays: int = 1
@@ -176,7 +176,8 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
     name="clap-tiny",
     heads=HeadsConfig(dim=64, hidden=64),
     denoiser=DenoiserConfig(hidden=64, depth=1, time_freq_dim=32),
-    train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3),
+    train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3,
+                      val_every=10, patience=2, max_head_steps=400, max_denoiser_steps=300),
 )
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .provenance import check_export_args
+
 log = logging.getLogger(__name__)
 
 HELP = "export a checkpoint to ONNX (CLAP or CAVP encoders + fused K-step samplers, FP32 + FP16) with a manifest"
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_export_args(args)  # fusion weights must have been chosen for this export's bridge settings
     res = export_all(
         args.checkpoint, args.out, steps=args.steps, bridge_mode=args.bridge_mode,
         encoders=None if args.encoders == "none" else args.encoders, roberta_dir=args.roberta_dir,
