@@ -38,17 +38,17 @@ def make(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> dict[st
 
         def emb(m, s, r):
             W1, W2, P, off = maps[m]
-            inner = s / np.sqrt(k) + 1.6 * np.tanh(s @ W1.T) @ W2.T / np.sqrt(k)
-            x = inner @ A.T + 1.6 * r.standard_normal((len(s), p)) @ P.T / np.sqrt(p) + off
+            inner = s / np.sqrt(k) + 1.0 * np.tanh(s @ W1.T) @ W2.T / np.sqrt(k) + 1.1 * r.standard_normal((len(s), k)) / np.sqrt(k)
+            x = inner @ A.T + 0.4 * r.standard_normal((len(s), p)) @ P.T / np.sqrt(p) + off
             return _unit(x + 0.3 * r.standard_normal((len(s), E)) / np.sqrt(E))
     elif name == "linear":    # a per-modality random linear distortion of a shared subspace: the linear adapter's home ground
         k = 96
         A = np.linalg.qr(rng.standard_normal((E, k)))[0]
-        R = {m: np.eye(k) + 1.3 * rng.standard_normal((k, k)) / np.sqrt(k) for m in mods}
+        R = {m: np.eye(k) + 0.8 * rng.standard_normal((k, k)) / np.sqrt(k) for m in mods}
         off = rng.standard_normal(E) / np.sqrt(E)
 
         def emb(m, s, r):
-            x = (s @ R[m].T / np.sqrt(k) + 1.1 * r.standard_normal((len(s), k)) / np.sqrt(k)) @ A.T
+            x = (s @ R[m].T / np.sqrt(k) + 1.4 * r.standard_normal((len(s), k)) / np.sqrt(k)) @ A.T
             return _unit(x + (0.4 if m == "audio" else -0.4) * off + 0.3 * r.standard_normal((len(s), E)) / np.sqrt(E))
     elif name == "relu-noisy":  # ReLU features of 32 shared factors, large private subspace (128 dims), low SNR
         k, p, h = 32, 128, 96
@@ -58,8 +58,8 @@ def make(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> dict[st
 
         def emb(m, s, r):
             W, P = maps[m]
-            f = (np.maximum(s @ W.T, 0) - 0.4) / np.sqrt(h)
-            x = f @ A.T + 1.1 * r.standard_normal((len(s), p)) @ P.T / np.sqrt(p)
+            f = (np.maximum(s @ W.T, 0) - 0.4 + 0.95 * r.standard_normal((len(s), h))) / np.sqrt(h)
+            x = f @ A.T + 0.4 * r.standard_normal((len(s), p)) @ P.T / np.sqrt(p)
             return _unit(x + 0.3 * r.standard_normal((len(s), E)) / np.sqrt(E))
     else:
         raise SystemExit(f"unknown benchmark {name!r}")
