@@ -87,8 +87,12 @@ class TrainConfig:
     # is multiplied by ``plateau_factor`` (at most ``plateau_decays`` times), and the next plateau
     # ends the stage. The ``max_*`` caps only bound a run whose validation figure keeps improving.
     schedule: str = "auto"          # "two-stage" | "joint" | "auto" (train both, keep the better on val)
-    val_every: int = 50
+    val_every: int = 50             # denoiser (and joint) stages: validate every 50 steps, stop after 3 x 50 without a best
     patience: int = 3
+    # Heads: steps are ~3x cheaper and their validation R@1 is noisy early on (the temperature is still
+    # moving), so they get a coarser, more patient check: every 100 steps, 5 evaluations.
+    head_val_every: int = 100
+    head_patience: int = 5
     plateau_factor: float = 0.3
     plateau_decays: int = 1
     max_head_steps: int = 6000      # heads-only steps are ~10x cheaper than denoiser steps
@@ -177,7 +181,8 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
     heads=HeadsConfig(dim=64, hidden=64),
     denoiser=DenoiserConfig(hidden=64, depth=1, time_freq_dim=32),
     train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3,
-                      val_every=10, patience=2, max_head_steps=400, max_denoiser_steps=300),
+                      val_every=10, patience=2, head_val_every=10, head_patience=2, max_head_steps=400,
+                      max_denoiser_steps=300),
 )
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.

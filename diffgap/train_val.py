@@ -26,7 +26,8 @@ Criteria, all on the EMA weights and the first ``train.val_max_pairs`` validatio
   embeddings -- the cheap bridge-quality figure;
 * combined score: (head R@1 + bridge R@1) / 2.
 
-Learning rate: linear warm-up, then constant; after ``patience`` evaluations without a new best it
+Validation every ``val_every`` steps (heads: ``head_val_every``). Learning rate: linear warm-up,
+then constant; after ``patience`` (heads: ``head_patience``) evaluations without a new best it
 is multiplied by ``plateau_factor`` (ReduceLROnPlateau), at most ``plateau_decays`` times; the next
 plateau ends the stage. The weights returned are those of the best evaluation, not the last.
 """
@@ -106,10 +107,11 @@ def run_stage(
     max_steps: int, progress: bool = False,
 ) -> StageResult:
     """Optimise ``params`` of ``model`` with ``loss_fn(step)``, EMA into ``ema``, validate ``ema`` with
-    ``val_fn`` every ``tcfg.val_every`` steps on ``report[key]``; on return ``ema`` (and ``model``)
+    ``val_fn`` every ``tcfg.val_every`` steps (``head_val_every`` for the ``"heads"`` stage) on ``report[key]``; on return ``ema`` (and ``model``)
     hold the best evaluation's weights."""
     from tqdm.auto import tqdm
 
+    every, patience = (tcfg.head_val_every, tcfg.head_patience) if name == "heads" else (tcfg.val_every, tcfg.patience)
     holder = torch.nn.Module()
     holder.params = torch.nn.ParameterList(params)
     opt = make_optimizer(holder, tcfg)
@@ -131,7 +133,7 @@ def run_stage(
         ema_update(ema, model, min(tcfg.ema_decay, (1.0 + step) / (10.0 + step)))
         step += 1
         bar.update(1)
-        if step % tcfg.val_every and step < max_steps:
+        if step % every and step < max_steps:
             continue
         rep = val_fn(ema)
         score = float(rep[key])
@@ -142,13 +144,13 @@ def run_stage(
             best_state = copy.deepcopy(ema.state_dict())
             continue
         since += 1
-        if since >= tcfg.patience:
+        if since >= patience:
             if decays >= tcfg.plateau_decays:
                 break
             decays += 1
             lr_scale *= tcfg.plateau_factor
             since = 0
-            log.info("%s: no better validation %s for %d evaluations, lr x%.2f", name, key, tcfg.patience, tcfg.plateau_factor)
+            log.info("%s: no better validation %s for %d evaluations, lr x%.2f", name, key, patience, tcfg.plateau_factor)
     bar.close()
     assert best_state is not None
     ema.load_state_dict(best_state)
