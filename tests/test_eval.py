@@ -52,7 +52,7 @@ def test_fusion_weights_sum_to_one_and_pick_the_informative_matrix():
 def trained(tmp_path_factory):
     """A tiny checkpoint trained through the CLI on a small synthetic benchmark."""
     d = tmp_path_factory.mktemp("evalrun")
-    synth.write(d / "data", replace(synth.SynthConfig(), n_train=1500, n_val=120, n_test=120))
+    synth.write(d / "data", replace(synth.SynthConfig(), n_train=1500, n_val=120, n_test=150))  # sizes differ on purpose
     n = torch.get_num_threads()
     rc = cli_main(["train", "--data", str(d / "data" / "train.npz"), "--out", str(d / "ck"), "--preset", "clap-tiny",
                    "--steps", "60", "--no-progress", "--threads", "1"])  # --threads sets the process-wide value
