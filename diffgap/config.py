@@ -22,6 +22,7 @@ from typing import Any
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("x0", "eps", "v")
 BRIDGE_MODES = ("source", "noise")
+SCHEDULES_TRAIN = ("auto", "two-stage", "joint")
 
 
 @dataclass
@@ -80,6 +81,23 @@ class TrainConfig:
     x0_infonce_min_t: float = 0.5   # that InfoNCE only for t > x0_infonce_min_t * T
     source_t_frac: float = 0.5      # fraction of each batch with t drawn in [0, bridge_t0*T] (what source-bridging sees)
     seed: int = 0
+    # Validation-driven training (``diffgap train --val``; diffgap.train_val): the step budget comes
+    # from early stopping, ``steps`` above is then unused. Every ``val_every`` steps the EMA weights
+    # are scored on the validation split; after ``patience`` evaluations without a new best the LR
+    # is multiplied by ``plateau_factor`` (at most ``plateau_decays`` times), and the next plateau
+    # ends the stage. The ``max_*`` caps only bound a run whose validation figure keeps improving.
+    schedule: str = "auto"          # "two-stage" | "joint" | "auto" (train both, keep the better on val)
+    val_every: int = 50             # denoiser (and joint) stages: validate every 50 steps, stop after 3 x 50 without a best
+    patience: int = 3
+    # Heads: steps are ~3x cheaper and their validation R@1 is noisy early on (the temperature is still
+    # moving), so they get a coarser, more patient check: every 100 steps, 5 evaluations.
+    head_val_every: int = 100
+    head_patience: int = 5
+    plateau_factor: float = 0.3
+    plateau_decays: int = 1
+    max_head_steps: int = 6000      # heads-only steps are ~10x cheaper than denoiser steps
+    max_denoiser_steps: int = 3000
+    val_max_pairs: int = 1000       # validation pairs scored per evaluation (the first N)
 
 
 @dataclass
@@ -104,6 +122,8 @@ class DiffGAPConfig:
             raise ValueError(f"preset {self.name!r}: bridge_mode {self.diffusion.bridge_mode!r} unknown; use one of {BRIDGE_MODES}")
         if not 0.0 < self.diffusion.bridge_t0 <= 1.0:
             raise ValueError(f"preset {self.name!r}: bridge_t0 must be in (0, 1], got {self.diffusion.bridge_t0}")
+        if self.train.schedule not in SCHEDULES_TRAIN:
+            raise ValueError(f"preset {self.name!r}: train.schedule {self.train.schedule!r} unknown; use one of {SCHEDULES_TRAIN}")
         if min(self.embed_dim, self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
             raise ValueError(f"preset {self.name!r}: dims and depth must be positive")
 
@@ -160,7 +180,9 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
     name="clap-tiny",
     heads=HeadsConfig(dim=64, hidden=64),
     denoiser=DenoiserConfig(hidden=64, depth=1, time_freq_dim=32),
-    train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3),
+    train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3,
+                      val_every=10, patience=2, head_val_every=10, head_patience=2, max_head_steps=400,
+                      max_denoiser_steps=300),
 )
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.

@@ -79,20 +79,34 @@ def diffgap_loss(
     Gradients: targets and conditions of the diffusion terms are detached, so the heads learn
     from the first InfoNCE only and the denoisers cannot move the space they are modelling.
     """
-    cfg = model.config
-    tcfg = cfg.train
-    T = model.schedule.T
-    a, b = cfg.modalities
+    a, b = model.config.modalities
     h = {m: model.project(m, batch[m]) for m in (a, b)}  # (B, D) unit norm
     loss_clip = info_nce(h[a], h[b], model.heads.scale())
     if update_stats:
         for m in (a, b):
             model.update_stats(m, h[m].detach())
         model.stats_updates += 1
+    loss_diff, parts = denoiser_loss(model, {m: h[m].detach() for m in (a, b)}, generator)
+    total = loss_clip + loss_diff
+    parts = {"clip": float(loss_clip.detach()), **parts}
+    parts["total"] = float(total.detach())
+    return total, parts
+
+
+def denoiser_loss(
+    model: DiffGAP, h: dict[str, torch.Tensor], generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The diffusion terms of :func:`diffgap_loss` for both directions, given detached head-space
+    embeddings ``h[m]: (B, D)`` (unit norm) of a batch of pairs: the second stage of two-stage
+    training calls it on precomputed embeddings of the frozen heads."""
+    cfg = model.config
+    tcfg = cfg.train
+    T = model.schedule.T
+    a, b = cfg.modalities
     nd = min(tcfg.denoiser_batch_size, h[a].shape[0])
-    z = {m: model.standardize(m, h[m].detach()[:nd]) for m in (a, b)}  # (Bd, D)
-    parts = {"clip": float(loss_clip.detach())}
-    total = loss_clip
+    z = {m: model.standardize(m, h[m][:nd]) for m in (a, b)}  # (Bd, D)
+    parts: dict[str, float] = {}
+    total = torch.zeros(())
     t_start = timestep_start(T, cfg.diffusion.bridge_t0)
     nce_scale = model.heads.scale().detach()
     for direction in cfg.directions:
@@ -110,11 +124,10 @@ def diffgap_loss(
         rows = (t > int(tcfg.x0_infonce_min_t * T)) & keep
         if tcfg.lambda_x0 > 0 and int(rows.sum()) > 1:
             h0 = F.normalize(model.unstandardize(target, x0_hat[rows]), dim=-1)  # (M, D)
-            logits = nce_scale * h0 @ h[target].detach().T                       # (M, B): all B rows are negatives
+            logits = nce_scale * h0 @ h[target].T                              # (M, B): all B rows are negatives
             loss_x0 = F.cross_entropy(logits, torch.nonzero(rows).squeeze(1))
             total = total + tcfg.lambda_x0 * loss_x0
             parts[f"x0nce_{direction}"] = float(loss_x0.detach())
-    parts["total"] = float(total.detach())
     return total, parts
 
 

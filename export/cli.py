@@ -36,6 +36,8 @@ from pathlib import Path
 
 from diffgap.core.errors import UserError
 
+from .provenance import check_export_args
+
 from .plan import (  # the export API, importable from here as before
     CAVP_ENCODER_CONFIGS, ENCODER_ARCHS, ENCODER_FAMILIES, ExportCheckError, ExportJob, ExportPlan, ExportResult,
     plan_export, run_export,
@@ -106,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_export_args(args)  # fusion weights must have been chosen for this export's bridge settings
     res = export_all(
         args.checkpoint, args.out, steps=args.steps, bridge_mode=args.bridge_mode,
         encoders=None if args.encoders == "none" else args.encoders, roberta_dir=args.roberta_dir,

@@ -52,7 +52,7 @@ def test_fusion_weights_sum_to_one_and_pick_the_informative_matrix():
 def trained(tmp_path_factory):
     """A tiny checkpoint trained through the CLI on a small synthetic benchmark."""
     d = tmp_path_factory.mktemp("evalrun")
-    synth.write(d / "data", replace(synth.SynthConfig(), n_train=1500, n_val=120, n_test=120))
+    synth.write(d / "data", replace(synth.SynthConfig(), n_train=1500, n_val=120, n_test=150))  # sizes differ on purpose
     n = torch.get_num_threads()
     rc = cli_main(["train", "--data", str(d / "data" / "train.npz"), "--out", str(d / "ck"), "--preset", "clap-tiny",
                    "--steps", "60", "--no-progress", "--threads", "1"])  # --threads sets the process-wide value
@@ -72,7 +72,11 @@ def test_eval_cli_prints_every_row_and_writes_json(trained, capsys):
     for task in ("text->audio", "audio->text"):
         rows = res["tasks"][task]["rows"]
         assert sorted(rows) == sorted(["raw", "heads", "raw+heads", "q-bridge src", "q-bridge noise", "g-bridge src",
-                              "g-bridge noise", "q+g bridges", "full"])
+                              "g-bridge noise", "q+g bridges", "full", "linear adapter", "mean shift",
+                              "regression bridge", "raw+heads+reg"])
+        names = list(res["tasks"][task]["contrasts"])
+        assert any(n.startswith("full - best baseline (") for n in names)
+        assert any(n.startswith("full - best non-diffusion (") for n in names) and "full - linear adapter" in names
         for m in rows.values():
             assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100 and m["MedR"] >= 1
             lo, hi = m["R@1_ci"]
@@ -85,6 +89,18 @@ def test_eval_cli_prints_every_row_and_writes_json(trained, capsys):
     test = load_pairs(d / "data" / "test.npz")
     raw = metrics_from_ranks(ranks_of_diagonal(cosine(test["text"], test["audio"])))
     assert res["tasks"]["text->audio"]["rows"]["raw"]["R@1"] == pytest.approx(raw["R@1"])
+    # mean shift: the raw query moved by the train-split mean difference, cosine to the raw gallery
+    train = load_pairs(d / "data" / "train.npz")
+    for q, g in (("text", "audio"), ("audio", "text")):
+        shifted = test[q] - train[q].mean(0) + train[g].mean(0)
+        sims = (shifted / np.linalg.norm(shifted, axis=1, keepdims=True)) @ (test[g] / np.linalg.norm(test[g], axis=1, keepdims=True)).T
+        ref = 100 * np.mean((sims > np.diag(sims)[:, None]).sum(1) == 0)
+        assert res["tasks"][f"{q}->{g}"]["rows"]["mean shift"]["R@1"] == pytest.approx(ref)
+    prior = res["prior"]
+    assert len(prior) == 2 * 6 and {r["bridge"] for r in prior} >= {"diffusion from source", "regression bridge", "mean shift"}
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["frechet"] >= -1e-9 for r in prior)
+    assert res["fusion_settings"] == {"bridge_mode": "source", "steps": 4, "samples": 1, "guidance_scale": 1.0}
+    assert "generative prior" in out
     assert len(res["condition_usage"]) == 2 * 10
     assert all(r["t_lo"] < r["t_hi"] for r in res["condition_usage"])
     assert len(res["sanity"]) == 4 and all(s["finite"] for s in res["sanity"])

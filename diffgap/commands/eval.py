@@ -10,6 +10,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (diffgap train --out)")
     p.add_argument("--data", required=True, help="test split .npz")
     p.add_argument("--val", required=True, help="validation split .npz (fusion weights are chosen here, never on test)")
+    p.add_argument("--train", help="training split .npz for the control rows (linear adapter, regression bridge, mean "
+                                   "shift) and the generative-prior table (default: the data the checkpoint was trained on)")
+    p.add_argument("--no-controls", action="store_true", help="skip the control rows and the prior table")
     p.add_argument("--json", help="write the full result here (default: <checkpoint>/eval.json)")
     p.add_argument("--source-steps", type=int, help="DDIM steps when bridging from the noised source (default: preset)")
     p.add_argument("--noise-steps", type=int, default=10, help="DDIM steps when bridging from noise (default 10)")
@@ -27,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from diffgap.checkpoint import load_checkpoint
     from diffgap.core.data import load_pairs
+    from diffgap.core.errors import UserError
     from diffgap.evaluate import EvalConfig, evaluate, format_report
     from diffgap.core.fsutil import atomic_write_json
 
@@ -36,9 +40,15 @@ def run(args: argparse.Namespace) -> int:
     mods = model.config.modalities
     test = load_pairs(args.data, embed_dim=model.config.embed_dim, require=mods)
     val = load_pairs(args.val, embed_dim=model.config.embed_dim, require=mods)
+    train = None
+    if not args.no_controls:
+        path = args.train or meta.get("data")
+        if path is None or not Path(path).exists():
+            raise UserError(f"the control rows need the training split: the checkpoint records {path!r}, which is missing; pass --train TRAIN.npz or --no-controls")
+        train = load_pairs(path, embed_dim=model.config.embed_dim, require=mods)
     ecfg = EvalConfig(source_steps=args.source_steps, noise_steps=args.noise_steps, noise_samples=args.noise_samples,
                       guidance_scale=args.guidance_scale, n_boot=args.bootstrap, seed=args.seed)
-    res = evaluate(model, test, val, ecfg)
+    res = evaluate(model, test, val, ecfg, train=train)
     res["checkpoint"] = str(args.checkpoint)
     res["preset"] = meta["preset"]
     res["parameters"] = model.parameter_counts()

@@ -11,8 +11,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", required=True, help="training split .npz (diffgap synth / diffgap embed)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--val", help="validation split .npz: the step budget comes from early stopping on it and the best "
+                                 "weights are kept (heads and denoisers each get their own budget; see diffgap.train_val)")
+    p.add_argument("--schedule", choices=["auto", "two-stage", "joint"],
+                   help="with --val: 'two-stage' (heads, then denoisers on the frozen space), 'joint' (one loss), or "
+                        "'auto' (train both, keep the better on validation; the preset's default)")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"model preset (default {DEFAULT_PRESET})")
-    p.add_argument("--steps", type=int, help="override the preset's training steps")
+    p.add_argument("--steps", type=int, help="override the preset's training steps (without --val)")
     p.add_argument("--batch-size", type=int, help="override the per-process batch size (heads InfoNCE; the denoisers train on the first min(this, preset denoiser_batch_size) rows)")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
     p.add_argument("--seed", type=int, help="override the preset's seed")
@@ -29,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from diffgap.config import get_preset
     from diffgap.core.data import load_pairs
+    from diffgap.core.errors import UserError
     from diffgap.models import count_parameters
     from diffgap.train import init_distributed, train
 
@@ -39,8 +45,14 @@ def run(args: argparse.Namespace) -> int:
                       ("train.seed", "seed"), ("diffusion.prediction", "prediction")):
         if getattr(args, attr) is not None:
             cfg = cfg.replace(**{key: getattr(args, attr)})
+    if args.schedule is not None:
+        cfg = cfg.replace(**{"train.schedule": args.schedule})
     dist_info = init_distributed()
     data = load_pairs(args.data, embed_dim=cfg.embed_dim, require=cfg.modalities)
+    if args.val is not None:
+        return _run_validated(args, cfg, data, dist_info.world)
+    if args.schedule is not None:
+        raise UserError("--schedule needs --val (the schedules are chosen and stopped on the validation split); add --val VAL.npz")
     res = train(cfg, data, out=args.out, resume=args.resume, progress=not args.no_progress,
                 save_every=args.save_every, dist_info=dist_info, extra_meta={"data": str(args.data)},
                 stop_after=args.stop_after)
@@ -52,4 +64,43 @@ def run(args: argparse.Namespace) -> int:
         last = res.history[-1] if res.history else {}
         print("final losses: " + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "lr")))
         print(f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
+    import time
+
+    from diffgap.checkpoint import save_checkpoint
+    from diffgap.core.data import load_pairs
+    from diffgap.core.errors import UserError
+    from diffgap.models import count_parameters
+    from diffgap.train_val import train_validated
+
+    for flag, bad in (("--resume", args.resume), ("--stop-after", args.stop_after is not None),
+                      ("--save-every", bool(args.save_every)), ("--steps", args.steps is not None)):
+        if bad:
+            raise UserError(f"{flag} does not combine with --val (the budget comes from early stopping and the run is not resumable); drop {flag} or --val")
+    if world > 1:
+        raise UserError("--val training runs in one process; launch without torchrun or drop --val")
+    val = load_pairs(args.val, embed_dim=cfg.embed_dim, require=cfg.modalities)
+    if len(data) < cfg.train.batch_size:
+        raise UserError(f"training data {args.data} has {len(data)} pairs, fewer than batch size {cfg.train.batch_size}; lower --batch-size")
+    t0 = time.perf_counter()
+    model, record = train_validated(cfg, data, val, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    chosen = record["candidates"][record["chosen"]]
+    steps = sum(st["steps_run"] for st in chosen["stages"].values())
+    meta = {"data": str(args.data), "val": str(args.val), "step": steps, "train_seconds": round(seconds, 2),
+            "parameters": model.parameter_counts(), "world_size": 1, "validation": record}
+    ckpt = save_checkpoint(args.out, model, meta)
+    counts = model.parameter_counts()
+    print(f"trained {cfg.name} with validation on {record['n_val_pairs']} pairs of {args.val} in {seconds:.0f} s; "
+          f"parameters: heads {counts['heads'] / 1e6:.2f}M, total {count_parameters(model) / 1e6:.2f}M")
+    for name, cand in record["candidates"].items():
+        stages = "; ".join(f"{k} best at step {st['best_step']} of {st['steps_run']} ({st['lr_decays']} lr decay(s), {st['seconds']:.0f} s)"
+                           for k, st in cand["stages"].items())
+        f = cand["final"]
+        print(f"  {name:<10} val head R@1 {f['head_r1']:.1f}, bridge R@1 {f['bridge_r1']:.1f}, score {f['score']:.2f}: {stages}")
+    print(f"chosen: {record['chosen']} -- {record['why']}")
+    print(f"checkpoint: {ckpt}")
     return 0
