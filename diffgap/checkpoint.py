@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .config import DiffGAPConfig
+from .core.errors import UserError
 from .core.fsutil import atomic_dir, read_versioned_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def _read_doc(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `diffgap train --out {path}`")
     if not path.is_dir():
-        raise ValueError(f"checkpoint {path} is not a directory; pass the directory written by `diffgap train`")
+        raise UserError(f"checkpoint {path} is not a directory; pass the directory written by `diffgap train`")
     cj = path / CONFIG_JSON
     if not cj.exists():
         raise FileNotFoundError(f"{cj} is missing; {path} is not a diffgap checkpoint (retrain or pass the right directory)")
@@ -125,11 +126,11 @@ def _read_tensors(path: Path, name: str, doc: dict[str, Any]) -> dict[str, torch
         raise FileNotFoundError(f"{f} is missing; the checkpoint is incomplete, retrain or copy it again")
     want = doc.get("files", {}).get(name)
     if want is not None and sha256_file(f) != want:
-        raise ValueError(f"{f} is corrupt (sha256 mismatch with config.json); retrain or copy the checkpoint again")
+        raise UserError(f"{f} is corrupt (sha256 mismatch with config.json); retrain or copy the checkpoint again")
     try:
         return load_file(str(f))
     except Exception as e:  # safetensors raises its own error types on malformed headers
-        raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
+        raise UserError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
 
 
 def read_config(path: str | Path) -> DiffGAPConfig:
@@ -150,7 +151,7 @@ def load_checkpoint(
     doc = _read_doc(path)
     cfg = DiffGAPConfig.from_dict(doc["config"])
     if expect_preset is not None and cfg.name != expect_preset:
-        raise ValueError(f"checkpoint {path} is preset {cfg.name!r}, expected {expect_preset!r}; pass the matching checkpoint or preset")
+        raise UserError(f"checkpoint {path} is preset {cfg.name!r}, expected {expect_preset!r}; pass the matching checkpoint or preset")
     sd = _read_tensors(path, WEIGHTS, doc)
     model = DiffGAP(cfg)
     _load_state(model, sd, path / WEIGHTS)
@@ -167,13 +168,13 @@ def _load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{where} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "the weights were written for another preset"
         )
     for k, v in sd.items():
         if own[k].shape != v.shape:
-            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)}, config expects {tuple(own[k].shape)}; wrong preset")
+            raise UserError(f"{where}: tensor {k} has shape {tuple(v.shape)}, config expects {tuple(own[k].shape)}; wrong preset")
     model.load_state_dict(sd)
 
 
