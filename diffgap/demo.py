@@ -27,7 +27,7 @@ class DemoContext:
     # Two-stage, not the `diffgap train` default 'auto' (which also trains the joint schedule to
     # compare): the comparison doubles the denoisers' training time and the demo has 5 minutes.
     schedule: str = "two-stage"
-    threads: int = 1
+    threads: int = 0
     data_dir: Path = field(init=False)
     checkpoint: Path = field(init=False)
     export_dir: Path = field(init=False)
@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="train a fixed number of steps (default: validation-driven budgets)")
     p.add_argument("--schedule", default="two-stage", choices=["auto", "two-stage", "joint"],
                    help="training schedule with validation (default two-stage; 'auto' also trains the joint one to compare)")
-    # One thread by default: the models are small, and on a shared or loaded 2-core machine OpenMP
-    # barriers made 2 threads ~10x slower per step (measured); it also makes the printed numbers
-    # reproducible bit for bit (no thread-count-dependent reduction order).
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1; 0: torch default)")
+    # All cores by default: on the idle 2-core VM the eval step took 107 s with 2 threads vs 176 s with
+    # 1 (same printed tables). On a machine busy with other jobs, OpenMP barriers can make 2 threads
+    # far slower per step than 1: pass --threads 1 there.
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default 0: torch default, one per core)")
     p.add_argument("--only", nargs="*", choices=[n for n, _ in STEPS], help="run only these steps")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
