@@ -19,6 +19,12 @@ Dynamic batching hands ``execute`` several requests at once: each request is val
 (a bad one gets its own error response, the others still run), the good ones are concatenated
 along the batch axis, run once, and split back.
 
+Error classes: a request that fails validation (``_BadRequest`` from the role's checks, ``ValueError``
+from :meth:`IOSpec.check_feeds`, a missing tensor) is a client mistake and is answered
+``TritonError.INVALID_ARG`` -- HTTP 400 / gRPC ``INVALID_ARGUMENT`` -- with its one-line message, so
+monitoring does not count it as a server fault and clients do not retry it. A failure while running
+a validated batch is the server's and stays ``INTERNAL`` (HTTP 500 / gRPC ``INTERNAL``).
+
 Imports: numpy, ``triton_python_backend_utils`` and torch-free ``diffgap`` modules only (the same
 repository runs on a lean Triton image with ``pip install diffgap[runtime]``).
 """
@@ -51,7 +57,25 @@ def _input(request, name: str) -> np.ndarray | None:
 
 
 class _BadRequest(ValueError):
-    pass
+    """A client mistake found while validating one request (answered INVALID_ARG)."""
+
+
+# Raised while validating a request's tensors: the request is at fault, not the server.
+_CLIENT_ERRORS = (_BadRequest, ValueError, KeyError)
+
+
+def client_error(model: str, e: BaseException):
+    """``TritonError`` with code INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) and a one-line message."""
+    return pb_utils.TritonError(_one_line(f"{model}: {e}"), pb_utils.TritonError.INVALID_ARG)
+
+
+def server_error(model: str, e: BaseException):
+    """``TritonError`` with code INTERNAL (HTTP 500 / gRPC INTERNAL): the server failed a valid request."""
+    return pb_utils.TritonError(_one_line(f"{model}: {type(e).__name__}: {e}"), pb_utils.TritonError.INTERNAL)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
 
 
 class TritonPythonModel:
@@ -104,14 +128,16 @@ class TritonPythonModel:
         for i, req in enumerate(requests):
             try:
                 good.append((i, getattr(self, f"_feeds_{self.role}")(req)))
-            except (_BadRequest, ValueError, KeyError) as e:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {e}"))
+            except _CLIENT_ERRORS as e:
+                responses[i] = pb_utils.InferenceResponse(error=client_error(self.name, e))
+            except Exception as e:  # noqa: BLE001 - a bug in validation is the server's fault, not the client's
+                responses[i] = pb_utils.InferenceResponse(error=server_error(self.name, e))
         if good:
             sizes = [len(next(iter(f.values()))) for _, f in good]
             try:
                 outs = self._run_batch([f for _, f in good])
-            except (ValueError, RuntimeError) as e:
-                err = pb_utils.TritonError(f"{self.name}: {e}")
+            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, none is lost
+                err = server_error(self.name, e)
                 for i, _ in good:
                     responses[i] = pb_utils.InferenceResponse(error=err)
                 return responses
