@@ -66,7 +66,10 @@ _CLIENT_ERRORS = (_BadRequest, ValueError, KeyError)
 
 def client_error(model: str, e: BaseException):
     """``TritonError`` with code INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) and a one-line message."""
-    return pb_utils.TritonError(_one_line(f"{model}: {e}"), pb_utils.TritonError.INVALID_ARG)
+    msg = str(e)
+    if not msg.startswith(f"{model}:"):  # IOSpec messages already start with the model name
+        msg = f"{model}: {msg}"
+    return pb_utils.TritonError(_one_line(msg), pb_utils.TritonError.INVALID_ARG)
 
 
 def server_error(model: str, e: BaseException):
@@ -164,6 +167,16 @@ class TritonPythonModel:
             if x is not None:
                 feeds[t.name] = x
         self.io.check_feeds(feeds)  # dtype/shape/NaN/Inf per request, before batching with others
+        for t in self.io.inputs:
+            x = feeds.get(t.name)
+            # Integer inputs with a declared range (token ids in [0, vocab)): onnxruntime's Gather would
+            # wrap a negative id silently and fail on one past the vocabulary.
+            if x is not None and x.dtype.kind in "iu" and t.low is not None and t.high is not None and x.size:
+                lo, hi = int(x.min()), int(x.max())
+                if lo < t.low or hi >= t.high:
+                    bad = lo if lo < t.low else hi
+                    raise _BadRequest(f"input {t.name!r} holds {bad}, outside its declared range [{int(t.low)}, {int(t.high)}) "
+                                      f"(negative or past the vocabulary); send values in range")
         if any(t.optional and t.name not in feeds for t in self.io.inputs):
             # Fill optional defaults here so requests with and without them can share one batch.
             b = len(next(iter(feeds.values())))
@@ -206,6 +219,10 @@ class TritonPythonModel:
     # noise ----------------------------------------------------------------------------------
     def _feeds_noise(self, request) -> dict[str, np.ndarray]:
         cond = _input(request, self.condition)
+        if cond is None:  # Triton counts inputs, not which: the optional ones can stand in for it
+            raise _BadRequest(f"missing input {self.condition!r}; send the source embedding")
+        if not np.isfinite(cond).all():
+            raise _BadRequest(f"{self.condition} contains NaN/Inf; send finite values")
         feeds = {self.condition: cond}  # keyed by the config's tensor name (from the sampler's IOSpec role)
         seed = _input(request, self.seed_input)
         b = len(cond)
