@@ -365,3 +365,4 @@ def run(ctx: Context, repo_options: dict[str, Any] | None = None, label: str = "
                     )
                     result["runs"].append(rec)
     return result
+
