@@ -5,7 +5,8 @@ inputs: a valid request, and the client mistakes -- missing / unknown input, bat
 maximum, unknown output, wrong dtype, wrong feature shape, NaN / Inf in a float input, a negative
 integer (seeds, token ids), and for strings an empty / blank / over-long caption, invalid UTF-8 and
 a wrong shape. :data:`EXPECTED_WORDS` is the documented answer: every class is a client mistake,
-answered HTTP 400 / gRPC INVALID_ARGUMENT, with a message containing one of those words (lower case).
+answered HTTP 400 / gRPC INVALID_ARGUMENT (an unknown model: 404 / NOT_FOUND, see :data:`STATUS`),
+with a message containing one of those words (lower case).
 """
 from __future__ import annotations
 
@@ -42,9 +43,14 @@ def words(kind: str) -> tuple[str, ...]:
     return (w,) if isinstance(w, str) else w
 
 
+# Classes answered otherwise than 400 / INVALID_ARGUMENT (still a 4xx client status).
+STATUS = {"unknown model": ("404", "StatusCode.NOT_FOUND")}
+INVALID = ("400", "StatusCode.INVALID_ARGUMENT")
+
+
 def is_documented_answer(kind: str, status: str, message: str) -> bool:
     """Whether a refused request got the documented status and message for its class."""
-    return status in ("400", "StatusCode.INVALID_ARGUMENT") and any(w in message.lower() for w in words(kind))
+    return status in STATUS.get(kind, INVALID) and any(w in message.lower() for w in words(kind))
 
 
 @dataclass
