@@ -317,3 +317,35 @@ def test_ports_in_use(tiny_repo, tmp_path, monkeypatch):
         monkeypatch.setattr(S, "free_port", first_pick_is_taken)
         with TritonServer(tiny_repo, log_path=tmp_path / "retry.log") as server:
             assert server.http_client().is_server_ready() and server.endpoints.http_port != port
+
+
+@needs_nginx
+def test_proxy_reports_a_dead_tritonserver_as_unavailable_and_stops_with_it(tiny_repo):
+    """Behind the proxy, tritonserver gone reads 502 (HTTP) / UNAVAILABLE (gRPC, not an HTTP status a
+    gRPC client cannot map); stopping the stack leaves neither process running."""
+    import urllib.error
+
+    from tritonclient.utils import InferenceServerException
+
+    from diffgap.triton_models.proxy import ProxiedServer
+
+    stack = ProxiedServer(tiny_repo)
+    with stack:
+        nginx_pid, triton_pid = stack.proxy_pid, stack.pid
+        assert stack.http_client().is_server_ready() and stack.grpc_client().is_server_ready()
+        assert stack.upstream.host == "127.0.0.1" and stack.upstream.http_port != int(stack.http_url.rsplit(":", 1)[1])
+        grpc_url, http_url = stack.grpc_url, stack.http_url
+        stack.triton._terminate()
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(grpc_url)
+        try:
+            with pytest.raises(InferenceServerException) as e:
+                client.is_server_ready()
+            assert str(e.value.status()) == "StatusCode.UNAVAILABLE" and "unavailable" in str(e.value)
+        finally:
+            client.close()
+        with pytest.raises(urllib.error.HTTPError) as h:
+            urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=10)
+        assert h.value.code == 502
+    assert not stack.running() and _wait_gone(nginx_pid) and _wait_gone(triton_pid)
