@@ -180,10 +180,10 @@ def sustained_load(http_url: str, grpc_url: str, export: Path, clients: int = 8,
 
 def run_load(ctx: Context, clients: int = 8, duration_s: float | None = None) -> dict[str, Any]:
     """:func:`sustained_load` on the portable repository behind the nginx proxy (``diffgap serve``'s
-    layout); 60 s (5 s with ``--quick``). A failure to start is a recorded result."""
+    layout); 60 s (3 s with ``--quick``). A failure to start is a recorded result."""
     from diffgap.triton_models.proxy import ProxiedServer
 
-    duration_s = duration_s if duration_s is not None else (5.0 if ctx.quick else 60.0)
+    duration_s = duration_s if duration_s is not None else (3.0 if ctx.quick else 60.0)
     work = ctx.work / "triton-load"
     work.mkdir(parents=True, exist_ok=True)
     try:
