@@ -347,5 +347,5 @@ def test_proxy_reports_a_dead_tritonserver_as_unavailable_and_stops_with_it(tiny
             client.close()
         with pytest.raises(urllib.error.HTTPError) as h:
             urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=10)
-        assert h.value.code == 502
+        assert h.value.code == 502 and "unavailable" in h.value.read().decode()
     assert not stack.running() and _wait_gone(nginx_pid) and _wait_gone(triton_pid)

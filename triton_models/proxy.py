@@ -139,6 +139,7 @@ http {{
         listen {_listen(public.host, public.http_port)};
         client_max_body_size {limits.http_bytes};
         error_page 413 @too_large;
+        error_page 502 504 @unavailable;  # nginx's own (tritonserver unreachable); Triton's statuses pass through
         location / {{
             proxy_pass http://triton_http;
             proxy_http_version 1.1;
@@ -150,6 +151,10 @@ http {{
         location @too_large {{
             default_type application/json;
             return 413 '{{"error":{_quote(http_msg)}}}';
+        }}
+        location @unavailable {{
+            default_type application/json;
+            return 502 '{{"error":"tritonserver is unavailable"}}';
         }}
     }}
 
