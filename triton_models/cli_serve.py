@@ -40,15 +40,15 @@ def _raise_stop(signum, frame):  # noqa: ARG001
 def run(args: argparse.Namespace) -> int:
     from .proxy import ProxiedServer
 
+    # Not a repository, nginx missing, no computable limit: the CLI prints the one-line error (exit 2).
+    # ProxiedServer logs a warning when --host is not loopback (no authentication on these endpoints).
+    server = ProxiedServer(
+        args.repo, host=args.host, http_port=args.http_port or None, grpc_port=args.grpc_port or None,
+        metrics_port=args.metrics_port or None, max_body_size=args.max_body_size,
+        startup_timeout=args.startup_timeout, log_verbose=args.log_verbose, log_path=args.log_file, keep_log=True,
+    )
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    server = None
     try:
-        # ProxiedServer logs a warning when --host is not loopback (no authentication on these endpoints).
-        server = ProxiedServer(
-            args.repo, host=args.host, http_port=args.http_port or None, grpc_port=args.grpc_port or None,
-            metrics_port=args.metrics_port or None, max_body_size=args.max_body_size,
-            startup_timeout=args.startup_timeout, log_verbose=args.log_verbose, log_path=args.log_file, keep_log=True,
-        )
         server.start()
         up = server.upstream
         print(f"tritonserver ready (pid {server.pid}), serving {len(server.models)} models from {server.repository}")
@@ -65,12 +65,11 @@ def run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Stop):
         print("stopping tritonserver and the proxy ...", flush=True)
         return 0
-    except (RuntimeError, TimeoutError, FileNotFoundError) as e:  # UserError: the CLI prints it, exit 2
+    except (RuntimeError, TimeoutError) as e:
         print(f"diffgap serve: error: {e}", file=sys.stderr)
         return 1
     finally:
-        if server is not None:
-            server.stop()
-            if not server.running():
-                print("tritonserver stopped", flush=True)
+        server.stop()
+        if not server.running():
+            print("tritonserver stopped", flush=True)
         signal.signal(signal.SIGTERM, previous)
