@@ -1,4 +1,4 @@
-"""Video<->audio Triton repositories (issue 8 with issue 6's acceptance): the CAVP models, noise models and
+"""Video<->audio Triton repositories: the CAVP models, noise models and
 the ensembles ``video_to_audio_embedding`` / ``audio_to_video_embedding`` generated from the export's
 IOSpecs in both flavours, and the portable one on the real tritonserver (HTTP and gRPC) against the
 in-process runtime, with bad requests answered by errors and correct ones still served afterwards.
@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # n
 
 import triton_fixtures  # noqa: E402
 
-TOL = 1e-5  # max abs, issue 6 acceptance
+TOL = 1e-5  # max abs: the same ONNX graphs on onnxruntime CPU with the same noise, batched differently
 PROTOCOLS = ("http", "grpc")
 DIRS = R.FAMILIES["cavp"]
 OUT = R.FAMILY_OUTPUTS["cavp"]
