@@ -34,7 +34,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from diffgap.core.errors import UserError  # noqa: E402
-from diffgap.triton_models.proxy import ProxiedServer, find_nginx  # noqa: E402
+from diffgap.triton_models.nginx import find_nginx  # noqa: E402
+from diffgap.triton_models.proxy import ProxiedServer  # noqa: E402
 
 try:
     find_nginx()

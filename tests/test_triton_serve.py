@@ -25,7 +25,7 @@ pytest.importorskip("pytriton")
 
 def _have_nginx() -> bool:
     from diffgap.core.errors import UserError
-    from diffgap.triton_models.proxy import find_nginx
+    from diffgap.triton_models.nginx import find_nginx
 
     try:
         return bool(find_nginx())
@@ -170,7 +170,8 @@ def test_tritonserver_binds_loopback_only(repo):
 def test_beyond_loopback_the_proxy_is_as_protected_as_on_loopback(repo, caplog):
     """`diffgap serve --host 0.0.0.0`: same body limits, tritonserver still on 127.0.0.1 (config only:
     tests never listen beyond loopback)."""
-    from diffgap.triton_models.proxy import ProxiedServer, ProxyPorts, nginx_config
+    from diffgap.triton_models.nginx import ProxyPorts, nginx_config
+    from diffgap.triton_models.proxy import ProxiedServer
     from diffgap.triton_models.server import Endpoints
 
     pytest.importorskip("tritonclient.grpc")
