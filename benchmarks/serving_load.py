@@ -82,7 +82,7 @@ def _infer_inputs(tc, tensors):
 def sustained_load(http_url: str, grpc_url: str, export: Path, clients: int = 8, duration_s: float = 60.0,
                    bad_fraction: float = 0.1, seed: int = 0, request_timeout_s: float = 120.0) -> dict[str, Any]:
     """``clients`` closed-loop clients (half HTTP, half gRPC) for ``duration_s`` on the text and audio
-    ensembles, a ``bad_fraction`` of the requests malformed.
+    ensembles, a ``bad_fraction`` of the requests malformed (every ``1 / bad_fraction``-th of each client).
 
     Every valid answer is compared with the in-process runtime's (``wrong`` counts mismatches and
     valid requests refused); every malformed one must be refused with HTTP 400 / gRPC
@@ -116,9 +116,14 @@ def sustained_load(http_url: str, grpc_url: str, export: Path, clients: int = 8,
         client = (httpclient.InferenceServerClient(http_url, network_timeout=request_timeout_s, connection_timeout=request_timeout_s)
                   if protocol == "http" else grpcclient.InferenceServerClient(grpc_url))
         rng = np.random.default_rng(seed * 1000 + c)
+        period = max(1, round(1 / bad_fraction)) if bad_fraction > 0 else 0
+        i = 0
         try:
             while time.perf_counter() < stop:
-                is_bad = rng.random() < bad_fraction
+                # every period-th request of each client is malformed (offset per client): the mix is exact
+                # even in a short run, and which malformed / valid request is drawn at random
+                is_bad = bool(period) and (i + c) % period == 0
+                i += 1
                 (model, tensors), want = (bad if is_bad else valid)[rng.integers(len(bad if is_bad else valid))]
                 with lock:
                     counts["sent"] += 1
