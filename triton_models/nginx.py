@@ -191,6 +191,8 @@ class NginxProxy:
     def start(self) -> None:
         nginx = find_nginx()
         (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        for d in (self.prefix, self.prefix / "tmp"):  # unprivileged workers reach the temp paths nginx makes them
+            os.chmod(d, 0o711)
         atomic_write_text(self.conf, nginx_config(self.prefix, self.public, self.upstream, self.limits))
         check = subprocess.run([str(nginx), "-t", "-q", "-p", str(self.prefix), "-c", str(self.conf)],
                                capture_output=True, text=True)

@@ -105,7 +105,9 @@ class ProxiedServer:
             attempts = 1 if any(self._ports) else 3
             for attempt in range(attempts):
                 h, g, m = (p or free_port(self.host) for p in self._ports)
-                self.proxy = NginxProxy(ProxyPorts(self.host, h, g, m), self.triton.endpoints, self.limits, self._workdir)
+                # a fresh prefix per attempt: a failed attempt's error log must not speak for the next one
+                self.proxy = NginxProxy(ProxyPorts(self.host, h, g, m), self.triton.endpoints, self.limits,
+                                        self._workdir / f"nginx-{attempt}")
                 try:
                     self.proxy.start()
                     break
