@@ -10,9 +10,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench gpu-smoke clean
+.PHONY: setup proxy demo test test-fast bench gpu-smoke clean
 
-setup: $(STAMP)
+setup: $(STAMP) proxy
+
+# nginx: the body-limiting proxy `diffgap serve` puts in front of tritonserver (a no-op when installed).
+proxy:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  echo "installing nginx (the request-size-limiting proxy in front of tritonserver)"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends nginx; }
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

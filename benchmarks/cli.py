@@ -181,6 +181,9 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
             res["triton"].append(_triton(serving, ctx, None, "default"))
             res["knob_notes"] += serving_knobs(serving, ctx, res)
+            from . import serving_load
+
+            res["serving_load"] = serving_load.run_load(ctx)
 
         ctx.roofline["peak_end"] = roofline.measure_peak_gflops(n=1024 if ctx.quick else 2048, repeats=3 if ctx.quick else 10, threads=ctx.threads)
         machine["loadavg_end"] = _loadavg()

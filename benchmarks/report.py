@@ -296,6 +296,10 @@ def markdown(res: dict[str, Any]) -> str:
         if cmds:
             out += ["Example command:", "", "```", cmds[0], "```", ""]
 
+    if res.get("serving_load"):
+        from .serving_load import load_markdown
+
+        out += load_markdown(res["serving_load"])
     knobs = _rows(res, "knobs")
     if knobs:
         out += ["## Knobs tried (fused sampler, ORT CPU FP32)", ""]

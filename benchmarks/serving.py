@@ -38,7 +38,7 @@ from .pipeline import captions
 
 log = logging.getLogger("benchmarks.serving")
 
-# The ensembles timed (issue 6 names); only those present in the generated repository run.
+# The ensembles timed; only those present in the generated repository run.
 ENSEMBLES = ("text_to_audio_embedding", "audio_to_text_embedding", "text_to_audio_search")
 PROTOCOLS = ("http", "grpc")
 
@@ -365,3 +365,4 @@ def run(ctx: Context, repo_options: dict[str, Any] | None = None, label: str = "
                     )
                     result["runs"].append(rec)
     return result
+

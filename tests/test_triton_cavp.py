@@ -1,4 +1,4 @@
-"""Video<->audio Triton repositories (issue 8 with issue 6's acceptance): the CAVP models, noise models and
+"""Video<->audio Triton repositories: the CAVP models, noise models and
 the ensembles ``video_to_audio_embedding`` / ``audio_to_video_embedding`` generated from the export's
 IOSpecs in both flavours, and the portable one on the real tritonserver (HTTP and gRPC) against the
 in-process runtime, with bad requests answered by errors and correct ones still served afterwards.
@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # n
 
 import triton_fixtures  # noqa: E402
 
-TOL = 1e-5  # max abs, issue 6 acceptance
+TOL = 1e-5  # max abs: the same ONNX graphs on onnxruntime CPU with the same noise, batched differently
 PROTOCOLS = ("http", "grpc")
 DIRS = R.FAMILIES["cavp"]
 OUT = R.FAMILY_OUTPUTS["cavp"]
@@ -223,6 +223,42 @@ def test_bad_request_is_an_error_and_the_server_keeps_answering(server, export, 
     with pytest.raises(InferenceServerException) as e:
         client.infer(model, inputs)
     assert words.lower() in str(e.value).lower(), str(e.value)
+    # a client mistake: HTTP 400 / gRPC INVALID_ARGUMENT, never a server fault
+    assert str(e.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT"), (e.value.status(), str(e.value))
     name, x, ref = references[direction]
     _assert_bridge(client.infer(R.embedding_ensemble(*direction), [_inp(protocol, name, x)]), ref)
     assert client.is_server_live() and client.is_server_ready()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_every_request_class_of_every_model_gets_its_documented_answer(server, references, protocol):
+    """tests/serving_cases.py's classes on every CAVP model and ensemble: valid ones answered with finite
+    batch-1 outputs, client mistakes answered 400 / INVALID_ARGUMENT (404 / NOT_FOUND for an unknown
+    model) with their one-line message; the ensembles still answer correctly afterwards."""
+    import serving_cases as SC
+
+    client, mod = _client(server, protocol), (httpclient if protocol == "http" else grpcclient)
+    configs = {m["name"]: server.http_client().get_model_config(m["name"]) for m in server.http_client().get_model_repository_index()}
+    cases = [c for cfg in configs.values() for c in SC.cases(cfg, R.MAX_TEXT_BYTES)]
+    assert 20 < len(cases) < 300, len(cases)
+    failures = []
+    for case in cases:
+        outs = [mod.InferRequestedOutput(o) for o in case.outputs] or None
+        try:
+            result = client.infer(case.model, SC.client_inputs(mod, case.inputs), outputs=outs)
+        except InferenceServerException as e:
+            if case.kind == "valid" or not SC.is_documented_answer(case.kind, str(e.status()), str(e)) or "\n" in str(e):
+                failures.append(f"{case.label}: {e.status()} {str(e)[:300]}")
+            continue
+        if case.kind != "valid":
+            failures.append(f"{case.label}: answered 200")
+            continue
+        for out in configs[case.model]["output"]:
+            got = result.as_numpy(out["name"])
+            if got is None or got.shape[0] != 1 or (got.dtype.kind == "f" and not np.isfinite(got).all()):
+                failures.append(f"{case.label}: output {out['name']} missing, not batch 1 or not finite")
+    assert not failures, "\n".join(failures[:20])
+    for direction in DIRS:
+        name, x, ref = references[direction]
+        _assert_bridge(client.infer(R.embedding_ensemble(*direction), [_inp(protocol, name, x)]), ref)

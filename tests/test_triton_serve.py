@@ -1,5 +1,7 @@
-"""`diffgap serve` and TritonServer's lifecycle on the real tritonserver: ready, endpoints printed,
-clean shutdown on SIGTERM / Ctrl-C, always stopped (even when the caller fails), clear errors."""
+"""`diffgap serve` and TritonServer's lifecycle on the real tritonserver: ready behind the nginx proxy,
+endpoints printed, clean shutdown of both on SIGTERM / Ctrl-C, always stopped (even when the caller
+fails), clear errors; tritonserver on loopback only; the proxy's body limit computed from the
+repository's declarations, checked against real request encodings, the same beyond loopback."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +21,19 @@ from diffgap.triton_models import repository as R
 from diffgap.triton_models.server import TritonServer
 
 pytest.importorskip("pytriton")
+
+
+def _have_nginx() -> bool:
+    from diffgap.core.errors import UserError
+    from diffgap.triton_models.nginx import find_nginx
+
+    try:
+        return bool(find_nginx())
+    except UserError:
+        return False
+
+
+needs_nginx = pytest.mark.skipif(not _have_nginx(), reason="nginx not installed (`make setup` installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +82,7 @@ def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
     return False
 
 
+@needs_nginx
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, tiny_repo, sig, tmp_path):
     # the generated diffgap repository for SIGTERM, a one-model one for Ctrl-C (same code path, faster)
@@ -76,6 +92,7 @@ def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, tiny_repo, sig, tmp_
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
+    m_nginx = None
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -83,10 +100,16 @@ def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, tiny_repo, sig, tmp_
                 break
         text = "".join(lines)
         m_pid = re.search(r"tritonserver ready \(pid (\d+)\)", text)
+        m_nginx = re.search(r"proxy ready \(nginx pid (\d+)\)", text)
         m_http = re.search(r"HTTP\s+(127\.0\.0\.1:\d+)", text)
-        assert m_pid and m_http and re.search(r"gRPC\s+127\.0\.0\.1:\d+", text), text
+        m_metrics = re.search(r"metrics\s+(http://127\.0\.0\.1:\d+/metrics)", text)
+        assert m_pid and m_nginx and m_http and m_metrics and re.search(r"gRPC\s+127\.0\.0\.1:\d+", text), text
+        assert re.search(r"limits\s+HTTP bodies up to [\d.]+ MB", text), text
+        # Triton's own endpoints answer through the proxy
         with urllib.request.urlopen(f"http://{m_http.group(1)}/v2/health/ready", timeout=10) as r:
             assert r.status == 200
+        with urllib.request.urlopen(m_metrics.group(1), timeout=10) as r:
+            assert b"nv_inference_count" in r.read()
         proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=90)
     finally:
@@ -97,6 +120,7 @@ def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, tiny_repo, sig, tmp_
     assert "tritonserver stopped" in rest
     assert "Started HTTPService" in (tmp_path / "server.log").read_text()
     assert _wait_gone(int(m_pid.group(1))), "tritonserver outlived `diffgap serve`"
+    assert _wait_gone(int(m_nginx.group(1))), "nginx outlived `diffgap serve`"
 
 
 def test_context_manager_stops_the_server_when_the_body_fails(tiny_repo):
@@ -137,14 +161,110 @@ def test_not_a_repository(tmp_path):
         TritonServer(tmp_path)
 
 
-def test_binding_beyond_loopback_warns(repo, caplog):
-    with caplog.at_level(logging.WARNING, logger="diffgap.triton_models.server"):
+def test_tritonserver_binds_loopback_only(repo):
+    with pytest.raises(ValueError, match="loopback only.*proxy"):
         TritonServer(repo, host="0.0.0.0")
+
+
+@needs_nginx
+def test_beyond_loopback_the_proxy_is_as_protected_as_on_loopback(repo, caplog):
+    """`diffgap serve --host 0.0.0.0`: same body limits, tritonserver still on 127.0.0.1 (config only:
+    tests never listen beyond loopback)."""
+    from diffgap.triton_models.nginx import ProxyPorts, nginx_config
+    from diffgap.triton_models.proxy import ProxiedServer
+    from diffgap.triton_models.server import Endpoints
+
+    pytest.importorskip("tritonclient.grpc")
+    with caplog.at_level(logging.WARNING, logger="diffgap.triton_models.proxy"):
+        wide = ProxiedServer(repo, host="0.0.0.0")
     assert "other machines" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="diffgap.triton_models.server"):
-        TritonServer(repo)
-    assert not caplog.text
+    assert wide.limits == ProxiedServer(repo).limits and wide.triton.host == "127.0.0.1"
+    up = Endpoints("127.0.0.1", 8000, 8001, 8002)
+    conf = {h: nginx_config(Path("/p"), ProxyPorts(h, 9000, 9001, 9002), up, wide.limits) for h in ("127.0.0.1", "0.0.0.0")}
+    strip = lambda c: [l for l in c.splitlines() if "listen " not in l]  # noqa: E731
+    assert strip(conf["127.0.0.1"]) == strip(conf["0.0.0.0"])
+    assert f"client_max_body_size {wide.limits.http_bytes};" in conf["0.0.0.0"]
+    assert f"client_max_body_size {wide.limits.grpc_bytes};" in conf["0.0.0.0"]
+    assert "server 127.0.0.1:8000;" in conf["0.0.0.0"] and "server 127.0.0.1:8001;" in conf["0.0.0.0"]
+    with pytest.raises(ValueError, match="must bind 127.0.0.1"):
+        nginx_config(Path("/p"), ProxyPorts("0.0.0.0", 1, 2, 3), Endpoints("0.0.0.0", 4, 5, 6), wide.limits)
+
+
+def _limits_repo(root: Path, dims_x: str = "50") -> Path:
+    (root / "m" / "1").mkdir(parents=True)
+    (root / "m" / "config.pbtxt").write_text(
+        'name: "m"\nbackend: "python"\nmax_batch_size: 4\n'
+        f'input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {dims_x} ] }}, {{ name: "ids" data_type: TYPE_INT64 dims: [ 3 ] }},'
+        ' { name: "s" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'parameters [ { key: "max_text_bytes" value { string_value: "16" } } ]\n'
+    )
+    return root
+
+
+def test_limits_cover_the_worst_legal_encoding_of_every_protocol(tmp_path):
+    """The limit vs real encodings of the largest legal request, made by tritonclient (JSON, binary) and
+    protobuf (gRPC raw and typed contents), with the longest values: -1.1754944e-38, int64 min, a
+    caption of control bytes (each escaped as \\u00XX in JSON)."""
+    import numpy as np
+
+    httpclient = pytest.importorskip("tritonclient.http")
+    service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
+    from diffgap.triton_models.limits import HEADROOM_BYTES, HEADROOM_FACTOR, request_limits
+
+    lim = request_limits(_limits_repo(tmp_path))
+    x = np.full((4, 50), np.float32(-1.1754944e-38))
+    ids = np.full((4, 3), np.iinfo(np.int64).min, np.int64)
+    s = np.full((4, 1), b"\x01" * 16, dtype=object)
+
+    def http_body(binary):
+        ins = []
+        for name, arr, dt in (("x", x, "FP32"), ("ids", ids, "INT64"), ("s", s, "BYTES")):
+            t = httpclient.InferInput(name, list(arr.shape), dt)
+            t.set_data_from_numpy(arr, binary_data=binary)
+            ins.append(t)
+        return len(httpclient.InferenceServerClient.generate_request_body(ins)[0])
+
+    def grpc_message(raw):
+        req = service_pb2.ModelInferRequest(model_name="m")
+        for name, arr, dt in (("x", x, "FP32"), ("ids", ids, "INT64"), ("s", s, "BYTES")):
+            t = req.inputs.add(name=name, datatype=dt, shape=list(arr.shape))
+            if raw:
+                req.raw_input_contents.append(b"".join(len(v).to_bytes(4, "little") + v for v in arr.reshape(-1))
+                                              if dt == "BYTES" else arr.tobytes())
+            elif dt == "FP32":
+                t.contents.fp32_contents.extend(arr.reshape(-1).tolist())
+            elif dt == "INT64":
+                t.contents.int64_contents.extend(arr.reshape(-1).tolist())
+            else:
+                t.contents.bytes_contents.extend(list(arr.reshape(-1)))
+        return req.ByteSize()
+
+    legal_http, legal_grpc = lim.largest_http[1], lim.largest_grpc[1]
+    worst_http = max(http_body(False), http_body(True))
+    worst_grpc = max(grpc_message(True), grpc_message(False))
+    # the computed largest legal request is the worst real encoding, within its header bytes
+    assert 0.9 * legal_http <= worst_http <= legal_http + 1024, (worst_http, legal_http)
+    assert 0.9 * legal_grpc <= worst_grpc <= legal_grpc + 1024, (worst_grpc, legal_grpc)
+    assert lim.http_bytes == int(legal_http * HEADROOM_FACTOR) + HEADROOM_BYTES >= worst_http
+    assert lim.grpc_bytes == int(legal_grpc * HEADROOM_FACTOR) + HEADROOM_BYTES >= worst_grpc
+
+
+@needs_nginx
+def test_a_repository_without_a_largest_request_needs_an_explicit_limit(tmp_path):
+    from diffgap.core.errors import UserError
+    from diffgap.triton_models.limits import UnboundedInput, request_limits
+    from diffgap.triton_models.proxy import ProxiedServer
+
+    pytest.importorskip("tritonclient.grpc")
+    repo = _limits_repo(tmp_path / "r", dims_x="-1")
+    with pytest.raises(UnboundedInput, match="variable dimension"):
+        request_limits(repo)
+    with pytest.raises(UserError, match="--max-body-size"):
+        ProxiedServer(repo)
+    assert ProxiedServer(repo, max_body_size=10_000_000).limits.http_bytes == 10_000_000
+    with pytest.raises(UserError, match="positive"):
+        ProxiedServer(repo, max_body_size=0)
 
 
 def test_demo_search_answers_like_the_runtime(tmp_path_factory, tmp_path):
@@ -198,3 +318,35 @@ def test_ports_in_use(tiny_repo, tmp_path, monkeypatch):
         monkeypatch.setattr(S, "free_port", first_pick_is_taken)
         with TritonServer(tiny_repo, log_path=tmp_path / "retry.log") as server:
             assert server.http_client().is_server_ready() and server.endpoints.http_port != port
+
+
+@needs_nginx
+def test_proxy_reports_a_dead_tritonserver_as_unavailable_and_stops_with_it(tiny_repo):
+    """Behind the proxy, tritonserver gone reads 502 (HTTP) / UNAVAILABLE (gRPC, not an HTTP status a
+    gRPC client cannot map); stopping the stack leaves neither process running."""
+    import urllib.error
+
+    from tritonclient.utils import InferenceServerException
+
+    from diffgap.triton_models.proxy import ProxiedServer
+
+    stack = ProxiedServer(tiny_repo)
+    with stack:
+        nginx_pid, triton_pid = stack.proxy_pid, stack.pid
+        assert stack.http_client().is_server_ready() and stack.grpc_client().is_server_ready()
+        assert stack.upstream.host == "127.0.0.1" and stack.upstream.http_port != int(stack.http_url.rsplit(":", 1)[1])
+        grpc_url, http_url = stack.grpc_url, stack.http_url
+        stack.triton._terminate()
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(grpc_url)
+        try:
+            with pytest.raises(InferenceServerException) as e:
+                client.is_server_ready()
+            assert str(e.value.status()) == "StatusCode.UNAVAILABLE" and "unavailable" in str(e.value)
+        finally:
+            client.close()
+        with pytest.raises(urllib.error.HTTPError) as h:
+            urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=10)
+        assert h.value.code == 502 and "unavailable" in h.value.read().decode()
+    assert not stack.running() and _wait_gone(nginx_pid) and _wait_gone(triton_pid)

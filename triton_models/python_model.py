@@ -21,6 +21,12 @@ Dynamic batching hands ``execute`` several requests at once: each request is val
 (a bad one gets its own error response, the others still run), the good ones are concatenated
 along the batch axis, run once, and split back.
 
+Error classes: a request that fails validation (``_BadRequest`` from the role's checks, ``ValueError``
+from :meth:`IOSpec.check_feeds`, a missing tensor) is a client mistake and is answered
+``TritonError.INVALID_ARG`` -- HTTP 400 / gRPC ``INVALID_ARGUMENT`` -- with its one-line message, so
+monitoring does not count it as a server fault and clients do not retry it. A failure while running
+a validated batch is the server's and stays ``INTERNAL`` (HTTP 500 / gRPC ``INTERNAL``).
+
 Imports: numpy, ``triton_python_backend_utils`` and torch-free ``diffgap`` modules only (the same
 repository runs on a lean Triton image with ``pip install diffgap[runtime]``).
 """
@@ -52,7 +58,28 @@ def _input(request, name: str) -> np.ndarray | None:
 
 
 class _BadRequest(ValueError):
-    pass
+    """A client mistake found while validating one request (answered INVALID_ARG)."""
+
+
+# Raised while validating a request's tensors: the request is at fault, not the server.
+_CLIENT_ERRORS = (_BadRequest, ValueError, KeyError)
+
+
+def client_error(model: str, e: BaseException):
+    """``TritonError`` with code INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) and a one-line message."""
+    msg = str(e)
+    if not msg.startswith(f"{model}:"):  # IOSpec messages already start with the model name
+        msg = f"{model}: {msg}"
+    return pb_utils.TritonError(_one_line(msg), pb_utils.TritonError.INVALID_ARG)
+
+
+def server_error(model: str, e: BaseException):
+    """``TritonError`` with code INTERNAL (HTTP 500 / gRPC INTERNAL): the server failed a valid request."""
+    return pb_utils.TritonError(_one_line(f"{model}: {type(e).__name__}: {e}"), pb_utils.TritonError.INTERNAL)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
 
 
 class TritonPythonModel:
@@ -109,14 +136,16 @@ class TritonPythonModel:
         for i, req in enumerate(requests):
             try:
                 good.append((i, getattr(self, f"_feeds_{self.role}")(req)))
-            except (_BadRequest, ValueError, KeyError) as e:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {e}"))
+            except _CLIENT_ERRORS as e:
+                responses[i] = pb_utils.InferenceResponse(error=client_error(self.name, e))
+            except Exception as e:  # noqa: BLE001 - a bug in validation is the server's fault, not the client's
+                responses[i] = pb_utils.InferenceResponse(error=server_error(self.name, e))
         if good:
             sizes = [len(next(iter(f.values()))) for _, f in good]
             try:
                 outs = self._run_batch([f for _, f in good])
-            except (ValueError, RuntimeError) as e:
-                err = pb_utils.TritonError(f"{self.name}: {e}")
+            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, none is lost
+                err = server_error(self.name, e)
                 for i, _ in good:
                     responses[i] = pb_utils.InferenceResponse(error=err)
                 return responses
@@ -143,6 +172,16 @@ class TritonPythonModel:
             if x is not None:
                 feeds[t.name] = x
         self.io.check_feeds(feeds)  # dtype/shape/NaN/Inf per request, before batching with others
+        for t in self.io.inputs:
+            x = feeds.get(t.name)
+            # Integer inputs with a declared range (token ids in [0, vocab)): onnxruntime's Gather would
+            # wrap a negative id silently and fail on one past the vocabulary.
+            if x is not None and x.dtype.kind in "iu" and t.low is not None and t.high is not None and x.size:
+                lo, hi = int(x.min()), int(x.max())
+                if lo < t.low or hi >= t.high:
+                    bad = lo if lo < t.low else hi
+                    raise _BadRequest(f"input {t.name!r} holds {bad}, outside its declared range [{int(t.low)}, {int(t.high)}) "
+                                      f"(negative or past the vocabulary); send values in range")
         if any(t.optional and t.name not in feeds for t in self.io.inputs):
             # Fill optional defaults here so requests with and without them can share one batch.
             b = len(next(iter(feeds.values())))
@@ -184,6 +223,10 @@ class TritonPythonModel:
     # noise ----------------------------------------------------------------------------------
     def _feeds_noise(self, request) -> dict[str, np.ndarray]:
         cond = _input(request, self.condition)
+        if cond is None:  # Triton counts inputs, not which: the optional ones can stand in for it
+            raise _BadRequest(f"missing input {self.condition!r}; send the source embedding")
+        if not np.isfinite(cond).all():
+            raise _BadRequest(f"{self.condition} contains NaN/Inf; send finite values")
         feeds = {self.condition: cond}  # keyed by the config's tensor name (from the sampler's IOSpec role)
         seed = _input(request, self.seed_input)
         b = len(cond)

@@ -1,6 +1,6 @@
 """Start and stop the tritonserver bundled in nvidia-pytriton (server 2.51.0, python backend only).
 
-Recipe (verified on a CPU-only machine, /work/shared/TRITON_CPU.md):
+Recipe (verified on a CPU-only machine):
 
 - a private copy of pytriton's ``tritonserver`` folder, with the python backend stub built for the
   running interpreter copied into ``backends/python/`` (site-packages is never mutated);
@@ -8,7 +8,9 @@ Recipe (verified on a CPU-only machine, /work/shared/TRITON_CPU.md):
   and this interpreter's ``LIBDIR`` (the stub links ``libpython3.X``);
 - this virtualenv's ``bin/`` first on ``PATH``: the stub imports numpy/onnxruntime/diffgap through
   the first ``python3`` it finds;
-- loopback binding on free ports, ``--model-control-mode=none``, ``--allow-gpu-metrics=false``;
+- loopback binding only, on free ports, ``--model-control-mode=none``, ``--allow-gpu-metrics=false``
+  (clients on other machines go through :mod:`.proxy`, which limits request sizes; this release of
+  tritonserver has none and dies on a single HTTP body over 2 GiB);
 - ready when ``GET /v2/health/ready`` answers 200; stopped by SIGTERM to the PID we started, then
   SIGKILL if it has not exited within the grace period.
 
@@ -180,7 +182,12 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self.endpoints: Endpoints | None = None
         if host not in (LOOPBACK, "localhost", "::1"):
-            log.warning("binding tritonserver to %s: it will accept requests from other machines, with no authentication", host)
+            # tritonserver 2.51 has no request-size option and one HTTP body over 2 GiB crashes it.
+            raise ValueError(
+                f"tritonserver binds loopback only, not {host}: it has no request-size limit, so other machines "
+                f"reach it through the body-limiting proxy (diffgap.triton_models.proxy.ProxiedServer, "
+                f"`diffgap serve --host {host}`)"
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
