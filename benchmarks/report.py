@@ -1,5 +1,8 @@
 """Goals, the markdown report and the PNG plots, all from the result dict (so they can be rebuilt
-from a saved JSON: ``python -m benchmarks.report RESULTS.json``)."""
+from a saved JSON: ``python -m benchmarks.report RESULTS.json``).
+
+About 450 lines: one section renderer per benchmark group, kept together so every table of one
+report reads its figures the same way (medians, machine, the goal verdicts) from one result dict."""
 from __future__ import annotations
 
 import json

@@ -8,7 +8,7 @@ Presets (parameter counts printed by ``diffgap train`` and asserted in tests/tes
 * ``clap-512`` (default): 512-d CLAP space, 512-d contrastive heads (linear + residual MLP 256,
   1.05M parameters for both), two denoisers of 3 adaLN-zero residual MLP blocks, width 384, MLP
   ratio 2 -- 4.53M parameters per direction, 10.1M in total (``DiffGAP.parameter_counts()``).
-  Sized after the prototype in issue 2 (4.0M/direction trained ~2,600 CPU steps in ~3.5 minutes).
+  Sized after a first prototype (4.0M/direction trained ~2,600 CPU steps in ~3.5 minutes).
 * ``clap-tiny``: 512-d inputs, 64-d heads, width 64, 1 block (64k per direction) -- for tests only.
 
 Adding a preset (e.g. ``cavp-512`` for video<->audio) is one ``PRESETS[...] = ...`` line.
@@ -60,7 +60,7 @@ class DiffusionConfig:
     eta: float = 0.0                 # DDIM stochasticity; 0 = deterministic given the initial noise
     guidance_scale: float = 1.0      # classifier-free guidance; 1 = conditional output only
     bridge_mode: str = "source"      # "source": start from the noised source embedding at t0; "noise": from N(0, I)
-    bridge_t0: float = 0.3           # start time as a fraction of T for bridge_mode="source" (issue 2: 0.3T beat noise)
+    bridge_t0: float = 0.3           # start time as a fraction of T for bridge_mode="source" (0.3T beat starting from pure noise by 18+ R@1 points)
 
 
 @dataclass

@@ -71,7 +71,7 @@ def diffgap_loss(
       almost nothing about x0, so the MSE alone is minimised by a blurry conditional mean; the
       contrastive term rewards x0 estimates that *identify* their pair, i.e. that use the
       condition. Low-noise rows are excluded because there the noised target identifies itself
-      (issue 2's prototype: InfoNCE weighted toward low noise did nothing).
+      (measured on a prototype: InfoNCE weighted toward low noise did nothing).
       ``lambda = train.lambda_x0`` (default 0.1): the MSE per row in standardised units is O(1)
       while the InfoNCE starts at log(B) ~ 6.2 for B = 512 negatives, so 0.1 keeps the contrastive term a
       regulariser of the same order as the MSE instead of letting it dominate the denoiser.
