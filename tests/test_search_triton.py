@@ -58,7 +58,7 @@ def test_milvus_index_ships_with_its_uri_parameter(tmp_path_factory, tmp_path):
     audio, ids = _gallery(export, 40)
     ix = build_index(export, tmp_path / "mil", audio=audio, ids=ids, engine="milvus")
     models = R.plan_repository(Manifest.load(export), index=ix, top_k=K)
-    params = {p["key"]: p["value"]["string_value"] for p in models[R.SEARCH].config["parameters"]}
+    params = {k: v["string_value"] for k, v in models[R.SEARCH].config["parameters"].items()}
     assert params["milvus_uri"] == ""  # empty: the embedded Milvus Lite file in 1/index
     assert {"ef_search", "nprobe", "refine"} <= set(params)
     assert json.loads(models[R.SEARCH].files["search.json"])["engine"] == "milvus"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .fsutil import atomic_path
 
 MODALITY_KEYS = ("audio", "text", "video")
@@ -62,7 +63,7 @@ def _check_finite(name: str, x: np.ndarray, path: str) -> None:
     bad = ~np.isfinite(x)
     if bad.any():
         row = int(np.argwhere(bad.reshape(len(x), -1).any(axis=1))[0][0])
-        raise ValueError(f"{path}: array {name!r} contains NaN/Inf (first bad row {row}); clean or drop that row and save again")
+        raise UserError(f"{path}: array {name!r} contains NaN/Inf (first bad row {row}); clean or drop that row and save again")
 
 
 def validate_arrays(
@@ -72,49 +73,49 @@ def validate_arrays(
     """Check a dict of arrays against the format; return a :class:`Pairs` (float32 embeddings)."""
     mods = {k: arrays[k] for k in MODALITY_KEYS if k in arrays}
     if len(mods) < 2:
-        raise ValueError(f"{path}: needs at least two of {MODALITY_KEYS} arrays, found {sorted(arrays)}; write it with `diffgap embed` or diffgap.core.data.save_pairs")
+        raise UserError(f"{path}: needs at least two of {MODALITY_KEYS} arrays, found {sorted(arrays)}; write it with `diffgap embed` or diffgap.core.data.save_pairs")
     for r in require:
         if r not in mods:
-            raise ValueError(f"{path}: array {r!r} is required here but missing (it has {sorted(mods)})")
+            raise UserError(f"{path}: array {r!r} is required here but missing (it has {sorted(mods)})")
     n = None
     dim = embed_dim
     out: dict[str, np.ndarray] = {}
     for name, x in mods.items():
         if x.ndim != 2:
-            raise ValueError(f"{path}: array {name!r} must have rank 2 (N, E), got shape {x.shape}")
+            raise UserError(f"{path}: array {name!r} must have rank 2 (N, E), got shape {x.shape}")
         if x.dtype.kind != "f":
-            raise ValueError(f"{path}: array {name!r} has dtype {x.dtype}, expected float16/32/64 embeddings")
+            raise UserError(f"{path}: array {name!r} has dtype {x.dtype}, expected float16/32/64 embeddings")
         if dim is None:
             dim = x.shape[1]
         if x.shape[1] != dim:
-            raise ValueError(f"{path}: array {name!r} has embedding dim {x.shape[1]}, expected {dim}")
+            raise UserError(f"{path}: array {name!r} has embedding dim {x.shape[1]}, expected {dim}")
         if n is None:
             n = x.shape[0]
         if x.shape[0] != n:
-            raise ValueError(f"{path}: array {name!r} has {x.shape[0]} rows but {next(iter(mods))!r} has {n}; pairs must line up row by row")
+            raise UserError(f"{path}: array {name!r} has {x.shape[0]} rows but {next(iter(mods))!r} has {n}; pairs must line up row by row")
         if n == 0:
-            raise ValueError(f"{path}: array {name!r} is empty")
+            raise UserError(f"{path}: array {name!r} is empty")
         _check_finite(name, x, path)
         out[name] = np.ascontiguousarray(x, dtype=np.float32)
     assert n is not None
     if "ids" not in arrays:
-        raise ValueError(f"{path}: array 'ids' is missing; save one unique id per row")
+        raise UserError(f"{path}: array 'ids' is missing; save one unique id per row")
     ids = arrays["ids"]
     if ids.ndim != 1 or len(ids) != n:
-        raise ValueError(f"{path}: array 'ids' must have shape ({n},), got {ids.shape}")
+        raise UserError(f"{path}: array 'ids' must have shape ({n},), got {ids.shape}")
     if ids.dtype.kind not in "USiu":
-        raise ValueError(f"{path}: array 'ids' has dtype {ids.dtype}, expected strings or ints")
+        raise UserError(f"{path}: array 'ids' has dtype {ids.dtype}, expected strings or ints")
     ids = ids.astype(str)
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != n:
         dup = uniq[counts > 1][0]
-        raise ValueError(f"{path}: array 'ids' has duplicates (first: {dup!r} at row {int(np.argmax(ids == dup))}); ids must be unique")
+        raise UserError(f"{path}: array 'ids' has duplicates (first: {dup!r} at row {int(np.argmax(ids == dup))}); ids must be unique")
     captions = arrays.get("captions")
     if captions is not None:
         if captions.ndim != 1 or len(captions) != n:
-            raise ValueError(f"{path}: array 'captions' must have shape ({n},), got {captions.shape}")
+            raise UserError(f"{path}: array 'captions' must have shape ({n},), got {captions.shape}")
         if captions.dtype.kind not in "US":
-            raise ValueError(f"{path}: array 'captions' has dtype {captions.dtype}, expected strings")
+            raise UserError(f"{path}: array 'captions' has dtype {captions.dtype}, expected strings")
         captions = captions.astype(str)
     return Pairs(out, ids, captions, path)
 
@@ -125,14 +126,14 @@ def load_pairs(path: str | Path, embed_dim: int | None = None, require: tuple[st
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; create it with `diffgap synth` or `diffgap embed`")
     if not zipfile.is_zipfile(path):  # np.load would otherwise try (and refuse) to unpickle it
-        raise ValueError(f"{path} is not a readable .npz file (not a zip archive); regenerate it")
+        raise UserError(f"{path} is not a readable .npz file (not a zip archive); regenerate it")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e}); regenerate it") from None
+        raise UserError(f"{path} is not a readable .npz file ({e}); regenerate it") from None
     except ValueError as e:  # object arrays need pickle, which we refuse
-        raise ValueError(f"{path}: {e}; store ids/captions as fixed-width strings, not objects") from None
+        raise UserError(f"{path}: {e}; store ids/captions as fixed-width strings, not objects") from None
     return validate_arrays(arrays, str(path), embed_dim, require)
 
 
