@@ -1,11 +1,13 @@
-"""Run import-linter's layer contracts (``[tool.importlinter]`` in pyproject.toml) on this checkout.
+"""Run import-linter's layer contracts (``[tool.importlinter]`` in pyproject.toml) on a scratch copy.
 
-The user-facing folders ``export/``, ``runtime/`` and ``triton_models/`` install as
-``diffgap.export``, ``diffgap.runtime`` and ``diffgap.triton_models`` (``package-dir`` in
-pyproject.toml). grimp, import-linter's graph builder, finds a package's modules by walking its
-directory, so it cannot see the remapped subpackages through an editable install. This script lays
-out the installed package as symlinks in a temporary directory (grimp follows links), puts it first
-on ``sys.path`` and runs ``lint-imports`` there. Usage: ``python tests/lint_imports.py``.
+``lint-imports`` in the repository root checks the checkout itself: the user-facing folders
+``export/``, ``runtime/`` and ``triton_models/`` install as ``diffgap.export``, ``diffgap.runtime`` and
+``diffgap.triton_models`` (``package-dir`` in pyproject.toml), and the links ``diffgap/export``,
+``diffgap/runtime``, ``diffgap/triton_models`` show grimp, import-linter's graph builder, the same
+layout (it walks a package's directory and follows links). The tests also need a tree they may add a
+probe module to, to show that a breach is caught: :func:`mirror` lays out the installed package as
+links in a temporary directory and :func:`lint` runs ``lint-imports`` there.
+Usage: ``python tests/lint_imports.py`` (the same check as ``lint-imports``, on a scratch copy).
 """
 from __future__ import annotations
 

@@ -8,6 +8,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lint_imports import lint, mirror  # noqa: E402
 
 
+def test_lint_imports_passes_in_the_checkout():
+    """The plain command a developer runs: `lint-imports` in the repository root."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    r = subprocess.run([exe, "--no-cache"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 broken" in r.stdout
+
+
 def test_layer_contracts_hold(tmp_path):
     r = lint(mirror(tmp_path), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
