@@ -163,8 +163,9 @@ class _FaissEngine(SearchEngine):
         return faiss
 
     @classmethod
+    @abc.abstractmethod
     def _factory(cls, params: dict[str, Any], n: int, d: int) -> str:
-        raise NotImplementedError
+        """The FAISS index-factory string for ``n`` vectors of width ``d``."""
 
     @classmethod
     def file_name(cls, side: str) -> str:
@@ -221,8 +222,9 @@ class _FaissEngine(SearchEngine):
             raise SearchError(f"FAISS index {f} holds {self.index.ntotal} x {self.index.d}, expected {side.count} x "
                               f"{side.vectors.shape[1]}; rebuild the index")
 
+    @abc.abstractmethod
     def _search_params(self, faiss: Any, kn: dict[str, Any], want: int) -> Any:
-        raise NotImplementedError
+        """FAISS SearchParameters for one call (per-query knobs ``kn``, ``want`` candidates)."""
 
     def search(self, u: np.ndarray, k: int, **knobs: Any) -> tuple[np.ndarray, np.ndarray]:
         kn = self.knob_values(knobs)

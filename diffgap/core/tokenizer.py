@@ -22,6 +22,8 @@ text encoder's :class:`~diffgap.core.iospec.IOSpec` declares for those roles.
 """
 from __future__ import annotations
 
+import abc
+
 import gzip
 import html
 import importlib.util
@@ -114,14 +116,15 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return texts
 
 
-class _Tokenizer:
+class _Tokenizer(abc.ABC):
     """Shared interface: texts -> ``{role: (B, context_length) int64}`` and -> an encoder's feeds."""
 
     kind = ""
     context_length = CONTEXT_LENGTH
 
+    @abc.abstractmethod
     def encode_roles(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Token arrays keyed by tensor role (``token_ids``, ``attention_mask``), each ``(B, context_length)``."""
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """texts -> token ids ``(B, context_length)`` int64."""
