@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from diffgap.core.fsutil import atomic_path, atomic_write_text, sha256_file
+from diffgap.core.fsutil import atomic_path, atomic_write_text, replace_dir, sha256_file
 from diffgap.core.manifest import Manifest
 
 from .fusion import TASKS, Moments, fusion_weights, gallery_block
@@ -35,17 +35,9 @@ DEFAULT_CHUNK = 4096
 
 
 def _check_embeddings(name: str, x: Any, dim: int) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise SearchError(f"{name} must be (N, {dim}), got shape {x.shape}; use embeddings of this model's CLAP space")
-    if x.dtype.kind != "f":
-        raise SearchError(f"{name} must be floating point, got {x.dtype}")
-    x = x.astype(np.float32, copy=False)
-    for a in range(0, len(x), 1 << 16):
-        bad = ~np.isfinite(x[a:a + (1 << 16)])
-        if bad.any():
-            raise SearchError(f"{name} contains NaN/Inf (first at row {a + int(np.argwhere(bad)[0][0])}); clean the input")
-    return x
+    from .pipeline import check_embeddings
+
+    return check_embeddings(name, x, dim, error=SearchError)
 
 
 def _fingerprint(settings: Mapping[str, Any], arrays: Sequence[np.ndarray | None]) -> str:
@@ -128,17 +120,6 @@ def _build_side(side: str, work: Path, state: _State, n: int, blocks: tuple[int,
     with atomic_path(work / files["stats"]) as tmp, open(tmp, "wb") as f:
         np.savez(f, **stats)
 
-
-def _finish(work: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
 
 
 def build_index(
@@ -256,6 +237,6 @@ def build_index(
     }
     (work / STATE).unlink()
     atomic_write_text(work / MANIFEST, dump_json(meta))
-    _finish(work, out)
+    replace_dir(work, out)
     log.info("wrote index %s (%d audio, %d captions, engine %s)", out, meta["count"], meta["captions"], engine)
     return out

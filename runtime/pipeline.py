@@ -65,16 +65,21 @@ def make_noise(seeds: int | Sequence[int] | np.ndarray, batch: int, dim: int) ->
     return out
 
 
-def _check_embeddings(name: str, x: np.ndarray, dim: int) -> np.ndarray:
+def check_embeddings(name: str, x: Any, dim: int, error: type[Exception] = ValueError) -> np.ndarray:
+    """``x`` as float32 ``(N, dim)``, or ``error`` naming the problem (shape, dtype, first NaN/Inf row).
+
+    The finiteness scan runs in blocks of 64k rows so a catalogue-sized gallery is never copied whole.
+    """
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != dim:
-        raise ValueError(f"{name} must be (N, {dim}), got shape {x.shape}; use embeddings of this model's CLAP space")
+        raise error(f"{name} must be (N, {dim}), got shape {x.shape}; use embeddings of this model's CLAP space")
     if x.dtype.kind != "f":
-        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+        raise error(f"{name} must be floating point, got {x.dtype}")
     x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        row = int(np.argwhere(~np.isfinite(x))[0][0])
-        raise ValueError(f"{name} contains NaN/Inf (first at row {row}); clean the input")
+    for a in range(0, len(x), 1 << 16):
+        bad = ~np.isfinite(x[a:a + (1 << 16)])
+        if bad.any():
+            raise error(f"{name} contains NaN/Inf (first at row {a + int(np.argwhere(bad)[0][0])}); clean the input")
     return x
 
 
@@ -155,7 +160,7 @@ class Bridge(abc.ABC):
         guidance_scale: float | None = None,
     ) -> BridgeResult:
         """Bridge CLAP embeddings ``condition (B, E)``; batches above the sampler's max are chunked."""
-        cond = _check_embeddings("condition", condition, self.embed_dim)
+        cond = check_embeddings("condition", condition, self.embed_dim)
         B = cond.shape[0]
         if B == 0:
             raise ValueError("no inputs to bridge")
