@@ -90,6 +90,7 @@ def prior_table(model: DiffGAP, ctl: dict[str, Any], emb_test: dict[str, Any], c
         real = emb_test["heads"][tgt]
         h_src = emb_test["heads"][src]
         sets = {
+            "retrieval bridge": emb_test["single"][("bridge", d)],
             "diffusion from source": emb_test["single"][("source", d)],
             "diffusion from noise": emb_test["single"][("noise", d)],
             "regression bridge": cemb_test["reg"][d],

@@ -6,15 +6,19 @@ Text-to-audio (T2A) and audio-to-text (A2T), on a paired test split, for every r
 * ``raw``            cosine of the frozen CLAP embeddings
 * ``heads``          cosine in the contrastive (head) space
 * ``raw+heads``      fusion of the two (the strongest system without diffusion)
-* ``q-bridge src``   query-side bridge from the noised source (t0), scored against gallery heads
-* ``q-bridge noise`` query-side bridge from pure noise (K steps, averaged over samples)
-* ``g-bridge src``   gallery-side bridge (each gallery item bridged into the query modality,
-  precomputable at index time) from the noised source
-* ``g-bridge noise`` gallery-side bridge from noise
-* ``full``           fusion of raw + heads + query-side + gallery-side bridges (bridge mode from
-  the model config); nothing else: the controls below are never fusion terms of ``full``. Its
-  bridge weights are kept only if they beat ``raw+heads`` on validation with a paired-bootstrap
-  interval above zero; otherwise ``full`` falls back to the raw+heads weights (recorded in the JSON)
+* ``q-bridge``       query-side retrieval bridge: the query bridged into the gallery's modality with
+  the model config's bridge (default: K = 1 from noise, the denoiser's posterior mean), one sample
+  -- exactly what an export runs -- scored against the gallery's head embeddings
+* ``g-bridge``       gallery-side retrieval bridge: each gallery item bridged into the query
+  modality (precomputable at index time), scored against the query's head embedding
+* ``q-bridge src``   diagnostic: query-side bridge from the source noised to t0 (``source_steps``)
+* ``q-bridge noise`` diagnostic: query-side K-step DDIM samples from noise (``noise_steps``),
+  averaged over ``noise_samples`` -- the generative sampler
+* ``g-bridge src`` / ``g-bridge noise``: their gallery-side counterparts
+* ``full``           fusion of raw + heads + ``q-bridge`` + ``g-bridge``; nothing else: the controls
+  below are never fusion terms of ``full``. Its bridge weights are kept only if they beat
+  ``raw+heads`` on validation with a paired-bootstrap interval above zero; otherwise ``full`` falls
+  back to the raw+heads weights (recorded in the JSON)
 
 Controls, when the training split is given (:mod:`diffgap.eval_controls`): ``linear adapter``,
 ``mean shift`` (Liang et al. 2022), ``regression bridge`` (deterministic MLP, the denoiser's size)
@@ -54,7 +58,8 @@ TOL_MEAN_SHIFT_OVER_STD = 0.25
 
 @dataclass
 class EvalConfig:
-    source_steps: int | None = None    # K for bridging from the noised source (None: model config)
+    bridge_steps: int | None = None    # K of the retrieval bridge (``q-bridge``, ``full``; None: model config)
+    source_steps: int = 4              # K for the diagnostic bridge from the noised source
     noise_steps: int = 10              # K for bridging from noise
     noise_samples: int = 4             # samples averaged when bridging from noise (averaging 4 samples gained up to 10 R@1 points over 1)
     source_samples: int = 1
@@ -96,50 +101,62 @@ def bridge_array(
     return mean.numpy(), outs[0].numpy(), secs * 1000.0 / len(cond)
 
 
+# The bridges of one split: the retrieval bridge (key "bridge": the config's mode and K, one sample,
+# as exported) and the two diagnostic ones ("source", "noise").
+BRIDGE_KEYS = ("bridge", "source", "noise")
+
+
+def bridge_runs(model: DiffGAP, ecfg: EvalConfig) -> dict[str, tuple[str, int, int]]:
+    """key -> (bridge mode, K, samples) for :data:`BRIDGE_KEYS`."""
+    d = model.config.diffusion
+    return {"bridge": (d.bridge_mode, ecfg.bridge_steps or d.sample_steps, 1),
+            "source": ("source", ecfg.source_steps, ecfg.source_samples),
+            "noise": ("noise", ecfg.noise_steps, ecfg.noise_samples)}
+
+
 def embed_split(model: DiffGAP, pairs: Pairs, ecfg: EvalConfig) -> dict[str, Any]:
-    """Raw, head-space and bridged embeddings of one split (both bridge modes, both directions)."""
+    """Raw, head-space and bridged embeddings of one split (every bridge of :func:`bridge_runs`, both directions)."""
     a, b = model.config.modalities
     bs = ecfg.batch_size
-    k_src = ecfg.source_steps or model.config.diffusion.sample_steps
     emb: dict[str, Any] = {"raw": {m: pairs[m] for m in (a, b)},
                            "heads": {m: _project(model, m, pairs[m], bs) for m in (a, b)},
                            "bridged": {}, "single": {}, "ms_per_query": {}}
-    for mode, steps, samples in (("source", k_src, ecfg.source_samples), ("noise", ecfg.noise_steps, ecfg.noise_samples)):
+    for key, (mode, steps, samples) in bridge_runs(model, ecfg).items():
         for direction in model.config.directions:
             _, source = parse_direction(direction)
             mean, single, sec_per_1k = bridge_array(model, direction, pairs[source], mode, steps, samples,
                                                     ecfg.seed, ecfg.guidance_scale, bs)
-            emb["bridged"][(mode, direction)] = mean
-            emb["single"][(mode, direction)] = single
-            emb["ms_per_query"][(mode, direction)] = sec_per_1k  # seconds per 1,000 queries
+            emb["bridged"][(key, direction)] = mean
+            emb["single"][(key, direction)] = single
+            emb["ms_per_query"][(key, direction)] = sec_per_1k  # seconds per 1,000 queries
     return emb
 
 
 def similarity_sets(emb: dict[str, Any], q: str, g: str) -> dict[str, np.ndarray]:
     """All (N_q, N_g) similarity matrices for queries of modality q against a gallery of g."""
     sims = {"raw": cosine(emb["raw"][q], emb["raw"][g]), "heads": cosine(emb["heads"][q], emb["heads"][g])}
-    for mode, tag in (("source", "src"), ("noise", "noise")):
+    for key, suffix in (("bridge", ""), ("source", " src"), ("noise", " noise")):
         # query-side: the query bridged into the gallery's modality, scored in the gallery's head space
-        sims[f"q-bridge {tag}"] = cosine(emb["bridged"][(mode, f"{g}_given_{q}")], emb["heads"][g])
+        sims[f"q-bridge{suffix}"] = cosine(emb["bridged"][(key, f"{g}_given_{q}")], emb["heads"][g])
         # gallery-side: each gallery item bridged into the query's modality (index-time work)
-        sims[f"g-bridge {tag}"] = cosine(emb["heads"][q], emb["bridged"][(mode, f"{q}_given_{g}")])
+        sims[f"g-bridge{suffix}"] = cosine(emb["heads"][q], emb["bridged"][(key, f"{q}_given_{g}")])
     return sims
 
 
 # ---- the tables -----------------------------------------------------------------------------
-def _rows(bridge_mode: str) -> list[tuple[str, list[str]]]:
-    tag = "src" if bridge_mode == "source" else "noise"
-    return [
-        ("raw", ["raw"]),
-        ("heads", ["heads"]),
-        ("raw+heads", ["raw", "heads"]),
-        ("q-bridge src", ["q-bridge src"]),
-        ("q-bridge noise", ["q-bridge noise"]),
-        ("g-bridge src", ["g-bridge src"]),
-        ("g-bridge noise", ["g-bridge noise"]),
-        ("q+g bridges", [f"q-bridge {tag}", f"g-bridge {tag}"]),
-        ("full", ["raw", "heads", f"q-bridge {tag}", f"g-bridge {tag}"]),
-    ]
+ROWS: list[tuple[str, list[str]]] = [
+    ("raw", ["raw"]),
+    ("heads", ["heads"]),
+    ("raw+heads", ["raw", "heads"]),
+    ("q-bridge", ["q-bridge"]),
+    ("g-bridge", ["g-bridge"]),
+    ("q-bridge src", ["q-bridge src"]),
+    ("q-bridge noise", ["q-bridge noise"]),
+    ("g-bridge src", ["g-bridge src"]),
+    ("g-bridge noise", ["g-bridge noise"]),
+    ("q+g bridges", ["q-bridge", "g-bridge"]),
+    ("full", ["raw", "heads", "q-bridge", "g-bridge"]),
+]
 
 
 CONTRASTS = [("full", "raw+heads"), ("full", "raw"), ("heads", "raw"), ("raw+heads", "raw")]
@@ -221,12 +238,9 @@ def _fallback_to_raw_heads(val_sims: dict[str, np.ndarray], comps: list[str], w:
 
 def fusion_settings(model: DiffGAP, ecfg: EvalConfig) -> dict[str, Any]:
     """The bridge settings the ``full`` row's fusion weights are chosen for (an export must match them)."""
-    mode = model.config.diffusion.bridge_mode
-    src = mode == "source"
+    mode, steps, samples = bridge_runs(model, ecfg)["bridge"]
     g = model.config.diffusion.guidance_scale if ecfg.guidance_scale is None else ecfg.guidance_scale
-    return {"bridge_mode": mode,
-            "steps": (ecfg.source_steps or model.config.diffusion.sample_steps) if src else ecfg.noise_steps,
-            "samples": ecfg.source_samples if src else ecfg.noise_samples, "guidance_scale": float(g)}
+    return {"bridge_mode": mode, "steps": int(steps), "samples": samples, "guidance_scale": float(g)}
 
 
 def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalConfig(), train: Pairs | None = None) -> dict[str, Any]:
@@ -245,7 +259,7 @@ def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalCon
                               "bridge_mode": model.config.diffusion.bridge_mode,
                               "fusion_settings": fusion_settings(model, ecfg), "tasks": {}}
     ctl = cemb = None
-    row_defs = _rows(model.config.diffusion.bridge_mode)
+    row_defs = list(ROWS)
     if train is not None:
         from . import eval_controls as ec
 

@@ -39,12 +39,14 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float) -> t
 
 
 def sample_timesteps(n: int, T: int, cfg: TrainConfig, t_start: int, generator: torch.Generator) -> torch.Tensor:
-    """(n,) int64: a ``source_t_frac`` share uniform on [0, t_start] (the range a bridge from the
-    noised source visits), the rest uniform on [0, T-1]."""
+    """(n,) int64: a ``terminal_t_frac`` share at T-1 (where the x0 estimate is the posterior mean the
+    retrieval bridge uses), a ``source_t_frac`` share uniform on [0, t_start] (the range a bridge
+    from the noised source visits), the rest uniform on [0, T-1]."""
     u = torch.randint(0, T, (n,), generator=generator)
     low = torch.randint(0, t_start + 1, (n,), generator=generator)
-    pick_low = torch.rand(n, generator=generator) < cfg.source_t_frac
-    return torch.where(pick_low, low, u)
+    r = torch.rand(n, generator=generator)
+    t = torch.where(r < cfg.source_t_frac, low, u)
+    return torch.where(r >= 1.0 - cfg.terminal_t_frac, torch.full_like(u, T - 1), t)
 
 
 def diffgap_loss(

@@ -31,7 +31,8 @@ from diffgap.core.retrieval import cosine, fuse, l2n
 
 SCORE_TERMS = ("raw", "head", "query_bridge", "gallery_bridge")
 # diffgap evaluate's names for the same components (diffgap/evaluate.py similarity_sets)
-EVAL_TERM_NAMES = {"raw": "raw", "heads": "head", "q-bridge src": "query_bridge", "q-bridge noise": "query_bridge",
+EVAL_TERM_NAMES = {"raw": "raw", "heads": "head", "q-bridge": "query_bridge", "g-bridge": "gallery_bridge",
+                   "q-bridge src": "query_bridge", "q-bridge noise": "query_bridge",
                    "g-bridge src": "gallery_bridge", "g-bridge noise": "gallery_bridge"}
 TASKS = ("text_to_audio", "audio_to_text")
 # Equal weights: a neutral default when the export carries no validated fusion weights.

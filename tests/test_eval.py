@@ -71,7 +71,7 @@ def test_eval_cli_prints_every_row_and_writes_json(trained, capsys):
     res = json.loads((d / "eval.json").read_text())
     for task in ("text->audio", "audio->text"):
         rows = res["tasks"][task]["rows"]
-        assert sorted(rows) == sorted(["raw", "heads", "raw+heads", "q-bridge src", "q-bridge noise", "g-bridge src",
+        assert sorted(rows) == sorted(["raw", "heads", "raw+heads", "q-bridge", "g-bridge", "q-bridge src", "q-bridge noise", "g-bridge src",
                               "g-bridge noise", "q+g bridges", "full", "linear adapter", "mean shift",
                               "regression bridge", "raw+heads+reg"])
         names = list(res["tasks"][task]["contrasts"])
@@ -83,6 +83,8 @@ def test_eval_cli_prints_every_row_and_writes_json(trained, capsys):
             assert lo <= m["R@1"] <= hi
             assert abs(sum(m["weights"].values()) - 1) < 1e-6
         assert "full - raw+heads" in res["tasks"][task]["contrasts"]
+        # full fuses raw, heads and the retrieval bridges an export runs, nothing else
+        assert sorted(rows["full"]["weights"]) == ["g-bridge", "heads", "q-bridge", "raw"]
         assert f"Retrieval {task}" in out
     # the raw row is plain cosine on the frozen embeddings
     from diffgap.core.data import load_pairs
@@ -97,13 +99,14 @@ def test_eval_cli_prints_every_row_and_writes_json(trained, capsys):
         ref = 100 * np.mean((sims > np.diag(sims)[:, None]).sum(1) == 0)
         assert res["tasks"][f"{q}->{g}"]["rows"]["mean shift"]["R@1"] == pytest.approx(ref)
     prior = res["prior"]
-    assert len(prior) == 2 * 6 and {r["bridge"] for r in prior} >= {"diffusion from source", "regression bridge", "mean shift"}
+    assert len(prior) == 2 * 7 and {r["bridge"] for r in prior} >= {"retrieval bridge", "diffusion from source", "regression bridge", "mean shift"}
     assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["frechet"] >= -1e-9 for r in prior)
-    assert res["fusion_settings"] == {"bridge_mode": "source", "steps": 4, "samples": 1, "guidance_scale": 1.0}
+    # the preset's retrieval bridge: K = 1 from noise (the denoiser's posterior mean), one sample
+    assert res["fusion_settings"] == {"bridge_mode": "noise", "steps": 1, "samples": 1, "guidance_scale": 1.0}
     assert "generative prior" in out
     assert len(res["condition_usage"]) == 2 * 10
     assert all(r["t_lo"] < r["t_hi"] for r in res["condition_usage"])
-    assert len(res["sanity"]) == 4 and all(s["finite"] for s in res["sanity"])
+    assert len(res["sanity"]) == 6 and all(s["finite"] for s in res["sanity"])
     assert "Condition usage" in out and "Sample sanity" in out
 
 

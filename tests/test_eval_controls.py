@@ -72,7 +72,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def _eval_json(path, **settings):
-    base = {"bridge_mode": "source", "steps": 4, "samples": 1, "guidance_scale": 1.0}
+    base = {"bridge_mode": "noise", "steps": 1, "samples": 1, "guidance_scale": 1.0}
     path.write_text(json.dumps({"tasks": {}, "fusion_settings": {**base, **settings}}))
     return path
 
@@ -85,9 +85,9 @@ def test_export_refuses_fusion_weights_chosen_for_other_bridge_settings(tiny_ckp
                     fusion_weights=str(_eval_json(tmp_path / "e.json")))
         return argparse.Namespace(**{**base, **kw})
 
-    check_export_args(args())                       # the checkpoint's defaults: source, K=4, g=1
+    check_export_args(args())                       # the checkpoint's defaults: noise, K=1, g=1
     check_export_args(args(fusion_weights=None))    # nothing to check
-    for kw, word in ((dict(bridge_mode="noise"), "bridge_mode"), (dict(steps=2), "steps")):
+    for kw, word in ((dict(bridge_mode="source"), "bridge_mode"), (dict(steps=2), "steps")):
         with pytest.raises(UserError, match=word) as e:
             check_export_args(args(**kw))
         assert "\n" not in str(e.value) and "re-run `diffgap eval`" in str(e.value)
@@ -103,8 +103,8 @@ def test_export_cli_refuses_mismatched_fusion_weights(tiny_ckpt, tmp_path, capsy
     from diffgap.cli import main as cli_main
 
     rc = cli_main(["export", str(tiny_ckpt / "ck"), "--out", str(tmp_path / "ex"), "--encoders", "none",
-                   "--bridge-mode", "noise", "--fusion-weights", str(_eval_json(tmp_path / "e.json"))])
+                   "--bridge-mode", "source", "--fusion-weights", str(_eval_json(tmp_path / "e.json"))])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "bridge_mode=source" in err and "bridge_mode=noise" in err
+    assert "bridge_mode=noise" in err and "bridge_mode=source" in err
     assert not (tmp_path / "ex").exists()

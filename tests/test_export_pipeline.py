@@ -66,7 +66,7 @@ def test_files_and_manifest(exported, tiny_checkpoint):
             rel = entry.file(prec)
             assert man.files[rel]["sha256"] == sha256_file(out / rel)
     fused = man.model("diffgap_text_to_audio")
-    assert fused.meta["steps"] == 6 and fused.meta["bridge_mode"] == "source"
+    assert fused.meta["steps"] == 6 and fused.meta["bridge_mode"] == "noise"
     assert fused.io.input_names[:2] == ["condition", "noise"]
     assert man.extra["parity"]["ok"] is True
     assert all(v["ok"] for v in man.extra["lint"].values())
@@ -91,7 +91,7 @@ def test_metadata_props(exported, tiny_checkpoint):
             if name.startswith("diffgap_"):
                 assert meta["diffgap.K"] == "6"
                 assert meta["diffgap.schedule"] == "cosine"
-                assert meta["diffgap.bridge_mode"] == "source"
+                assert meta["diffgap.bridge_mode"] == "noise"
                 assert meta["diffgap.steps"] == "6"
 
 

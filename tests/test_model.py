@@ -41,7 +41,7 @@ def test_registry_and_default_preset_size():
         get_preset("nope")
     counts = DiffGAP(get_preset("clap-512")).parameter_counts()
     for d in ("audio_given_text", "text_given_audio"):
-        # a few million per direction (DiffGAP's small denoisers); 4.53M with the default settings
+        # a few million per direction (DiffGAP's small denoisers); 4.37M with the default settings
         assert 3_000_000 <= counts[d] <= 6_000_000, counts
     assert get_preset("clap-512").directions == ("audio_given_text", "text_given_audio")
 
@@ -163,7 +163,7 @@ def test_eta_sampling_uses_the_generator_with_ddim_sigma(tiny):
 
 def test_config_change_save_reload_gives_identical_samples(tmp_path):
     cfg = get_preset("clap-tiny").replace(**{"diffusion.bridge_t0": 0.5, "diffusion.sample_steps": 3,
-                                             "diffusion.schedule": "linear"})
+                                             "diffusion.schedule": "linear", "diffusion.bridge_mode": "source"})
     m = randomized(cfg, seed=3)
     save_checkpoint(tmp_path / "ck", m, {"step": 7})
     m2, meta = load_checkpoint(tmp_path / "ck")
@@ -174,6 +174,18 @@ def test_config_change_save_reload_gives_identical_samples(tmp_path):
         # the changed setting matters: the default t0 gives other samples
         assert not torch.equal(m2.bridge("audio_given_text", c, n, t0=0.3), m2.bridge("audio_given_text", c, n))
     assert read_config(tmp_path / "ck") == cfg
+
+
+def test_config_written_before_the_conditional_mean_branch_loads_as_trained():
+    """A config.json from before ``denoiser.mean_hidden`` / ``train.terminal_t_frac`` existed describes
+    denoisers without the branch, trained without terminal rows: it loads as such, not with today's defaults."""
+    d = get_preset("clap-512").to_dict()
+    del d["denoiser"]["mean_hidden"], d["train"]["terminal_t_frac"]
+    d["train"]["source_t_frac"] = 0.5
+    old = DiffGAPConfig.from_dict(d)
+    assert old.denoiser.mean_hidden == 0 and old.train.terminal_t_frac == 0.0
+    assert DiffGAP(old).denoiser("audio_given_text").mean is None
+    assert get_preset("clap-512").denoiser.mean_hidden > 0
 
 
 def test_checkpoint_round_trip_and_train_state(tmp_path, tiny):

@@ -14,7 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "shift) and the generative-prior table (default: the data the checkpoint was trained on)")
     p.add_argument("--no-controls", action="store_true", help="skip the control rows and the prior table")
     p.add_argument("--json", help="write the full result here (default: <checkpoint>/eval.json)")
-    p.add_argument("--source-steps", type=int, help="DDIM steps when bridging from the noised source (default: preset)")
+    p.add_argument("--bridge-steps", type=int, help="K of the retrieval bridge the full row fuses (default: the checkpoint's config, "
+                                                    "which an export also uses)")
+    p.add_argument("--source-steps", type=int, default=4, help="DDIM steps of the diagnostic bridge from the noised source (default 4)")
     p.add_argument("--noise-steps", type=int, default=10, help="DDIM steps when bridging from noise (default 10)")
     p.add_argument("--noise-samples", type=int, default=4, help="samples averaged when bridging from noise (default 4)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: preset)")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if path is None or not Path(path).exists():
             raise UserError(f"the control rows need the training split: the checkpoint records {path!r}, which is missing; pass --train TRAIN.npz or --no-controls")
         train = load_pairs(path, embed_dim=model.config.embed_dim, require=mods)
-    ecfg = EvalConfig(source_steps=args.source_steps, noise_steps=args.noise_steps, noise_samples=args.noise_samples,
+    ecfg = EvalConfig(bridge_steps=args.bridge_steps, source_steps=args.source_steps, noise_steps=args.noise_steps, noise_samples=args.noise_samples,
                       guidance_scale=args.guidance_scale, n_boot=args.bootstrap, seed=args.seed)
     res = evaluate(model, test, val, ecfg, train=train)
     res["checkpoint"] = str(args.checkpoint)
