@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core.retrieval import l2n
-from .models import DiffGAP, count_parameters, parse_direction
+from .models import ConditionMean, DiffGAP, count_parameters, parse_direction
 
 log = logging.getLogger(__name__)
 
@@ -92,29 +92,10 @@ def train_linear_adapter(model: DiffGAP, train: dict[str, np.ndarray], val: dict
 
 
 # ---- regression bridge ---------------------------------------------------------------------------
-class _Block(nn.Module):
-    def __init__(self, hidden: int, mlp_ratio: float):
-        super().__init__()
-        inner = max(1, int(hidden * mlp_ratio))
-        self.norm = nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.SiLU(), nn.Linear(inner, hidden))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.norm(h))
-
-
-class RegressionBridge(nn.Module):
+class RegressionBridge(ConditionMean):
     """Standardised source head embedding (B, D) -> standardised target estimate (B, D): the
-    denoiser's depth and MLP ratio, width chosen so the parameter count matches ``target_params``."""
-
-    def __init__(self, dim: int, hidden: int, depth: int, mlp_ratio: float):
-        super().__init__()
-        self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.Sequential(*[_Block(hidden, mlp_ratio) for _ in range(depth)])
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out(self.blocks(self.inp(z)))
+    architecture of the denoiser's conditional-mean branch (:class:`diffgap.models.ConditionMean`)
+    alone, its width chosen so the parameter count matches ``target_params`` (the whole denoiser's)."""
 
     @classmethod
     def matching(cls, dim: int, depth: int, mlp_ratio: float, target_params: int) -> "RegressionBridge":
