@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.data import Pairs
+from .core.names import RUNTIME_SAMPLES
 from .models import DiffGAP, parse_direction
 from .core.retrieval import (bootstrap_ci, choose_fusion_weights, cosine, fuse, metrics_from_ranks,
                         ranks_of_diagonal)
@@ -101,15 +102,11 @@ def bridge_array(
     return mean.numpy(), outs[0].numpy(), secs * 1000.0 / len(cond)
 
 
-# The bridges of one split: the retrieval bridge (key "bridge": the config's mode and K, one sample,
-# as exported) and the two diagnostic ones ("source", "noise").
-BRIDGE_KEYS = ("bridge", "source", "noise")
-
-
 def bridge_runs(model: DiffGAP, ecfg: EvalConfig) -> dict[str, tuple[str, int, int]]:
-    """key -> (bridge mode, K, samples) for :data:`BRIDGE_KEYS`."""
+    """The bridges of one split, key -> (bridge mode, K, samples): the retrieval bridge ("bridge":
+    the config's mode and K, sampled as the runtime does) and the two diagnostic ones ("source", "noise")."""
     d = model.config.diffusion
-    return {"bridge": (d.bridge_mode, ecfg.bridge_steps or d.sample_steps, 1),
+    return {"bridge": (d.bridge_mode, ecfg.bridge_steps or d.sample_steps, RUNTIME_SAMPLES),
             "source": ("source", ecfg.source_steps, ecfg.source_samples),
             "noise": ("noise", ecfg.noise_steps, ecfg.noise_samples)}
 

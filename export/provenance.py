@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from diffgap.core.errors import UserError
-
-# The runtime bridges each query (and gallery item) with one sample from its seed's noise.
-RUNTIME_SAMPLES = 1
+from diffgap.core.names import RUNTIME_SAMPLES
 
 
 def export_settings(checkpoint: str | Path, steps: int | None, bridge_mode: str | None, guidance_input: bool) -> dict[str, Any]:

@@ -15,6 +15,10 @@ META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own p
 
 SAMPLER_PREFIX = "diffgap_"
 
+# Bridge samples per query (and per gallery item) in the runtime, Triton and the ``full`` row of
+# ``diffgap eval`` that chooses their fusion weights: one draw from the item's seeded noise.
+RUNTIME_SAMPLES = 1
+
 
 def encoder_name(modality: str, family: str = "clap") -> str:
     """Export name of ``modality``'s encoder in the ``family`` space: ``clap_text_encoder``."""
