@@ -174,13 +174,19 @@ def _set_exact_stats(model: DiffGAP, H: dict[str, torch.Tensor]) -> None:
     model.stats_updates.fill_(1)
 
 
+def _seeded_start(cfg: DiffGAPConfig, n: int) -> tuple[DiffGAP, torch.Generator, Callable[[], torch.Tensor]]:
+    """A freshly initialised model, the batch generator and its index sampler, all from ``train.seed``
+    (both schedules start from the same weights and draw the same batches)."""
+    torch.manual_seed(cfg.train.seed)
+    model = DiffGAP(cfg)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000003)
+    return model, gen, _sampler(n, cfg.train.batch_size, gen)
+
+
 def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress: bool) -> tuple[DiffGAP, dict[str, StageResult]]:
     tcfg = cfg.train
     a, b = cfg.modalities
-    torch.manual_seed(tcfg.seed)
-    model = DiffGAP(cfg)
-    gen = torch.Generator().manual_seed(tcfg.seed * 1000003)
-    idx = _sampler(len(X[a]), tcfg.batch_size, gen)
+    model, gen, idx = _seeded_start(cfg, len(X[a]))
 
     def head_loss(step: int) -> torch.Tensor:
         i = idx()
@@ -218,10 +224,7 @@ def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, prog
 def train_joint(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress: bool) -> tuple[DiffGAP, dict[str, StageResult]]:
     tcfg = cfg.train
     a, b = cfg.modalities
-    torch.manual_seed(tcfg.seed)
-    model = DiffGAP(cfg)
-    gen = torch.Generator().manual_seed(tcfg.seed * 1000003)
-    idx = _sampler(len(X[a]), tcfg.batch_size, gen)
+    model, gen, idx = _seeded_start(cfg, len(X[a]))
 
     def loss(step: int) -> torch.Tensor:
         i = idx()
