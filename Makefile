@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup proxy demo test test-fast bench gpu-smoke clean
+.PHONY: setup proxy demo test test-fast lint bench gpu-smoke clean
 
 setup: $(STAMP) proxy
 
@@ -33,6 +33,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The layer contracts (pyproject's [tool.importlinter]) on the package as a wheel installs it.
+lint: setup
+	$(PY) tests/lint_imports.py
 
 bench: setup
 	$(PY) -m benchmarks --out benchmarks/results

@@ -77,3 +77,18 @@ def pytest_collection_modifyitems(config, items):
                 reason, checked = _gpu_reason(), True
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def installed_site(tmp_path_factory):
+    """The package as a user installs it: the checkout's wheel, built once per run and unpacked.
+
+    Used by the layer contracts (import-linter walks the installed layout) and the packaging tests.
+    """
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lint_imports import install
+
+    return install(tmp_path_factory.mktemp("wheel-install"))

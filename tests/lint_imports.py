@@ -1,13 +1,12 @@
-"""Run import-linter's layer contracts (``[tool.importlinter]`` in pyproject.toml) on a scratch copy.
+"""Install the package as a user gets it (a wheel, not editable) and run import-linter's layer contracts on it.
 
-``lint-imports`` in the repository root checks the checkout itself: the user-facing folders
-``export/``, ``runtime/`` and ``triton_models/`` install as ``diffgap.export``, ``diffgap.runtime`` and
-``diffgap.triton_models`` (``package-dir`` in pyproject.toml), and the links ``diffgap/export``,
-``diffgap/runtime``, ``diffgap/triton_models`` show grimp, import-linter's graph builder, the same
-layout (it walks a package's directory and follows links). The tests also need a tree they may add a
-probe module to, to show that a breach is caught: :func:`mirror` lays out the installed package as
-links in a temporary directory and :func:`lint` runs ``lint-imports`` there.
-Usage: ``python tests/lint_imports.py`` (the same check as ``lint-imports``, on a scratch copy).
+The user-facing folders ``export/``, ``runtime/`` and ``triton_models/`` install as ``diffgap.export``,
+``diffgap.runtime`` and ``diffgap.triton_models`` (``package-dir`` in pyproject.toml). grimp,
+import-linter's graph builder, finds a package with ``importlib`` and walks its folder on disk, so in
+the checkout it would see ``diffgap/`` without those three subpackages. On the unpacked wheel it sees
+exactly what ships. :func:`install` builds and unpacks the wheel, :func:`lint` runs ``lint-imports``
+over such a tree (the tests add a probe module to a copy of it to show a breach is caught).
+Usage: ``python tests/lint_imports.py`` (what ``make lint`` runs).
 """
 from __future__ import annotations
 
@@ -16,40 +15,38 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mirror(dest: Path) -> Path:
-    """Symlink the installed layout of every package in pyproject.toml under ``dest``."""
-    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    package_dir = setup.get("package-dir", {})
-    for pkg in sorted(setup["packages"], key=lambda p: p.count(".")):
-        parts = pkg.split(".")
-        src = ROOT / package_dir.get(pkg, pkg.replace(".", "/"))
-        out = dest.joinpath(*parts)
-        if out.is_symlink():  # a subpackage folder already linked inside its parent's folder
-            out.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        for f in src.glob("*.py"):
-            (out / f.name).symlink_to(f)
-    return dest
+def install(dest: Path) -> Path:
+    """Build the wheel of the checkout (no dependencies, no isolation) and unpack it; returns the site dir."""
+    wheels = dest / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(ROOT)], check=True, cwd=dest)
+    (whl,) = wheels.glob("diffgap-*.whl")
+    site = dest / "site"
+    with zipfile.ZipFile(whl) as z:
+        z.extractall(site)
+    return site
 
 
-def lint(tree: Path, **kw) -> subprocess.CompletedProcess:
-    """Run ``lint-imports`` over a mirrored ``tree``; ``kw`` goes to :func:`subprocess.run`."""
+def lint(site: Path, **kw) -> subprocess.CompletedProcess:
+    """Run ``lint-imports`` with pyproject.toml's contracts over the package installed in ``site``."""
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
     if exe is None:
         raise SystemExit("lint_imports: `lint-imports` is not installed; run `pip install -e .[dev]`")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    return subprocess.run([exe, str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tree, env=env, **kw)
+    # import-linter puts its working directory first on sys.path: run it inside the installed tree so
+    # the checkout's own `diffgap/` folder is never the one grimp walks.
+    env = dict(os.environ, PYTHONPATH=str(site))
+    return subprocess.run([exe, "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=site, env=env, **kw)
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="diffgap-layers-") as tmp:
-        return lint(mirror(Path(tmp))).returncode
+        return lint(install(Path(tmp))).returncode
 
 
 if __name__ == "__main__":
