@@ -93,7 +93,7 @@ def driver_devices() -> tuple[int, str]:
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
-        return 0, f"no NVIDIA driver library (libcuda.so.1: {e})"
+        return 0, f"no NVIDIA driver library ({e})"
     rc = lib.cuInit(0)
     if rc != 0:
         return 0, f"the NVIDIA driver's cuInit failed (CUresult {rc})"
@@ -230,7 +230,7 @@ def pytest_gpu(rep: Report, man: Any, out: Path, work: Path, checkout: bool, eng
         if p.returncode != 0:
             return {**extra, "status": "failed", "reason": f"pytest exit {p.returncode}: {last} ({summary}; see pytest-gpu.log)"}
         if " passed" not in last:
-            return {**extra, "status": "skipped", "reason": f"every GPU test skipped: {last} (reasons in pytest-gpu.log)"}
+            return {**extra, "status": "skipped", "reason": f"every GPU test skipped: {last} ({summary}; reasons in pytest-gpu.log)"}
         return {**extra, "reason": f"{last} ({summary}; skip reasons in pytest-gpu.log)"}
 
     rep.run("pytest-gpu", run)

@@ -14,6 +14,11 @@ ONNX ``metadata_props`` key :data:`ONNX_IO_SPEC_KEY`, or an engine's sidecar jso
 against it (dtype, rank, shape, batch vs the profile, NaN/Inf) before running, fills omitted optional
 inputs with their declared default, and checks every output against it afterwards.
 
+The interface itself (:class:`Session`, the backend names) lives in :mod:`diffgap.runtime.interface`,
+which the TensorRT backend builds on. Before an ``ort-cuda`` / ``ort-trt`` session is created,
+:mod:`diffgap.runtime.gpu_libs` loads the CUDA, cuDNN and TensorRT libraries that pip installed, so no
+``LD_LIBRARY_PATH`` is needed; ``device`` reaches every GPU provider of the backend.
+
 Torch-free: numpy + onnxruntime (imported lazily) + the contract modules.
 """
 from __future__ import annotations
