@@ -428,19 +428,26 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
     return written
 
 
-def write_all(res: dict[str, Any], out_dir: Path, stem_name: str) -> dict[str, Any]:
+def write_all(res: dict[str, Any], out_dir: Path, stem_name: str, work: Path | None = None) -> dict[str, Any]:
+    """Write ``<stem>.json``, ``<stem>.md`` and the plots to ``out_dir``; returns their paths.
+
+    What the files record names no machine directory (:func:`benchmarks.harness.portable`; ``work``
+    is the run's scratch directory); ``files`` in the JSON are names relative to ``out_dir``.
+    """
     from diffgap.core.fsutil import atomic_write_json
+
+    from .harness import path_roots, portable
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / stem_name
     res["goals"] = goal_rows(res)
-    md = markdown(res)
-    files = {"json": str(stem.with_suffix(".json")), "markdown": str(stem.with_suffix(".md"))}
     pngs = plots(res, stem)
-    files["plots"] = [str(p) for p in pngs]
-    res["files"] = files
-    atomic_write_json(stem.with_suffix(".json"), res)
-    atomic_write_text(stem.with_suffix(".md"), md)
+    files = {"json": str(stem.with_suffix(".json")), "markdown": str(stem.with_suffix(".md")),
+             "plots": [str(p) for p in pngs]}
+    res["files"] = {"json": f"{stem_name}.json", "markdown": f"{stem_name}.md", "plots": [p.name for p in pngs]}
+    shared = portable(res, path_roots(work=work, out=out_dir))
+    atomic_write_json(stem.with_suffix(".json"), shared)
+    atomic_write_text(stem.with_suffix(".md"), markdown(shared))
     return files
 
 
