@@ -92,6 +92,21 @@ class _NodeIndex:
                         entry.discard(i)
 
 
+def patched_attributes() -> list[tuple[object, str]]:
+    """``(owner, attribute)`` of every ModelOpt internal :func:`linear_time_autocast` replaces: the
+    first three only while its ``remove_redundant_casts`` runs, the rest for the whole ``with`` block."""
+    from modelopt.onnx import utils as ou
+    from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+
+    return [
+        (ou, "get_consumer_nodes"), (ou, "get_producer_nodes"), (ou, "_bypass_cast_node"),
+        (ou, "remove_redundant_casts"), (PrecisionConverter, "_cleanup_no_consumer_nodes"),
+        (PrecisionConverter, "_add_cast"), (PrecisionConverter, "_convert_initializers_recursive"),
+        (GraphSanitizer, "duplicate_shared_constants"),
+    ]
+
+
 @contextlib.contextmanager
 def linear_time_autocast():
     """Swap AutoCast's three quadratic pieces for linear-time ones during one conversion (module docstring)."""
@@ -100,15 +115,7 @@ def linear_time_autocast():
     from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    stock = {
-        (owner, attr): getattr(owner, attr)
-        for owner, attr in (
-            (ou, "remove_redundant_casts"), (ou, "get_consumer_nodes"), (ou, "get_producer_nodes"),
-            (ou, "_bypass_cast_node"), (PrecisionConverter, "_cleanup_no_consumer_nodes"),
-            (PrecisionConverter, "_add_cast"), (PrecisionConverter, "_convert_initializers_recursive"),
-            (GraphSanitizer, "duplicate_shared_constants"),
-        )
-    }
+    stock = {(owner, attr): getattr(owner, attr) for owner, attr in patched_attributes()}
 
     def remove_redundant_casts(onnx_model):
         # Stock pass, with its consumer/producer look-ups served by an index. The pass only rewires
