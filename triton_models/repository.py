@@ -120,9 +120,9 @@ SEARCH_SCORES = "scores"           # (B, k) TYPE_FP32 fused scores
 MAX_TEXT_BYTES = 2048
 # Dynamic batching window. Portable (CPU): no wait. A model busy with one call still gathers every
 # request that queued meanwhile into the next one, so concurrent clients share calls anyway; a window
-# only delays a lone request, once per ensemble step (measured, text_to_audio_embedding, 2 cores:
-# 1 ms windows put 4.4 ms of queueing into a 7 ms request at concurrency 1 and raised no
-# throughput at concurrency 8). GPU: 100 us, small next to one engine call, lets batches fill.
+# only delays a lone request, once per ensemble step (``python -m benchmarks --only triton`` reruns
+# the ensembles with a window when the batching goal is missed: the batching-knob tables in
+# benchmarks/results). GPU: 100 us, small next to one engine call, lets batches fill.
 PORTABLE_QUEUE_DELAY_US = 0
 GPU_QUEUE_DELAY_US = 100
 # onnxruntime_onnx models: the TensorRT accelerator's engine cache inside the server (per model).
