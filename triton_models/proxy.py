@@ -42,7 +42,8 @@ from pathlib import Path
 from diffgap.core.errors import UserError
 
 from .limits import RequestLimits, request_limits
-from .nginx import NginxProxy, ProxyPorts, _listen, _ProxyPortInUse, find_nginx
+from .lifecycle import PortInUse, start_on_free_ports
+from .nginx import NginxProxy, ProxyPorts, _listen, find_nginx
 from .server import LOOPBACK, Endpoints, TritonServer, free_port
 
 log = logging.getLogger(__name__)
@@ -102,19 +103,21 @@ class ProxiedServer:
             self.triton.start()
             self._workdir = Path(tempfile.mkdtemp(prefix="diffgap-nginx-"))
             os.chmod(self._workdir, 0o711)  # unprivileged workers reach the temp paths nginx creates for them
-            attempts = 1 if any(self._ports) else 3
-            for attempt in range(attempts):
-                h, g, m = (p or free_port(self.host) for p in self._ports)
+            attempt = 0
+
+            def launch(ports: tuple[int, ...]) -> None:
+                nonlocal attempt
                 # a fresh prefix per attempt: a failed attempt's error log must not speak for the next one
-                self.proxy = NginxProxy(ProxyPorts(self.host, h, g, m), self.triton.endpoints, self.limits,
+                self.proxy = NginxProxy(ProxyPorts(self.host, *ports), self.triton.endpoints, self.limits,
                                         self._workdir / f"nginx-{attempt}")
+                attempt += 1
                 try:
                     self.proxy.start()
-                    break
-                except _ProxyPortInUse as e:
+                except PortInUse:
                     self.proxy.stop()
-                    if attempt == attempts - 1:
-                        raise RuntimeError(f"nginx could not bind its ports: {e}") from None
+                    raise
+
+            start_on_free_ports(launch, self._ports, lambda: free_port(self.host), "nginx")
             log.info("proxy ready (nginx pid %d) on %s: %s", self.proxy_pid, self.host, self.limits.describe())
             return self
         except BaseException:
