@@ -1,7 +1,7 @@
 """Triton ensembles over HTTP and gRPC at concurrency 1, 2, 4, 8, measured with perf_analyzer.
 
 perf_analyzer (Triton's standard load generator; the binary comes from
-``diffgap.triton_models.tools.perf_analyzer()``) runs once per (ensemble, protocol, concurrency) with
+``benchmarks.perf_analyzer.perf_analyzer()``) runs once per (ensemble, protocol, concurrency) with
 explicit stability settings: measurement windows of ``-p`` ms, "stable" when ``-s`` percent apart
 over 3 windows, at most ``-r`` windows. perf_analyzer's default (5 s?, 10 %) does not settle on a
 2-core machine where client and server share the cores, so the windows are widened; the exact
@@ -294,7 +294,7 @@ def client_load(url: str, protocol: str, model: str, config: dict[str, Any], con
 # ---- the group ---------------------------------------------------------------------------------
 def _perf_analyzer() -> tuple[Path | None, dict[str, str], str]:
     try:
-        from diffgap.triton_models.tools import perf_analyzer
+        from .perf_analyzer import perf_analyzer
 
         binary, env = perf_analyzer()
         return binary, env, ""
