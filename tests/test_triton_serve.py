@@ -333,6 +333,21 @@ def test_ports_in_use(tiny_repo, tmp_path, monkeypatch):
 
 
 @needs_nginx
+def test_a_taken_proxy_port_is_a_clear_error_and_stops_tritonserver(tiny_repo):
+    import socket
+
+    from diffgap.triton_models.proxy import ProxiedServer
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        stack = ProxiedServer(tiny_repo, http_port=busy.getsockname()[1])
+        with pytest.raises(RuntimeError, match="nginx could not bind its ports"):
+            stack.start()
+        assert stack.triton.proc is None and not stack.running()
+
+
+@needs_nginx
 def test_proxy_reports_a_dead_tritonserver_as_unavailable_and_stops_with_it(tiny_repo):
     """Behind the proxy, tritonserver gone reads 502 (HTTP) / UNAVAILABLE (gRPC, not an HTTP status a
     gRPC client cannot map); stopping the stack leaves neither process running."""

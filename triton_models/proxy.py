@@ -32,6 +32,7 @@ directory, ``nginx -t`` first, nginx in the foreground as our child, stopped by 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -103,14 +104,11 @@ class ProxiedServer:
             self.triton.start()
             self._workdir = Path(tempfile.mkdtemp(prefix="diffgap-nginx-"))
             os.chmod(self._workdir, 0o711)  # unprivileged workers reach the temp paths nginx creates for them
-            attempt = 0
+            # a fresh prefix per attempt: a failed attempt's error log must not speak for the next one
+            prefixes = (self._workdir / f"nginx-{i}" for i in itertools.count())
 
             def launch(ports: tuple[int, ...]) -> None:
-                nonlocal attempt
-                # a fresh prefix per attempt: a failed attempt's error log must not speak for the next one
-                self.proxy = NginxProxy(ProxyPorts(self.host, *ports), self.triton.endpoints, self.limits,
-                                        self._workdir / f"nginx-{attempt}")
-                attempt += 1
+                self.proxy = NginxProxy(ProxyPorts(self.host, *ports), self.triton.endpoints, self.limits, next(prefixes))
                 try:
                     self.proxy.start()
                 except PortInUse:
