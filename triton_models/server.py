@@ -11,8 +11,9 @@ Recipe (verified on a CPU-only machine):
 - loopback binding only, on free ports, ``--model-control-mode=none``, ``--allow-gpu-metrics=false``
   (clients on other machines go through :mod:`.proxy`, which limits request sizes; this release of
   tritonserver has none and dies on a single HTTP body over 2 GiB);
-- ready when tritonclient's ``is_server_ready`` and ``is_model_ready`` (every model) say so; stopped by SIGTERM to the PID we started, then
-  SIGKILL if it has not exited within the grace period.
+- ready when tritonclient's ``is_server_ready`` and ``is_model_ready`` (every model) say so
+  (:mod:`.lifecycle`); stopped by SIGTERM to the PID we started, then SIGKILL if it has not exited
+  within the grace period.
 
 :class:`TritonServer` is a context manager that always stops the server (tests, demo, benchmarks).
 """
@@ -285,7 +286,7 @@ class TritonServer:
     def _exit_error(self) -> Exception:
         # Triton 2.51: "failed to start HTTP service: Unavailable - Socket '...' already in use"
         if "already in use" in self._attempt_log():
-            return PortInUse("tritonserver: a port is already in use")
+            return PortInUse(f"a port is already in use; log {self.log_path}")
         return RuntimeError(
             f"tritonserver exited with code {self.proc.returncode} before becoming ready "
             f"(repository {self.repository}; full log {self.log_path}); errors:\n{self.log_errors()}"
