@@ -3,11 +3,12 @@
 perf_analyzer (Triton's standard load generator; the binary comes from
 ``benchmarks.perf_analyzer.perf_analyzer()``) runs once per (ensemble, protocol, concurrency) with
 explicit stability settings: measurement windows of ``-p`` ms, "stable" when ``-s`` percent apart
-over 3 windows, at most ``-r`` windows. perf_analyzer's default (5 s?, 10 %) does not settle on a
-2-core machine where client and server share the cores, so the windows are widened; the exact
-command and whether it settled are recorded per row. Latencies are client-side (request sent to
-response received) p50/p90/p95/p99 and throughput in inferences/s; the server-side split
-(queue / compute) comes from the same CSV.
+over 3 windows, at most ``-r`` windows. perf_analyzer's defaults (5 s windows, 10 %, at most 10) do
+not settle on a 2-core machine where client and server share the cores, so the windows are widened;
+a run that still does not settle is retried once with a band twice as wide. The exact command,
+whether it settled and whether it was retried are recorded per row. Latencies are client-side
+(request sent to response received) p50/p90/p95/p99 and throughput in inferences/s; the server-side
+split (queue / compute) comes from the same CSV.
 
 Dynamic batching is evidenced by Triton's own statistics: ``inference_count / execution_count`` per
 composing model over each run (the mean executed batch size).
