@@ -234,8 +234,10 @@ def train(
     for m in (a, b):
         if m not in data.embeddings:
             raise ValueError(f"training data {data.path} has no {m!r} embeddings; preset {cfg.name!r} needs {cfg.modalities}")
-    if data.embed_dim != cfg.embed_dim:
-        raise ValueError(f"training data {data.path} has embedding dim {data.embed_dim}, preset {cfg.name!r} expects {cfg.embed_dim}; choose a matching --preset")
+    have = {m: data.dims[m] for m in cfg.modalities}
+    if have != cfg.input_dims:
+        raise ValueError(f"training data {data.path} has embedding widths {have}, the config expects {cfg.input_dims}; "
+                        "build the config with cfg.with_input_dims(data.dims) (what `diffgap train` does)")
     if len(data) < tcfg.batch_size:
         raise ValueError(f"training data {data.path} has {len(data)} pairs, fewer than batch size {tcfg.batch_size}; lower --batch-size")
 

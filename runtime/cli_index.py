@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.npz:
         from diffgap.core.data import load_pairs
 
-        pairs = load_pairs(args.npz, embed_dim=man.embed_dim, require=("audio",))
+        pairs = load_pairs(args.npz, embed_dim={m: man.input_dim(m) for m in ("audio", "text")}, require=("audio",))
         text = None if args.no_captions else pairs.embeddings.get("text")
         captions = None if text is None else pairs.captions
         if text is not None and captions is None:

@@ -40,6 +40,12 @@ def parse_sampler_name(name: str) -> tuple[str, str]:
     return source, target
 
 
+def head_name(modality: str) -> str:
+    """Export name of ``modality``'s contrastive head alone (embedding -> head space): ``text_head``.
+    What a query or gallery item needs where the fusion weights give the bridged terms weight 0."""
+    return f"{modality}_head"
+
+
 def noise_model_name(source: str, target: str) -> str:
     """Triton model that draws the sampler's seeded noise."""
     return f"{sampler_name(source, target)}_noise"
