@@ -393,7 +393,7 @@ def _export_job(job: ExportJob, tmp: Path, common_meta: dict, plan: ExportPlan, 
         "diffgap.model": io.name,
         **{f"diffgap.{k}": v if isinstance(v, str) else _json(v) for k, v in job.meta.items()},
     }
-    if job.fp16_kind == "denoiser":
+    if job.check_kind == "denoiser":  # the fused samplers (a head alone has no K)
         gmeta["diffgap.K"] = str(job.module.steps)
         gmeta["diffgap.schedule"] = plan.config.diffusion.schedule
     t0 = time.time()

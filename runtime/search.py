@@ -13,7 +13,7 @@ import numpy as np
 
 from diffgap.core.manifest import Manifest
 
-from .fusion import fusion_weights, query_needs, query_vectors
+from .fusion import fusion_weights, gallery_spaces, query_needs, query_vectors
 from .gallery import GalleryIndex, SearchError
 from .pipeline import DEFAULT_SEED, AudioToTextBridge, BridgeResult, TextToAudioBridge
 from .search_engines import open_engine
@@ -55,9 +55,10 @@ class GallerySearcher:
     def query_vectors(self, query: BridgeResult) -> tuple[np.ndarray, np.ndarray]:
         """(U (Q, index width), offset (Q,)) of ``query`` against this side (see :mod:`.fusion`)."""
         fields = {"clap": "source", "head": "projected", "bridged": "projected"}
+        read = gallery_spaces(self.weights)  # a block no weighted term reads is multiplied by 0
         for space, width in zip(self.side.spaces, self.side.blocks):
             a = getattr(query, fields[space])
-            if a is not None and a.shape[1] != width:
+            if space in read and a is not None and a.shape[1] != width:
                 raise SearchError(f"query {fields[space]} embeddings are {a.shape[1]}-d, the index's {space} block is {width}-d; "
                                   "use the export the index was built with")
         try:
