@@ -14,6 +14,7 @@ import torch
 
 import cavp_fixtures
 from diffgap.core.errors import UserError
+from diffgap.core.names import head_name
 from diffgap.encoders.cavp import CavpEncoder
 from diffgap.export import check as chk
 from diffgap.export.cli import export_all
@@ -21,7 +22,8 @@ from diffgap.export.fused import FusedSampler
 from diffgap.core.manifest import Manifest
 from diffgap.runtime import AudioToVideoBridge, VideoToAudioBridge, make_noise
 
-MODELS = {"cavp_video_encoder", "cavp_audio_encoder", "diffgap_video_to_audio", "diffgap_audio_to_video"}
+MODELS = {"cavp_video_encoder", "cavp_audio_encoder", "diffgap_video_to_audio", "diffgap_audio_to_video",
+          head_name("video"), head_name("audio")}
 
 
 @pytest.fixture(scope="module")
@@ -192,5 +194,5 @@ def test_encoder_choice_errors(exported, tmp_path):
 def test_samplers_only_export_has_no_encoders(exported, tmp_path):
     ckpt, _ = exported
     res = export_all(ckpt, tmp_path / "s", steps=1, encoders=None, fp16=False)
-    assert set(res.manifest.models) == {"diffgap_video_to_audio", "diffgap_audio_to_video"}
+    assert set(res.manifest.models) == {"diffgap_video_to_audio", "diffgap_audio_to_video", head_name("video"), head_name("audio")}
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["extra"]["encoder_family"] == "cavp"
