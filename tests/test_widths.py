@@ -174,3 +174,27 @@ def test_partly_skipped_and_full_index_agree(heads_only_export, tmp_path):
     with AudioSearch(lean, man, weights=weights) as s:
         with pytest.raises(ValueError, match="left out.*rebuild the index"):
             s.score_text_embeddings(text[:5], seed=7)
+
+
+def test_config_and_manifest_widths_round_trip(exported, tmp_path):
+    """One width keeps the layout older diffgap wrote (and reads); two widths travel as embed_dims;
+    an export manifest written before embed_dims existed reads its one embed_dim for every modality."""
+    import json
+
+    from diffgap.config import DiffGAPConfig, get_preset
+
+    cfg = get_preset("clap-512")
+    assert "embed_dims" not in cfg.to_dict() and cfg.input_dims == {"text": 512, "audio": 512}
+    same = cfg.with_input_dims({"text": 384, "audio": 384})
+    assert same.to_dict() == {**cfg.to_dict(), "embed_dim": 384}
+    mixed = cfg.with_input_dims({"text": 384, "audio": 768})
+    assert DiffGAPConfig.from_dict(mixed.to_dict()) == mixed and mixed.input_dims == {"text": 384, "audio": 768}
+    assert mixed.heads == cfg.heads and mixed.denoiser == cfg.denoiser
+    with pytest.raises(ValueError, match="embed_dims names"):
+        cfg.replace(embed_dims={"video": 3})
+    _, _, man = exported
+    d = json.loads((man.root / "manifest.json").read_text())
+    d.pop("embed_dims")
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    old = Manifest.load(tmp_path)
+    assert old.input_dim("text") == old.input_dim("audio") == d["embed_dim"]
