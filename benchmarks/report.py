@@ -313,9 +313,10 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("knob_notes"):
         out.append("")
 
-    from . import search
+    from . import lean, search
 
     out += search.markdown(res.get("search"))
+    out += lean.markdown(res.get("lean"))
     goals = goal_rows(res)
     out += ["## Goals", ""]
     body = [[g["goal"], g["target"], g["measured"], {True: "met", False: "**missed**", None: "not measured"}[g["met"]], g.get("why", "")]
@@ -421,10 +422,12 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
             a.grid(True, alpha=0.3)
             a.legend(fontsize=7)
         save(fig, f"triton-{t['label']}")
-    from . import search
+    from . import lean, search
 
     if search.plot(res.get("search") or {}, stem.with_name(f"{stem.name}-search.png")):
         written.append(stem.with_name(f"{stem.name}-search.png"))
+    if lean.plot(res.get("lean") or {}, stem.with_name(f"{stem.name}-lean.png")):
+        written.append(stem.with_name(f"{stem.name}-lean.png"))
     return written
 
 
