@@ -5,7 +5,8 @@ alone), the runtime computes and stores only what a weighted term reads (:mod:`d
 This group exports the run's model with such weights (samplers at K = 1, the retrieval bridge, and
 the heads; FP32, no encoders: embeddings in), builds one gallery of N random unit audio embeddings
 twice -- the lean index (only the blocks the weights read) and the full one (``all_blocks``: every
-block, what indexes held before) -- and times text -> audio queries both ways on the exact engine:
+block, what indexes held before) -- and times text -> audio queries both ways on the exact engine,
+the two taking turns call by call:
 
 * lean: ``AudioSearch.search_embeddings`` (the head alone per query, the lean index);
 * full: the sampler per query (``bridge_embeddings``) and the full index (every term computed, the
@@ -44,23 +45,31 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _timed(fn: Any, queries: np.ndarray, b: int, policy: Any) -> dict[str, float]:
-    """p50/p99 per call and queries/s, cycling through the query pool in batches of ``b``."""
+def _timed(fns: dict[str, Any], queries: np.ndarray, b: int, policy: Any) -> dict[str, dict[str, float]]:
+    """Per function: p50/p99 per call and queries/s, cycling through the query pool in batches of ``b``.
+    The functions take turns call by call, so a change in the machine's load hits both alike."""
     calls = [queries[i:i + b] for i in range(0, len(queries) - b + 1, b)]
-    for c in calls[: max(1, policy.warmup)]:
-        fn(c)
-    samples: list[float] = []
+    for fn in fns.values():
+        for c in calls[: max(1, policy.warmup)]:
+            fn(c)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
     t_start = time.perf_counter()
+    i = 0
     while True:
-        t0 = time.perf_counter()
-        fn(calls[len(samples) % len(calls)])
-        samples.append(time.perf_counter() - t0)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(calls[i % len(calls)])
+            samples[k].append(time.perf_counter() - t0)
+        i += 1
         el = time.perf_counter() - t_start
-        if (len(samples) >= 3 and el >= policy.max_time_s) or (len(samples) >= max(policy.repeats, 20) and el >= policy.min_time_s):
+        if (i >= 3 and el >= 2 * policy.max_time_s) or (i >= max(policy.repeats, 20) and el >= 2 * policy.min_time_s):
             break
-    a = np.asarray(samples) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "qps": float(b * a.size / (a.sum() / 1e3)), "calls": int(a.size)}
+    out = {}
+    for k, s in samples.items():
+        a = np.asarray(s) * 1e3
+        out[k] = {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+                  "qps": float(b * a.size / (a.sum() / 1e3)), "calls": int(a.size)}
+    return out
 
 
 def one(ctx: Any, label: str, weights: dict[str, float], n: int) -> dict[str, Any]:
@@ -103,8 +112,11 @@ def one(ctx: Any, label: str, weights: dict[str, float], n: int) -> dict[str, An
             _, s_lean = lean.search_embeddings(text, k=K)
             _, s_full = full_query(text)
             row["max_abs_score_diff"] = float(np.abs(s_lean - s_full).max())
-            for kind, fn in (("lean", lean_query), ("full", full_query)):
-                row[kind]["latency"] = {f"B={b}": _timed(fn, text, b, ctx.policy) for b in BATCHES}
+            for kind in ("lean", "full"):
+                row[kind]["latency"] = {}
+            for b in BATCHES:
+                for kind, lat in _timed({"lean": lean_query, "full": full_query}, text, b, ctx.policy).items():
+                    row[kind]["latency"][f"B={b}"] = lat
             row["lean"]["sampler_opened"] = lean.t2a._sampler is not None
         finally:
             full.close()

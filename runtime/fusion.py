@@ -200,7 +200,7 @@ def query_vectors(query: Any, stats: Mapping[str, np.ndarray], weights: Mapping[
     if missing:
         raise ValueError(f"the fusion weights {dict(weights)} read the gallery's {missing} block(s), which this index "
                          "left out (those terms had weight 0 when it was built); rebuild the index with these weights")
-    q = len(query.source)
+    q = len(next(a for a in (query.source, query.projected, query.bridged) if a is not None))
 
     def scaled(term: str, field: str, space: str) -> np.ndarray | None:  # w / std * a, or None at weight 0
         w = float(weights.get(term, 0.0))

@@ -95,7 +95,7 @@ class BridgeResult:
     L2-normalised target-modality embeddings (B, D). All float32; :meth:`Bridge.embed` leaves the
     fields it was not asked for None."""
 
-    source: np.ndarray
+    source: np.ndarray | None      # None only where a caller (the Triton search) was not sent it
     projected: np.ndarray | None
     bridged: np.ndarray | None
 
