@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = adapt_input_dims(cfg, data)
     if args.val is not None:
         return _run_validated(args, cfg, data, dist_info.world)
+    if len(data) < cfg.train.batch_size:
+        raise UserError(f"training data {args.data} has {len(data)} pairs, fewer than batch size {cfg.train.batch_size}; lower --batch-size")
     if args.schedule is not None:
         raise UserError("--schedule needs --val (the schedules are chosen and stopped on the validation split); add --val VAL.npz")
     res = train(cfg, data, out=args.out, resume=args.resume, progress=not args.no_progress,
