@@ -34,6 +34,8 @@ import numpy as np
 SAMPLE_RATE = 48000      # laion-clap audio_cfg.sample_rate
 CLIP_SAMPLES = 480000    # laion-clap audio_cfg.clip_samples (10 s at 48 kHz)
 LONG_CLIP_POLICIES = ("center", "start", "chunks")
+# File suffixes a folder scan treats as audio: the containers libsndfile (soundfile) decodes.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 
 # The listed decoding errors: kind -> what it means (and the fix, in the raised message).
 AUDIO_ERRORS: dict[str, str] = {
