@@ -99,24 +99,38 @@ def documented_table() -> OperatorTable:
     return parse_operators_md(OPERATORS_DOC.read_text(encoding="utf-8"))
 
 
-def tensorrt_parser_support(ops: Iterable[str]) -> tuple[str, dict[str, bool]] | None:
-    """Ask the installed TensorRT's ONNX parser which of ``ops`` it supports: ``(version, {op: bool})``,
-    or None where TensorRT is not installed or cannot create a builder here (no usable GPU)."""
+@functools.cache
+def _installed_parser() -> tuple[str, object, tuple] | None:
+    """``(version, OnnxParser, objects it needs alive)`` of the installed TensorRT, or None where it is
+    not installed, older than the floor, or cannot create a builder here (no usable GPU)."""
     try:
         from diffgap.runtime.trt_host import import_tensorrt, network_flags, trt_logger
 
         trt = import_tensorrt()
-    except ImportError:
+    except (ImportError, RuntimeError) as e:  # not installed / older than the floor target
+        log.debug("no TensorRT parser to ask (%s); the documented table alone is used", e)
         return None
     try:
         builder = trt.Builder(trt_logger())
-    except (TypeError, RuntimeError) as e:  # pybind11's "factory function returned nullptr": no CUDA device
-        log.info("TensorRT %s is installed but cannot create a builder here (%s); the documented table alone is used", trt.__version__, e)
-        return None
+    except (TypeError, RuntimeError) as e:  # pybind11's "factory function returned nullptr"
+        builder, reason = None, e
+    else:
+        reason = "no builder"
     if builder is None:
+        log.info("TensorRT %s cannot create a builder here (%s); the documented table alone is used", trt.__version__, reason)
         return None
-    parser = trt.OnnxParser(builder.create_network(network_flags(trt)), trt_logger())
-    return trt.__version__, {op: bool(parser.supports_operator(op)) for op in ops}
+    network = builder.create_network(network_flags(trt))
+    return trt.__version__, trt.OnnxParser(network, trt_logger()), (builder, network)
+
+
+def tensorrt_parser_support(ops: Iterable[str]) -> tuple[str, dict[str, bool]] | None:
+    """Ask the installed TensorRT's ONNX parser which of ``ops`` it supports (``supports_operator``):
+    ``(version, {op: bool})``, or None where there is no parser to ask (see :func:`_installed_parser`)."""
+    installed = _installed_parser()
+    if installed is None:
+        return None
+    version, parser, _ = installed
+    return version, {op: bool(parser.supports_operator(op)) for op in ops}
 
 
 # Parseable by TensorRT, but forbidden in our graphs: the sampler is unrolled straight-line code.

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "storage (flat|fp16|sq8|pq), pq_m, train_size; milvus uri, collection, index_type (FLAT|IVF_FLAT|HNSW), "
                         "nlist, m, ef_construction; any engine's per-query defaults ef_search, nprobe, refine")
     p.add_argument("--chunk-size", type=int, default=4096, help="gallery rows bridged per step (default 4096)")
-    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     p.add_argument("--no-captions", action="store_true", help="index only the audio side of --npz")
     p.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
