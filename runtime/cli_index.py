@@ -64,7 +64,7 @@ class StageBars:
 
         bar = self.bars.get(stage)
         if bar is None:
-            bar = self.bars[stage] = progress_bar(total=total, desc=stage, unit="row", unit_scale=True)
+            bar = self.bars[stage] = progress_bar(total=total, desc=stage, unit="row")
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -141,6 +141,8 @@ def _run(args: argparse.Namespace, progress: StageBars | None) -> int:
                         skipped.append(str(e))
                 if waves:
                     embs.append(a2t.encode(np.concatenate(waves)))
+                if progress is not None:
+                    progress("encode audio", min(i + chunk, len(files)), len(files))
         for s in skipped:
             print(f"skipped {s}")
         if not ids:
