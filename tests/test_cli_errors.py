@@ -120,6 +120,11 @@ def test_runtime_user_mistakes_stay_one_line(export_and_pairs, tmp_path, capsys)
     assert "pass --overwrite" in _one_line(capsys.readouterr().err, "index")
     assert cli.main(["index", str(man.root), "--audio-dir", str(tmp_path), "--out", str(tmp_path / "g2")]) == 2
     assert "no audio files" in _one_line(capsys.readouterr().err, "index")
+    assert cli.main(["search", "--audio", str(tmp_path / "missing.wav"), "--index", str(out)]) == 2
+    assert "missing.wav: missing" in _one_line(capsys.readouterr().err, "search")
+    (tmp_path / "notes.txt").write_text("not audio")
+    assert cli.main(["search", "--audio", str(tmp_path / "notes.txt"), "--index", str(out)]) == 2
+    assert "notes.txt: not-audio" in _one_line(capsys.readouterr().err, "search")
     assert cli.main(["build-engines", str(man.root), "--models", "no_such_model"]) == 2
     assert "no_such_model" in _one_line(capsys.readouterr().err, "build-engines")
 
