@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	$(PY) -m diffgap.triton_models.tools ensure-perf-analyzer || true
+	$(PY) -m benchmarks.perf_analyzer ensure-perf-analyzer || true
 	@touch $@
 
 demo: setup
