@@ -44,7 +44,9 @@ def _raise_stop(signum, frame):  # noqa: ARG001
 
 def run(args: argparse.Namespace) -> int:
     from .proxy import ProxiedServer
+    from .repository import check_servable_by_bundled_server
 
+    check_servable_by_bundled_server(args.repo)  # a gpu-flavour repository: one-line error, exit 2
     # Not a repository, nginx missing, no computable limit: the CLI prints the one-line error (exit 2).
     # ProxiedServer logs a warning when --host is not loopback (no authentication on these endpoints).
     server = ProxiedServer(

@@ -48,26 +48,13 @@ def ensemble_step(model: str, input_map: Mapping[str, str], output_map: Mapping[
 
 
 # -- an exported graph in the gpu flavour -----------------------------------------------------------
-TRT_WORKSPACE_BYTES = 1 << 30  # Triton onnxruntime backend's own default for max_workspace_size_bytes
-
-
 def ort_trt_accelerator(io: IOSpec, cache_dir: str) -> dict[str, Any]:
-    """Triton's ``tensorrt`` GPU execution accelerator for an ``onnxruntime_onnx`` model.
+    """Triton's ``tensorrt`` GPU execution accelerator for an ``onnxruntime_onnx`` model: the options
+    ``open_model(..., backend="ort-trt")`` gives onnxruntime, in the backend's spelling
+    (:func:`diffgap.runtime.ort_trt.triton_accelerator_parameters`, declared once there)."""
+    from diffgap.runtime.ort_trt import triton_accelerator_parameters
 
-    The parameters are :func:`diffgap.runtime.ort_trt.ort_trt_options` (what ``open_model``'s
-    ``ort-trt`` backend passes to onnxruntime), spelled as the onnxruntime backend's keys:
-    ``precision_mode`` "FP32" is its name for ``trt_fp16_enable``/``trt_int8_enable`` off (the FP16
-    graph keeps its own types), booleans are "1"/"0", every other key is the provider option itself.
-    """
-    from diffgap.runtime.ort_trt import ort_trt_options
-
-    opts = ort_trt_options(io, cache_dir)
-    lowered = [k for k in ("trt_fp16_enable", "trt_int8_enable") if opts.pop(k)]
-    if lowered:
-        raise ValueError("the exported graphs carry their own precision: the TensorRT accelerator runs them as typed")
-    params = {"precision_mode": "FP32", "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES)}
-    params.update({k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in opts.items()})
-    return {"name": "tensorrt", "parameters": params}
+    return {"name": "tensorrt", "parameters": triton_accelerator_parameters(io, cache_dir)}
 
 
 def gpu_graph_config(
@@ -75,6 +62,8 @@ def gpu_graph_config(
 ) -> dict[str, Any]:
     """``KIND_GPU`` config of one exported graph: a ``tensorrt_plan`` engine (every input bound, one
     CUDA graph per preferred batch size) or ``onnxruntime_onnx`` with the TensorRT accelerator."""
+    from diffgap.runtime.ort_trt import ort_trt_cache_folder
+
     sizes = preferred_sizes(io, io.max_batch)
     plan = platform == "tensorrt_plan"
     return {
@@ -86,5 +75,5 @@ def gpu_graph_config(
         "dynamic_batching": {"preferred_batch_size": sizes, "max_queue_delay_microseconds": queue_delay_us},
         # Static feature dims: one CUDA graph per preferred batch size (Triton TensorRT backend).
         "optimization": {"cuda": {"graphs": True, "graph_spec": [{"batch_size": b} for b in sizes]}} if plan else
-        {"execution_accelerators": {"gpu_execution_accelerator": [ort_trt_accelerator(io, f"{ort_trt_cache_dir}/{name}")]}},
+        {"execution_accelerators": {"gpu_execution_accelerator": [ort_trt_accelerator(io, ort_trt_cache_folder(ort_trt_cache_dir, name))]}},
     }

@@ -59,6 +59,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
 from diffgap.core.iospec import IOSpec, triton_dtype
 from diffgap.core.manifest import Manifest
@@ -124,8 +125,9 @@ MAX_TEXT_BYTES = 2048
 # benchmarks/results). GPU: 100 us, small next to one engine call, lets batches fill.
 PORTABLE_QUEUE_DELAY_US = 0
 GPU_QUEUE_DELAY_US = 100
-# onnxruntime_onnx models: the TensorRT accelerator's engine cache inside the server (per model).
-ORT_TRT_CACHE_DIR = "/tmp/diffgap_ort_trt_cache"
+# onnxruntime_onnx models: the existing folder, inside the server, under which each model's TensorRT
+# accelerator caches in its own flat folder (diffgap.runtime.ort_trt.ort_trt_cache_folder).
+ORT_TRT_CACHE_DIR = "/tmp"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,8 +168,9 @@ class RepoOptions:
     queue_delay_us: int | None = None   # dynamic batching window; None = the flavour's default
     # gpu flavour, tensorrt_plan: the serving tritonserver's TensorRT release (its engines must match)
     server_trt_version: str | None = None
-    # gpu flavour, onnxruntime_onnx: where, inside the server, the TensorRT accelerator caches its
-    # engines and timing cache (one folder per model; must be writable by the server process)
+    # gpu flavour, onnxruntime_onnx: the existing folder, inside the server, under which the TensorRT
+    # accelerator caches each model's engines and timing cache in one flat folder of its own
+    # (onnxruntime creates only that last level; it must be writable by the server process)
     ort_trt_cache_dir: str = ORT_TRT_CACHE_DIR
 
     def __post_init__(self) -> None:
@@ -506,3 +509,27 @@ def read_repository_info(repo: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: {repo} was not made by `diffgap triton-repo`")
     return json.loads(p.read_text())
+
+
+# The platforms of the gpu flavour's exported graphs: backends the tritonserver bundled with
+# nvidia-pytriton does not have (it ships the python backend only).
+GPU_PLATFORMS_NEED_NGC = ("tensorrt_plan", "onnxruntime_onnx")
+NGC_TRITON_HINT = (
+    "serve it with NVIDIA's Triton image, nvcr.io/nvidia/tritonserver:<yy.mm>-py3 (docker/triton-gpu.Dockerfile "
+    "adds the python models' dependencies), or make a portable repository (`diffgap triton-repo --flavor portable`)"
+)
+
+
+def check_servable_by_bundled_server(repo: str | Path) -> None:
+    """UserError for a gpu-flavour repository: the bundled tritonserver cannot load its models."""
+    repo = Path(repo)
+    info = repo / REPO_INFO
+    flavor = json.loads(info.read_text()).get("flavor") if info.is_file() else None
+    gpu_models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt")
+                        if any(f'platform: "{pl}"' in p.read_text() for pl in GPU_PLATFORMS_NEED_NGC))
+    if flavor == "gpu" or gpu_models:
+        what = f"models {', '.join(gpu_models)} run on " + "/".join(GPU_PLATFORMS_NEED_NGC) if gpu_models else "its models need GPU backends"
+        raise UserError(
+            f"{repo} is a gpu-flavour repository ({what}), which the tritonserver bundled with nvidia-pytriton "
+            f"cannot load (python backend only): {NGC_TRITON_HINT}"
+        )
