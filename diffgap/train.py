@@ -226,7 +226,7 @@ def train(
     jobs), and a resumed run is bit-identical to an uninterrupted one. Returns the EMA model.
     Deterministic for a fixed ``cfg.train.seed``, world size and thread count.
     """
-    from tqdm.auto import tqdm
+    from diffgap.core.progress import progress_bar
 
     tcfg = cfg.train
     dist_info = dist_info or init_distributed()
@@ -275,8 +275,8 @@ def train(
     t0 = time.perf_counter()
     model.train()
     end = tcfg.steps if stop_after is None else min(tcfg.steps, start + stop_after)
-    bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=not (progress and dist_info.main),
-               desc=f"train {cfg.name}", dynamic_ncols=True)
+    bar = progress_bar(range(start, end), initial=start, total=tcfg.steps, disable=not (progress and dist_info.main),
+                      desc=f"train {cfg.name}", dynamic_ncols=True)
     running: dict[str, float] = {}
     for step in bar:
         lr = lr_at(step, tcfg)

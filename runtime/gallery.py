@@ -27,11 +27,11 @@ import numpy as np
 from diffgap.core.errors import UserError
 from diffgap.core.fsutil import read_versioned_json, sha256_file
 from diffgap.core.manifest import Manifest
+from diffgap.core.names import MANIFEST
 
 from .fusion import SPACES
 
 INDEX_FORMAT = "diffgap-index/2"
-MANIFEST = "manifest.json"
 SIDES = ("audio", "text")
 
 

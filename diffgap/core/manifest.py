@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .fsutil import atomic_write_json, read_versioned_json, sha256_file
 from .iospec import IOSpec
+from .names import MANIFEST
 
 FORMAT = "diffgap-export/1"
-MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ModelEntry:
 
     def file(self, precision: str) -> str:
         if precision not in self.files:
-            raise ValueError(
+            raise UserError(
                 f"model {self.io.name!r} has no {precision} file (has {sorted(self.files)}); re-export it"
             )
         return self.files[precision]
@@ -116,7 +116,7 @@ class Manifest:
             if not p.exists():
                 raise FileNotFoundError(f"export file {p} listed in {MANIFEST} is missing; re-run `diffgap export`")
             if sha256_file(p) != rec["sha256"]:
-                raise ValueError(f"export file {p} does not match its sha256 in {MANIFEST} (truncated or replaced); re-export")
+                raise UserError(f"export file {p} does not match its sha256 in {MANIFEST} (truncated or replaced); re-export")
 
     @classmethod
     def load(cls, root: str | Path, verify: bool = False) -> "Manifest":

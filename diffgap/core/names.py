@@ -9,6 +9,15 @@ from __future__ import annotations
 
 FAMILIES = ("clap", "cavp")
 
+# The file naming an export's models (diffgap.core.manifest) and a gallery index's arrays
+# (diffgap.runtime.gallery), each at the root of its directory.
+MANIFEST = "manifest.json"
+
+# Graph precisions an export ships (``<name>.onnx`` fp32, ``<name>.fp16.onnx``) and engines are built in.
+PRECISIONS = ("fp32", "fp16")
+# Runtime backends (diffgap.runtime.session): onnxruntime CPU / CUDA / TensorRT EP, or TensorRT itself.
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+
 # ONNX metadata_props keys written by diffgap.export and read by diffgap.runtime.
 META_IO_SPEC = "diffgap.io_spec"     # IOSpec.to_dict() as json
 META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own precision

@@ -30,13 +30,13 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from diffgap.core.audio import AUDIO_SUFFIXES
 from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_write_text, sha256_file
 from diffgap.core.jobs import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
 CLOTHO_COLUMNS = ("file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5")
 
