@@ -257,7 +257,7 @@ def test_gpu_flavour_accelerator_agrees_with_the_ort_trt_backend(export, tmp_pat
         # nothing beyond the shared options (a workspace cap here and not in ort-trt would differ)
         assert p == {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in want.items()}
     default = R.build_repository(export, tmp_path / "gpu2", flavor="gpu", gpu_platform="onnxruntime_onnx")
-    p = load_configs(default)[sorted(Manifest.load(export).models)[0]]
+    p = load_configs(default)[sorted(served(Manifest.load(export)))[0]]
     folder = dict(p.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters)["trt_engine_cache_path"]
     assert Path(folder).parent == Path("/tmp") and Path(folder).name.startswith("diffgap_ort_trt_")
 
