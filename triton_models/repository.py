@@ -63,7 +63,7 @@ from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
 from diffgap.core.iospec import IOSpec, triton_dtype
 from diffgap.core.manifest import Manifest
-from diffgap.core.names import embedding_ensemble_name, encoder_name, head_name, noise_model_name, sampler_name
+from diffgap.core.names import PRECISIONS, embedding_ensemble_name, encoder_name, head_name, noise_model_name, sampler_name
 # The sampler tensors' roles (keys of the IOSpec's meta["roles"]): tensors are looked up by role in
 # the manifest's IOSpec (IOSpec.role), never by a retyped name.
 from diffgap.runtime.pipeline import (
@@ -178,8 +178,8 @@ class RepoOptions:
             raise ValueError(f"unknown flavour {self.flavor!r}; use one of {', '.join(FLAVORS)}")
         if self.gpu_platform not in GPU_PLATFORMS:
             raise ValueError(f"unknown gpu platform {self.gpu_platform!r}; use one of {', '.join(GPU_PLATFORMS)}")
-        if self.precision not in ("fp16", "fp32"):
-            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.default_seed < 0:
