@@ -296,9 +296,9 @@ def embed_plan(
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from diffgap.core.progress import progress_bar
 
-        bar = tqdm(total=len(shards.names), initial=work.done(shards.names), unit="shard", desc=f"embed -> {out.name}")
+        bar = progress_bar(total=len(shards.names), initial=work.done(shards.names), unit="shard", desc=f"embed -> {out.name}")
 
     def done(name: str) -> None:
         if bar is not None:
