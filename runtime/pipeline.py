@@ -26,6 +26,7 @@ import numpy as np
 
 from diffgap.core.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED
 from diffgap.core.manifest import Manifest
+from diffgap.core.errors import UserError
 from diffgap.core.names import encoder_name, head_name, sampler_name
 
 # The scoring names stay importable from here (they live in .fusion).
@@ -175,8 +176,14 @@ class Bridge(abc.ABC):
     def encoder(self) -> Session:
         """The source modality's encoder, opened on first use (embedding-only callers never load it)."""
         if self._encoder is None:
+            name = encoder_name(self.source, self.family)
+            if name not in self.manifest.models:
+                raise UserError(
+                    f"export {self.manifest.root} has no {self.source} encoder ({name!r}; it was exported with "
+                    f"`--encoders none`): pass {self.source} embeddings instead (`bridge_embeddings`, "
+                    f"`diffgap index --npz`), or re-export with `--encoders`")
             self._encoder = open_model(
-                self.manifest, encoder_name(self.source, self.family), self.backend, self.precision, verify=self._verify, **self._session_options
+                self.manifest, name, self.backend, self.precision, verify=self._verify, **self._session_options
             )
         return self._encoder
 

@@ -124,6 +124,11 @@ def test_index_and_search_any_width(exported, tmp_path):
     assert found.shape == (6, 3) and caps.shape == (2, 2)
     assert [list(r) for r in found] == [[ids[j] for j in np.argsort(-row, kind="stable")[:3]] for row in ref]
 
+    # a caption needs a text encoder, which an export of non-CLAP embeddings (`--encoders none`) lacks:
+    # the CLI says so in one line (exit 2) instead of a KeyError traceback
+    rc = cli_main(["search", "a dog barks", "--index", str(tmp_path / "ix"), "--export", str(man.root)])
+    assert rc == 2
+
 
 BRIDGES_OFF = {"raw": 0.0, "heads": 1.0, "q-bridge": 0.0, "g-bridge": 0.0}
 
