@@ -12,11 +12,14 @@ from diffgap.core.progress import NON_TTY_INTERVAL_S, progress_bar
 UPDATES = 10_000
 
 
-def _run_loop(**kw) -> float:
+def _run_loop(postfix: bool = False, **kw) -> float:
     t0 = time.monotonic()
     bar = progress_bar(total=UPDATES, desc="rows", **kw)
-    for _ in range(UPDATES):
+    for i in range(UPDATES):
         bar.update(1)
+        if postfix:  # what the training loops do every step (tqdm redraws on it by default)
+            bar.set_postfix(loss=f"{i:.3f}")
+            bar.set_description("rows")
     bar.close()
     return time.monotonic() - t0
 
@@ -36,6 +39,16 @@ def test_stderr_redirected_to_a_file_gets_a_bounded_number_of_lines(tmp_path, mo
     assert "\r" not in text  # one frame per line, no carriage-return frames piled on one line
     assert 1 <= len(lines) <= _max_lines(took), lines
     assert f"{UPDATES}/{UPDATES}" in lines[-1]  # the final state is written when the bar closes
+
+
+def test_postfix_updates_do_not_force_frames(tmp_path, monkeypatch):
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as f:
+        monkeypatch.setattr(sys, "stderr", f)
+        took = _run_loop(postfix=True)
+    lines = log.read_text().splitlines()
+    assert 1 <= len(lines) <= _max_lines(took), len(lines)
+    assert "loss=" in lines[-1]  # the postfix still reaches the frames that are drawn
 
 
 def test_unbuffered_tqdm_would_write_a_frame_per_update(tmp_path):

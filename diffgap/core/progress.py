@@ -46,6 +46,21 @@ class _LineStream:
         return getattr(self._stream, name)
 
 
+class _LogTqdm(tqdm):
+    """tqdm whose ``set_postfix`` / ``set_description`` wait for the next frame instead of forcing one:
+    tqdm redraws on each of those calls by default (``refresh=True``), which would defeat ``mininterval``
+    in a loop that updates its postfix every step."""
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = False, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = False) -> None:
+        super().set_postfix_str(s, refresh=refresh)
+
+    def set_description(self, desc: str | None = None, refresh: bool = False) -> None:
+        super().set_description(desc, refresh=refresh)
+
+
 def _is_terminal(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -68,4 +83,4 @@ def progress_bar(iterable: Iterable | None = None, *, file: IO[str] | None = Non
     # tqdm's monitor thread forces a frame after maxinterval (default 10 s) of silence: keep it in step.
     kwargs.setdefault("maxinterval", max(kwargs["mininterval"], NON_TTY_INTERVAL_S))
     kwargs.setdefault("dynamic_ncols", False)
-    return tqdm(iterable, file=_LineStream(stream), **kwargs)
+    return _LogTqdm(iterable, file=_LineStream(stream), **kwargs)
