@@ -48,3 +48,16 @@ def noise_model_name(source: str, target: str) -> str:
 def embedding_ensemble_name(source: str, target: str) -> str:
     """Triton ensemble joining ``source``'s encoder and the sampler: ``text_to_audio_embedding``."""
     return f"{source}_to_{target}_embedding"
+
+
+# ---- generation: the raw-space conditioning sampler of CLAP-conditioned generators ----------------
+# Not under SAMPLER_PREFIX: parse_sampler_name reads every ``diffgap_*`` model as a retrieval sampler.
+def condition_sampler_name(source: str, target: str) -> str:
+    """Export name of the fused K-step sampler whose output is a *raw-space* (CLAP/CAVP) target
+    embedding, the generator's condition: ``text_to_audio_condition_sampler``."""
+    return f"{source}_to_{target}_condition_sampler"
+
+
+def condition_ensemble_name(source: str, target: str) -> str:
+    """Triton ensemble: ``source``'s encoder -> N seeded condition samples: ``text_to_audio_condition``."""
+    return f"{source}_to_{target}_condition"
