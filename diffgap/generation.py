@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core.errors import UserError
+from .core.names import META_ENCODER
 from .core.generation import GEN_GUIDANCE, GEN_STEPS, generation_noise
 from .models import DiffGAP, parse_direction
 
 log = logging.getLogger(__name__)
 
-# Metadata key of a checkpoint (and of an embeddings .npz) naming the frozen encoder it was trained on.
-ENCODER_META = "encoder"
+ENCODER_META = META_ENCODER  # checkpoint meta key: the frozen encoder the embeddings came from
 
 
 def check_invertible(model: DiffGAP) -> None:

@@ -15,6 +15,10 @@ META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own p
 
 SAMPLER_PREFIX = "diffgap_"
 
+# Checkpoint meta key (and embeddings .npz array) holding the identity of the frozen encoder the
+# embeddings came from (``diffgap embed --hf-clap``); ``diffgap generate`` checks it.
+META_ENCODER = "encoder"
+
 # Bridge samples per query (and per gallery item) in the runtime, Triton and the ``full`` row of
 # ``diffgap eval`` that chooses their fusion weights: one draw from the item's seeded noise.
 RUNTIME_SAMPLES = 1

@@ -267,7 +267,7 @@ def embed_plan(
                     except daudio.AudioError as e:
                         failed.append(rel)
                         reasons.append(f"{e.kind}: {daudio.AUDIO_ERRORS[e.kind]}")
-                emb = encoder.encode_clip_groups(clips, batch_size) if clips else np.zeros((0, 512), np.float32)
+                emb = encoder.encode_clip_groups(clips, batch_size) if clips else np.zeros((0, getattr(encoder, "embed_dim", 512)), np.float32)
                 _save_shard(shard, keys=np.array(ok, dtype=str), emb=emb,
                             failed=np.array(failed, dtype=str), reasons=np.array(reasons, dtype=str))
             else:
@@ -309,6 +309,7 @@ def embed_plan(
         audio=np.stack([audio_emb[p.audio] for p in rows]),
         text=np.stack([text_emb[p.caption] for p in rows]),
         captions=[p.caption for p in rows],
+        encoder=encoder.identity() if hasattr(encoder, "identity") else None,
     )
     report = out.with_name(out.stem + ".skipped.tsv")
     if skipped:
