@@ -65,3 +65,10 @@ def condition_sampler_name(source: str, target: str) -> str:
 def condition_ensemble_name(source: str, target: str) -> str:
     """Triton ensemble: ``source``'s encoder -> N seeded condition samples: ``text_to_audio_condition``."""
     return f"{source}_to_{target}_condition"
+
+
+# The generator's own CLAP text tower as an exported graph (``export/generator_text.py``), and the
+# manifest asset key of its tokenizer folder: the text encoder of the generation ensembles, so a
+# served caption is embedded exactly as the generator (and ``diffgap generate``) embeds it.
+GENERATOR_TEXT_ENCODER = "generator_text_encoder"
+GENERATOR_TOKENIZER_ASSET = "generator_tokenizer"
