@@ -213,6 +213,9 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
                       val_every=10, patience=2, head_val_every=10, head_patience=2, max_head_steps=400,
                       max_denoiser_steps=300),
 )
+# Generation tests: clap-tiny's denoisers with square linear heads, which generation inverts exactly
+# (diffgap.generation.HeadInverse).
+PRESETS["clap-tiny-gen"] = PRESETS["clap-tiny"].replace(name="clap-tiny-gen", **{"heads.dim": 512, "heads.hidden": 0})
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.
 PRESETS["cavp-512"] = PRESETS["clap-512"].replace(name="cavp-512", modalities=["video", "audio"])

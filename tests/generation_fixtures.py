@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PROJECTION_DIM = 32   # the CLAP projection width = the UNet's class-embedding input width
+PROJECTION_DIM = 512  # the CLAP projection width = the UNet's class-embedding input width (as real CLAP)
 VOCODER_RATE = 16000
 
 
