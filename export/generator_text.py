@@ -58,7 +58,7 @@ class GeneratorTextEncoder(nn.Module):
     def io_spec(self) -> IOSpec:
         L, E = self.context_length, self.embed_dim
         ids = TensorSpec("input_ids", "int64", (BATCH, L), low=0, high=self.vocab_size, doc="token ids, padded to the context length")
-        mask = TensorSpec("attention_mask", "int64", (BATCH, L), low=1, high=2, doc="1 on real tokens, 0 on padding")
+        mask = TensorSpec("attention_mask", "int64", (BATCH, L), low=0, high=2, doc="1 on real tokens, 0 on padding")
         emb = TensorSpec("text_embedding", "float32", (BATCH, E), doc="the generator's CLAP text embedding, unit norm")
         lo, opt, hi = BATCH_PROFILES[encoder_name("text", "clap")]
         return IOSpec(
