@@ -23,9 +23,13 @@ Groups (``--only``):
   ``AudioSearch`` end to end at 100k: build time, disk and resident bytes, p50/p99 at B = 1 and 16,
   queries/s, recall@10, the exact engine's bandwidth bound.
 
+* ``generation`` -- the bridge's cost against one generation: the fused raw-space generation sampler
+  (K as shipped) vs the denoising loop of an AudioLDM-small-size UNet (published config, random
+  weights, the pipeline's shipped steps and guidance), same run, same machine.
+
 Outputs (written atomically): ``<out>/<host>-<date>.json``, ``<out>/<host>-<date>.md`` and PNG plots
 ``<out>/<host>-<date>-*.png``. Weights are random (an untrained model of the preset): timings do not
 depend on the weight values.
 """
 SCHEMA = "diffgap-bench/1"
-GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search")
+GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "generation")

@@ -176,6 +176,10 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
             res["search"] = search.run(ctx, args.search_sizes)
             res["settings"]["search_sizes"] = res["search"]["sizes"]
+        if "generation" in groups:
+            from . import generation
+
+            res["generation"] = generation.run(ctx)
         if "triton" in groups:
             from . import serving
 

@@ -316,6 +316,9 @@ def markdown(res: dict[str, Any]) -> str:
     from . import search
 
     out += search.markdown(res.get("search"))
+    from . import generation
+
+    out += generation.markdown(res.get("generation"))
     goals = goal_rows(res)
     out += ["## Goals", ""]
     body = [[g["goal"], g["target"], g["measured"], {True: "met", False: "**missed**", None: "not measured"}[g["met"]], g.get("why", "")]
@@ -425,6 +428,10 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
 
     if search.plot(res.get("search") or {}, stem.with_name(f"{stem.name}-search.png")):
         written.append(stem.with_name(f"{stem.name}-search.png"))
+    from . import generation
+
+    if generation.plot(res.get("generation"), stem.with_name(f"{stem.name}-generation.png")):
+        written.append(stem.with_name(f"{stem.name}-generation.png"))
     return written
 
 
