@@ -220,6 +220,7 @@ PRESETS["clap-tiny-gen"] = PRESETS["clap-tiny"].replace(name="clap-tiny-gen", **
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.
 PRESETS["cavp-512"] = PRESETS["clap-512"].replace(name="cavp-512", modalities=["video", "audio"])
 PRESETS["cavp-tiny"] = PRESETS["clap-tiny"].replace(name="cavp-tiny", modalities=["video", "audio"])
+PRESETS["cavp-tiny-gen"] = PRESETS["clap-tiny-gen"].replace(name="cavp-tiny-gen", modalities=["video", "audio"])
 
 
 def get_preset(name: str) -> DiffGAPConfig:

@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 from diffgap.core.errors import UserError
+from diffgap.core.generation import GEN_STEPS
 
 from .provenance import check_export_args
 
@@ -72,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion-weights", metavar="EVAL_JSON", default=None,
                    help="`diffgap eval --json` output: store its validation-chosen fusion weights (the 'full' row of "
                         "each task) in the manifest, where the runtime's search and Triton read them")
+    p.add_argument("--generation", nargs="?", type=int, const=GEN_STEPS, default=None, metavar="K",
+                   help=f"also export the generation sampler (K-step samples in the raw CLAP/CAVP space, a generator's "
+                        f"condition) with K steps (default {GEN_STEPS}); needs linear square heads (clap-512, cavp-512)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
 
 
@@ -115,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         expect_preset=args.preset, guidance=not args.no_guidance_input, check=args.check,
         overwrite=args.overwrite, on_table=print,
         fusion_weights=fusion_weights_from_eval(args.fusion_weights) if args.fusion_weights else None,
+        generation_steps=args.generation,
     )
     man = res.manifest
     print(f"exported {len(man.models)} models ({', '.join(sorted(man.models))}) to {res.out} in {res.seconds:.0f} s")
@@ -144,6 +149,7 @@ def export_all(
     encoder_seed: int = 0,
     on_table=None,
     fusion_weights: dict[str, dict[str, float]] | None = None,
+    generation_steps: int | None = None,
 ) -> ExportResult:
     """Export a DiffGAP checkpoint (+ its encoders) to the ONNX export directory ``out``:
     :func:`plan_export` then :func:`run_export`.
@@ -169,6 +175,6 @@ def export_all(
     plan = plan_export(
         checkpoint, out, steps=steps, bridge_mode=bridge_mode, encoders=encoders, roberta_dir=roberta_dir,
         expect_preset=expect_preset, guidance=guidance, fp16=fp16, check=check, overwrite=overwrite, opset=opset,
-        encoder_seed=encoder_seed, fusion_weights=fusion_weights,
+        encoder_seed=encoder_seed, fusion_weights=fusion_weights, generation_steps=generation_steps,
     )
     return run_export(plan, on_table=on_table)

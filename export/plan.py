@@ -225,6 +225,7 @@ def plan_export(
     opset: int | None = None,
     encoder_seed: int = 0,
     fusion_weights: dict[str, dict[str, float]] | None = None,
+    generation_steps: int | None = None,
 ) -> ExportPlan:
     """Validate the arguments, load the checkpoint and encoders and list the jobs (arguments: :func:`export_all`)."""
     out, ckpt = Path(out), Path(checkpoint)
@@ -260,6 +261,13 @@ def plan_export(
         enc = _clap_encoder(encoders, roberta_dir, encoder_seed, cfg)
         family = "clap"
         jobs, conditions = _encoder_jobs(family, enc, enc.info()["source"])
+    if generation_steps is not None:
+        # the generation sampler (raw-space K-step samples, the generator's condition) of the first direction
+        # (audio_given_text / audio_given_video); export/generation.py
+        from .generation import GenerationSampler
+
+        samplers.append(GenerationSampler(model, cfg.directions[0], generation_steps, guidance=guidance,
+                                          encoder=meta.get("encoder")))
     for s in samplers:
         _, source_modality = parse_direction(s.direction)
         jobs.append(_sampler_job(s, conditions.get(source_modality)))

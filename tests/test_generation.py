@@ -24,10 +24,10 @@ AUDIO_S = 0.032                  # 512 samples at the tiny vocoder's 16 kHz
 FAST = dict(steps=3, num_inference_steps=2, audio_length_in_s=AUDIO_S)
 
 
-def _model(seed: int = 0) -> DiffGAP:
-    """clap-tiny-gen with perturbed (still invertible) heads and non-trivial denoiser outputs."""
+def _model(seed: int = 0, preset: str = "clap-tiny-gen") -> DiffGAP:
+    """A square-heads preset with perturbed (still invertible) heads and non-trivial denoiser outputs."""
     torch.manual_seed(seed)
-    m = DiffGAP(get_preset("clap-tiny-gen"))
+    m = DiffGAP(get_preset(preset))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -246,3 +246,41 @@ def test_cli_generate_names_what_is_missing(folders, tmp_path, capsys):
     assert "no vocoder/ folder" in err and "SpeechT5HifiGan" in err and len(err.splitlines()) == 1
     assert cli.main(["generate", "x", "--generator", str(folders["audioldm"]), "--out", str(tmp_path / "o2")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+# ---- the raw-space prior table (both families) ----------------------------------------------------
+def test_diversity_matches_pairwise_definition():
+    from diffgap.generation_eval import diversity
+
+    x = F.normalize(torch.randn(5, 3, 8), dim=-1).numpy()
+    ref = np.mean([np.mean([1 - x[b, i] @ x[b, j] for i in range(3) for j in range(3) if i != j]) for b in range(5)])
+    assert diversity(x) == pytest.approx(ref, abs=1e-6)
+    assert diversity(np.repeat(x[:, :1], 3, axis=1)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_raw_prior_table_video_to_audio():
+    """CAVP (video -> audio): the same table; a head-space set that is the exact head image of the real
+    targets maps back onto them (cosine 1, Frechet 0), which a wrong inverse would break."""
+    from diffgap.generation_eval import DIFFGAP_ROW, raw_prior_table
+    from diffgap.prior import frechet_distance
+
+    m = _model(preset="cavp-tiny-gen")
+    rng = np.random.default_rng(0)
+    unit = lambda n: (lambda z: z / np.linalg.norm(z, axis=1, keepdims=True))(rng.standard_normal((n, 512))).astype(np.float32)  # noqa: E731
+    test = {"video": unit(60), "audio": unit(60)}
+    val = {"video": unit(60), "audio": unit(60)}
+    with torch.no_grad():
+        heads = {k: m.project(k, torch.from_numpy(v)).numpy() for k, v in test.items()}
+    emb_test = {"raw": test, "single": {("bridge", d): heads[d.split("_given_")[0]] for d in m.config.directions}}
+    cemb = {"reg": {d: heads[d.split("_given_")[0]] for d in m.config.directions}}
+    ctl = {"raw_mean": {k: v.mean(0) for k, v in test.items()}}
+    table = raw_prior_table(m, ctl, emb_test, cemb, {"raw": val}, n=3, steps=3)
+    assert set(table["goal"]) == {"audio_given_video", "video_given_audio"}
+    for r in table["rows"]:
+        if r["row"] in ("posterior mean", "regression bridge"):
+            assert r["cos_to_partner"] == pytest.approx(1.0, abs=1e-5) and r["frechet"] == pytest.approx(0.0, abs=1e-4)
+        if r["row"] == DIFFGAP_ROW:
+            assert r["diversity"] > 0
+        if r["row"] == "real (val split)":
+            tgt = r["direction"].split("_given_")[0]
+            assert r["frechet"] == pytest.approx(frechet_distance(val[tgt], test[tgt]))
