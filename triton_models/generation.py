@@ -46,6 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
 from diffgap.core.iospec import ROLE_CONDITION, ROLE_NOISE, ROLE_RAW_SAMPLE, IOSpec, triton_dtype
 from diffgap.core.manifest import Manifest
@@ -102,17 +103,17 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         if not 1 <= self.samples <= self.max_samples:
-            raise ValueError(f"samples must be in [1, {self.max_samples}], got {self.samples}")
+            raise UserError(f"samples must be in [1, {self.max_samples}], got {self.samples}")
         if self.generator_max_batch < 1:
-            raise ValueError(f"generator_max_batch must be >= 1, got {self.generator_max_batch}")
+            raise UserError(f"generator_max_batch must be >= 1, got {self.generator_max_batch}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+            raise UserError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.audio_length_in_s is not None and self.audio_length_in_s <= 0:
-            raise ValueError(f"audio_length_in_s must be > 0, got {self.audio_length_in_s}")
+            raise UserError(f"audio_length_in_s must be > 0, got {self.audio_length_in_s}")
         if self.generator is not None:
             g = Path(self.generator)
             if not (g / "model_index.json").is_file():
-                raise FileNotFoundError(
+                raise UserError(
                     f"generator folder {g} has no model_index.json; pass a local diffusers AudioLDM/MusicLDM folder "
                     "(save_pretrained layout)"
                 )
@@ -140,7 +141,7 @@ class _GenerationPlanner(R._Planner):
         self.outputs = R.OUTPUTS
         for name in (GENERATOR_TEXT_ENCODER, condition_sampler_name(SOURCE, TARGET)):
             if name not in man.models:
-                raise ValueError(
+                raise UserError(
                     f"export {man.root} has no {name}; the generation repository needs "
                     + ("the generator's CLAP text tower: run diffgap.export.generator_text.add_generator_text_encoder(EXPORT, GENERATOR_DIR)"
                        if name == GENERATOR_TEXT_ENCODER else "the generation sampler: re-export with `diffgap export --generation`")
