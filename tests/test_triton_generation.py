@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import generation_fixtures as gf  # noqa: E402
 import diffgap  # noqa: E402
 from diffgap.core.generation import GEN_GUIDANCE, latent_seed  # noqa: E402
-from diffgap.core.iospec import ROLE_RAW_SAMPLE  # noqa: E402
+from diffgap.core.iospec import ROLE_ATTENTION_MASK, ROLE_RAW_SAMPLE, ROLE_TOKEN_IDS  # noqa: E402
 from diffgap.core.names import GENERATOR_TEXT_ENCODER, condition_ensemble_name, condition_sampler_name  # noqa: E402
 from diffgap.triton_models import generation as G  # noqa: E402
 from diffgap.triton_models import repository as R  # noqa: E402
@@ -257,3 +257,20 @@ def test_export_cli_generator_needs_generation(env, tmp_path):
 
     assert cli_main(["export", str(env[1]), "--out", str(tmp_path / "e"), "--generator", str(env[0])]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_hf_tokenizer_matches_transformers(env):
+    """The torch-free tokenizer of the generation repository gives transformers' ids and masks (the
+    pipelines' call: pad to model_max_length, truncate), unicode, overlong and empty captions included."""
+    from transformers import AutoTokenizer
+
+    from diffgap.core.tokenizer import load_tokenizer
+
+    folder = Path(env[0]) / "tokenizer"
+    ref = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ours = load_tokenizer("hf", folder / "tokenizer.json")
+    texts = ["A dog barks!", "Ünïcödé café & jazz, 3 saxophones", "word " * 200, "", "  spaces\tand\nnewlines  "]
+    want = ref(texts, padding="max_length", max_length=ref.model_max_length, truncation=True)
+    got = ours.encode_roles(texts)
+    assert got[ROLE_TOKEN_IDS].tolist() == want["input_ids"]
+    assert got[ROLE_ATTENTION_MASK].tolist() == want["attention_mask"]
