@@ -3,7 +3,7 @@
 Run from the repository root (this folder is not part of the installed package)::
 
     python -m benchmarks --out benchmarks/results          # what `make bench` runs
-    python -m benchmarks --quick --out /tmp/bench          # tiny sizes, a minute (the smoke test)
+    python -m benchmarks --quick --out "$(mktemp -d)"      # tiny sizes (what the smoke test runs)
     python -m benchmarks --only denoiser,roofline          # a subset of the groups
 
 Groups (``--only``):

@@ -194,7 +194,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         res["wall_s"] = round(time.time() - started, 1)
         host = platform.node().split(".")[0] or "host"
         stem = f"{host}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}" + ("-quick" if ctx.quick else "")
-        files = write_all(res, args.out, stem)
+        files = write_all(res, args.out, stem, work=work)
         return res, files
     finally:
         if tmp:

@@ -7,8 +7,7 @@ x0 renormalisation, un-standardisation and the final L2 normalisation. With guid
 conditional and unconditional denoiser calls are one stacked (2B, .) pass
 (:meth:`~diffgap.models.ConditionalDenoiser.forward_guided`): each weight is read once per step, and
 the unconditional branch's adaLN modulations depend only on the (constant) timestep, so export folds
-them into constants. clap-512, K = 25, 2 CPU cores, ORT: 8.8 -> 7.1 ms at B = 1, 192 -> 173 ms at
-B = 64 against two separate calls. Its I/O declaration:
+them into constants (``python -m benchmarks`` times the fused sampler). Its I/O declaration:
 
 * ``condition (B, E) float32`` -- the frozen CLAP/CAVP embedding of the *source* modality;
 * ``noise (B, D) float32`` -- the caller's Gaussian draw (reproducible results; the graph holds no RNG);

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "`pip install 'cuda-python>=12.6'` (part of `pip install -e .[gpu]`)"
+INSTALL_HINT = "`pip install -e .[gpu]` (cuda-python 13.x; `.[gpu-trt10]` for cuda-python 12.x on CUDA 12 drivers)"
 
 _CUDART: Any = None
 

@@ -127,7 +127,7 @@ class Bridge(abc.ABC):
         self._verify = verify
         if backend.startswith("ort-"):
             # Encoder and sampler take turns: a spinning idle pool would steal the busy one's cores
-            # (measured, text->audio on 2 cores: p90 8.1 -> 3.7 ms, p50 3.8 -> 3.4 ms).
+            # (the ``no-spin`` rows of ``python -m benchmarks --only knobs`` compare the two settings).
             session_options = {"spin_wait": False, **session_options}
         self._session_options = session_options
         self.sampler: Session = open_model(
