@@ -13,9 +13,10 @@ Tolerances:
 - latent seeds: exactly equal (integer rule).
 - waveform from the served conditions, 1e-6 max abs: the generator model runs the same function as
   ``diffgap generate`` on the same rows in one call.
-- waveform against ``diffgap generate`` end to end, 1e-3 of the waveform's peak: the generator
-  carries the < 1e-5 condition difference through its UNet, VAE and vocoder; the bound is checked to
-  be at least 100x below the difference between two samples of one caption.
+- waveform against ``diffgap generate`` end to end, 1e-4 of the waveform's peak: the generator
+  carries the float32-rounding-sized condition difference through its UNet, VAE and vocoder, a
+  smooth map at these scales; the bound is checked to be at least 100x below the difference between
+  two samples of one caption, so a wrong condition or seed cannot pass.
 
 The server runs with this checkout's root as its working directory: the python-backend stubs put
 their working directory first on ``sys.path``, so the served python models import this checkout's
@@ -51,7 +52,7 @@ SEEDS = [3, 11]
 N = 2
 TOL_EMB = 1e-5
 TOL_SAME_FN = 1e-6
-TOL_WAVE = 1e-3            # relative to the waveform's peak
+TOL_WAVE = 1e-4            # relative to the waveform's peak
 CHECKOUT = Path(diffgap.__file__).resolve().parents[1]
 
 
