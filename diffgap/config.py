@@ -35,6 +35,12 @@ class HeadsConfig:
     # `diffgap synth` and on two differently built benchmarks, so the nonlinear part of the model is
     # the denoisers' conditional-mean branch instead.
     hidden: int = 0
+    # Raw-space model: the heads stay the identity (never trained), so head space is the frozen encoder's
+    # own space and the denoisers sample there -- what a generator conditioned on raw CLAP/CAVP takes.
+    # Needs dim == embed_dim and hidden == 0. (Mapping head-space samples back through trained heads is
+    # exact but amplifies sample errors along the directions the heads compress: `diffgap eval`'s
+    # raw-space prior table measures both.)
+    identity: bool = False
     init_temperature: float = 0.07  # CLIP's initial InfoNCE temperature (Radford et al. 2021)
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100 to keep training stable
 
@@ -148,6 +154,8 @@ class DiffGAPConfig:
             raise ValueError(f"preset {self.name!r}: train.source_t_frac + train.terminal_t_frac must be within [0, 1]")
         if self.train.schedule not in SCHEDULES_TRAIN:
             raise ValueError(f"preset {self.name!r}: train.schedule {self.train.schedule!r} unknown; use one of {SCHEDULES_TRAIN}")
+        if self.heads.identity and (self.heads.dim != self.embed_dim or self.heads.hidden != 0):
+            raise ValueError(f"preset {self.name!r}: identity heads need heads.dim == embed_dim and heads.hidden == 0")
         if min(self.embed_dim, self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
             raise ValueError(f"preset {self.name!r}: dims and depth must be positive")
 
@@ -216,11 +224,17 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
 # Generation tests: clap-tiny's denoisers with square linear heads, which generation inverts exactly
 # (diffgap.generation.HeadInverse).
 PRESETS["clap-tiny-gen"] = PRESETS["clap-tiny"].replace(name="clap-tiny-gen", **{"heads.dim": 512, "heads.hidden": 0})
+# Raw-space bridges for generation (diffgap.generation): clap-512's denoisers on identity heads, so
+# they sample in the raw CLAP space a generator is conditioned in. Trained with the two-stage schedule
+# (the heads stage is skipped).
+PRESETS["clap-512-raw"] = PRESETS["clap-512"].replace(name="clap-512-raw", **{"heads.identity": True, "train.schedule": "two-stage"})
+PRESETS["clap-tiny-raw"] = PRESETS["clap-tiny-gen"].replace(name="clap-tiny-raw", **{"heads.identity": True, "train.schedule": "two-stage"})
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.
 PRESETS["cavp-512"] = PRESETS["clap-512"].replace(name="cavp-512", modalities=["video", "audio"])
 PRESETS["cavp-tiny"] = PRESETS["clap-tiny"].replace(name="cavp-tiny", modalities=["video", "audio"])
 PRESETS["cavp-tiny-gen"] = PRESETS["clap-tiny-gen"].replace(name="cavp-tiny-gen", modalities=["video", "audio"])
+PRESETS["cavp-512-raw"] = PRESETS["clap-512-raw"].replace(name="cavp-512-raw", modalities=["video", "audio"])
 
 
 def get_preset(name: str) -> DiffGAPConfig:

@@ -60,7 +60,8 @@ def _to_raw(inv: HeadInverse, h: np.ndarray) -> np.ndarray:
 
 def raw_prior_table(model: DiffGAP, ctl: dict[str, Any], emb_test: dict[str, Any], cemb_test: dict[str, Any],
                     emb_val: dict[str, Any], n: int = RAW_PRIOR_SAMPLES, steps: int = GEN_STEPS,
-                    guidance_scale: float = GEN_GUIDANCE, seed: int = 0) -> dict[str, Any]:
+                    guidance_scale: float = GEN_GUIDANCE, seed: int = 0,
+                    directions: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The table as ``{"rows": [...], "goal": {direction: {...}}, "settings": {...}}`` (or ``{"skipped": why}``)."""
     try:
         check_invertible(model)
@@ -68,7 +69,7 @@ def raw_prior_table(model: DiffGAP, ctl: dict[str, Any], emb_test: dict[str, Any
         return {"skipped": str(e)}
     rows: list[dict[str, Any]] = []
     goal: dict[str, Any] = {}
-    for d in model.config.directions:
+    for d in directions or model.config.directions:
         tgt, src = parse_direction(d)
         inv = HeadInverse(model, tgt)
         real = emb_test["raw"][tgt]
@@ -100,7 +101,11 @@ def raw_prior_table(model: DiffGAP, ctl: dict[str, Any], emb_test: dict[str, Any
             f"recall >= {RECALL_SHARE} x floor": g["recall"] >= RECALL_SHARE * rec,
             "cos to partner >= raw source": g["cos_to_partner"] >= by_name["raw source"]["cos_to_partner"],
         }
+        # the exactness of the map back, on real targets: head image -> raw space -> compare
+        with torch.no_grad():
+            back = _to_raw(inv, model.project(tgt, torch.from_numpy(np.ascontiguousarray(real))).numpy())
         goal[d] = {"checks": checks, "met": all(checks.values()),
+                   "inverse_round_trip_max_abs": float(np.abs(back - real).max()),
                    "frechet_over_raw": g["frechet"] / max(by_name["raw source"]["frechet"], 1e-12),
                    "recall_over_floor": g["recall"] / max(rec, 1e-12)}
     return {"rows": rows, "goal": goal, "settings": {"n": n, "steps": steps, "guidance_scale": guidance_scale, "seed": seed}}
@@ -121,5 +126,34 @@ def format_raw_prior(table: dict[str, Any]) -> str:
     for d, g in table["goal"].items():
         missed = [k for k, ok in g["checks"].items() if not ok]
         lines.append(f"  goal {d}: {'met' if g['met'] else 'NOT met (' + '; '.join(missed) + ')'}; "
-                     f"Frechet / raw source {g['frechet_over_raw']:.2f}, recall / floor {g['recall_over_floor']:.2f}")
+                     f"Frechet / raw source {g['frechet_over_raw']:.2f}, recall / floor {g['recall_over_floor']:.2f}; "
+                     f"map back through the head, round trip on real targets: max abs {g['inverse_round_trip_max_abs']:.1e}")
     return "\n".join(lines)
+
+
+def generation_report(model: DiffGAP, train: Any, val: Any, test: Any, n: int = RAW_PRIOR_SAMPLES,
+                      steps: int = GEN_STEPS, guidance_scale: float = GEN_GUIDANCE, seed: int = 0,
+                      directions: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The raw-space table of one checkpoint without the retrieval evaluation: fits only what its rows
+    need (the regression bridges, the training-split means) and the posterior mean of each direction."""
+    from .baselines import train_regression_bridges
+    from .eval_controls import _heads, embed_controls
+
+    a, b = model.config.modalities
+    h_tr = {m: _heads(model, m, train[m]) for m in (a, b)}
+    h_va = {m: _heads(model, m, val[m]) for m in (a, b)}
+    bridges, _ = train_regression_bridges(model, h_tr, h_va)
+    ctl = {"bridges": bridges, "adapter": lambda m, x: x, "raw_mean": {m: np.asarray(train[m], np.float32).mean(0) for m in (a, b)}}
+    emb: dict[str, Any] = {}
+    for name, split in (("test", test), ("val", val)):
+        e: dict[str, Any] = {"raw": {m: split[m] for m in (a, b)}, "heads": {m: _heads(model, m, split[m]) for m in (a, b)}, "single": {}}
+        for d in model.config.directions:
+            _, src = parse_direction(d)
+            with torch.no_grad():
+                c = torch.from_numpy(np.ascontiguousarray(split[src]))
+                e["single"][("bridge", d)] = model.bridge(d, c, torch.zeros(len(c), model.config.heads.dim), steps=1, mode="noise").numpy()
+        emb[name] = e
+    cemb = embed_controls(model, ctl, emb["test"])
+    table = raw_prior_table(model, ctl, emb["test"], cemb, emb["val"], n=n, steps=steps, guidance_scale=guidance_scale,
+                            seed=seed, directions=directions)
+    return table

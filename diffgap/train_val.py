@@ -196,8 +196,12 @@ def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, prog
     for p in model.denoisers.parameters():
         p.requires_grad_(False)
     ema = copy.deepcopy(model)
-    st_heads = run_stage("heads", model, ema, heads_params, tcfg, head_loss,
-                         lambda m: val_fn(m, bridge=False), "head_r1", tcfg.max_head_steps, progress)
+    if cfg.heads.identity:  # raw-space model: no heads stage (the heads stay the identity)
+        st_heads = StageResult("heads", 0, 0, val_fn(model.eval(), bridge=False), 0, 0.0)
+        model.train()
+    else:
+        st_heads = run_stage("heads", model, ema, heads_params, tcfg, head_loss,
+                             lambda m: val_fn(m, bridge=False), "head_r1", tcfg.max_head_steps, progress)
     for p in model.heads.parameters():
         p.requires_grad_(False)
     for p in model.denoisers.parameters():
@@ -249,6 +253,8 @@ def train_validated(cfg: DiffGAPConfig, data: Pairs, val: Pairs, progress: bool 
         return validate(model, V, noise, bridge)
 
     schedules = ["two-stage", "joint"] if tcfg.schedule == "auto" else [tcfg.schedule]
+    if cfg.heads.identity:  # nothing to train jointly with the heads frozen
+        schedules = ["two-stage"]
     runs: dict[str, tuple[DiffGAP, dict[str, StageResult]]] = {}
     for s in schedules:
         runs[s] = (train_two_stage if s == "two-stage" else train_joint)(cfg, X, val_fn, progress)

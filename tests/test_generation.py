@@ -284,3 +284,24 @@ def test_raw_prior_table_video_to_audio():
         if r["row"] == "real (val split)":
             tgt = r["direction"].split("_given_")[0]
             assert r["frechet"] == pytest.approx(frechet_distance(val[tgt], test[tgt]))
+
+
+def test_raw_space_preset_keeps_identity_heads_through_training():
+    """clap-tiny-raw: the heads stage is skipped and the heads stay the identity, so the denoisers'
+    samples are raw-space samples (the map back is the identity)."""
+    from diffgap.core.data import Pairs
+    from diffgap.train_val import train_validated
+
+    rng = np.random.default_rng(0)
+    unit = lambda n: (lambda z: z / np.linalg.norm(z, axis=1, keepdims=True))(rng.standard_normal((n, 512))).astype(np.float32)  # noqa: E731
+    mk = lambda n: Pairs({"text": unit(n), "audio": unit(n)}, np.array([str(i) for i in range(n)]))  # noqa: E731
+    cfg = get_preset("clap-tiny-raw").replace(**{"train.max_denoiser_steps": 4, "train.val_every": 2})
+    model, record = train_validated(cfg, mk(128), mk(32), progress=False)
+    assert record["chosen"] == "two-stage" and record["candidates"]["two-stage"]["stages"]["heads"]["steps_run"] == 0
+    for head in model.heads.heads.values():
+        assert torch.equal(head.linear.weight, torch.eye(512)) and not head.linear.bias.any()
+    x = F.normalize(torch.randn(8, 512), dim=-1)
+    with torch.no_grad():
+        assert torch.allclose(HeadInverse(model, "audio")(x), x, atol=1e-6)
+    with pytest.raises(ValueError, match="identity heads"):
+        get_preset("clap-tiny").replace(**{"heads.identity": True})
