@@ -48,7 +48,7 @@ from typing import Any
 
 from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
-from diffgap.core.iospec import ROLE_CONDITION, ROLE_NOISE, ROLE_RAW_SAMPLE, IOSpec, triton_dtype
+from diffgap.core.iospec import ROLE_CONDITION, ROLE_NOISE, ROLE_RAW_SAMPLE, triton_dtype
 from diffgap.core.manifest import Manifest
 from diffgap.core.names import (
     GENERATOR_TEXT_ENCODER, GENERATOR_TOKENIZER_ASSET, condition_ensemble_name, condition_sampler_name,
@@ -143,13 +143,17 @@ class _GenerationPlanner(R._Planner):
             if name not in man.models:
                 raise UserError(
                     f"export {man.root} has no {name}; the generation repository needs "
-                    + ("the generator's CLAP text tower: run diffgap.export.generator_text.add_generator_text_encoder(EXPORT, GENERATOR_DIR)"
-                       if name == GENERATOR_TEXT_ENCODER else "the generation sampler: re-export with `diffgap export --generation`")
+                    + ("the generator's CLAP text tower: re-export with `diffgap export CKPT --generation --generator GENERATOR_DIR`"
+                       if name == GENERATOR_TEXT_ENCODER else "the generation sampler: re-export with `diffgap export CKPT --generation`")
                 )
         self.sampler = man.model(condition_sampler_name(SOURCE, TARGET)).io
         self.text = man.model(GENERATOR_TEXT_ENCODER).io
         for role in (ROLE_CONDITION, ROLE_NOISE, ROLE_RAW_SAMPLE):
             self.sampler.role(role)
+        widths = (self.text.outputs[0].feature_shape, self.sampler.role(ROLE_CONDITION).feature_shape)
+        if widths[0] != widths[1]:
+            raise UserError(f"export {man.root}: the generator's text tower emits {widths[0]} but the generation sampler takes "
+                            f"{widths[1]}; export a checkpoint trained on this generator's CLAP")
 
     # -- composing models ------------------------------------------------------------------
     def generator_tokenizer(self) -> R.ModelDir:
@@ -173,7 +177,7 @@ class _GenerationPlanner(R._Planner):
         return limit
 
     def condition_noise(self) -> R.ModelDir:
-        smp, text_out = self.sampler, self.text.outputs[0]
+        smp = self.sampler
         cond, nz = smp.role(ROLE_CONDITION), smp.role(ROLE_NOISE)
         optional = [t for t in smp.inputs if t.optional]
         int64 = R.Enum(triton_dtype("int64"))
@@ -183,15 +187,13 @@ class _GenerationPlanner(R._Planner):
                    *(R.tensor_config(t, optional=False) for t in optional),
                    {"name": LATENT_SEED, "data_type": int64, "dims": [1]}]
         max_batch = min(self.text.max_batch, self.row_limit())
-        md = self._python(
+        return self._python(
             condition_noise_name(), smp, inputs, outputs, max_batch, "condition_noise",
             files={"model.py": _generation_template()},
             default_seed=self.opts.default_seed, seed_input=R.SEED, samples_input=SAMPLES, default_samples=self.gen.samples,
             max_samples=self.gen.max_samples, max_rows=self.row_limit(), condition=cond.name, noise=nz.name,
             latent_seed=LATENT_SEED,
         )
-        assert text_out.feature_shape == cond.feature_shape, "text encoder and sampler disagree on the embedding width"
-        return md
 
     def generator(self) -> R.ModelDir:
         g, raw = self.gen, self.sampler.role(ROLE_RAW_SAMPLE)
