@@ -275,3 +275,12 @@ def test_hf_tokenizer_matches_transformers(env):
     got = ours.encode_roles(texts)
     assert got[ROLE_TOKEN_IDS].tolist() == want["input_ids"]
     assert got[ROLE_ATTENTION_MASK].tolist() == want["attention_mask"]
+
+
+def test_proxy_limits_bound_every_generation_input(env):
+    """`diffgap serve` puts a body-size limit in front of tritonserver from every config.pbtxt: the
+    generation repository's inputs (caption, seeds, samples, condition rows) must all be bounded."""
+    from diffgap.triton_models.limits import request_limits
+
+    lim = request_limits(env[3])
+    assert 0 < lim.http_bytes < 64 * 2**20 and 0 < lim.grpc_bytes < 64 * 2**20
