@@ -36,10 +36,9 @@ class HeadsConfig:
     # the denoisers' conditional-mean branch instead.
     hidden: int = 0
     # Raw-space model: the heads stay the identity (never trained), so head space is the frozen encoder's
-    # own space and the denoisers sample there -- what a generator conditioned on raw CLAP/CAVP takes.
-    # Needs dim == embed_dim and hidden == 0. (Mapping head-space samples back through trained heads is
-    # exact but amplifies sample errors along the directions the heads compress: `diffgap eval`'s
-    # raw-space prior table measures both.)
+    # own space and the denoisers sample there. Needs dim == embed_dim and hidden == 0. The alternative to
+    # mapping a trained model's samples back through its heads (diffgap.generation.HeadInverse); the
+    # raw-space prior table of `diffgap eval` measures either checkpoint.
     identity: bool = False
     init_temperature: float = 0.07  # CLIP's initial InfoNCE temperature (Radford et al. 2021)
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100 to keep training stable
@@ -224,9 +223,8 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
 # Generation tests: clap-tiny's denoisers with square linear heads, which generation inverts exactly
 # (diffgap.generation.HeadInverse).
 PRESETS["clap-tiny-gen"] = PRESETS["clap-tiny"].replace(name="clap-tiny-gen", **{"heads.dim": 512, "heads.hidden": 0})
-# Raw-space bridges for generation (diffgap.generation): clap-512's denoisers on identity heads, so
-# they sample in the raw CLAP space a generator is conditioned in. Trained with the two-stage schedule
-# (the heads stage is skipped).
+# Raw-space models (heads.identity): clap-512's denoisers sampling directly in the raw CLAP space a
+# generator is conditioned in. Trained with the two-stage schedule (the heads stage is skipped).
 PRESETS["clap-512-raw"] = PRESETS["clap-512"].replace(name="clap-512-raw", **{"heads.identity": True, "train.schedule": "two-stage"})
 PRESETS["clap-tiny-raw"] = PRESETS["clap-tiny-gen"].replace(name="clap-tiny-raw", **{"heads.identity": True, "train.schedule": "two-stage"})
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):

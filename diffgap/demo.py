@@ -1,5 +1,5 @@
 """``python -m diffgap.demo --out DIR`` (``make demo``): synth -> train the default preset -> eval ->
-raw-space generation prior -> CLAP encoder path -> ONNX export + parity checks -> torch-free index + search -> Triton search.
+CLAP encoder path -> ONNX export + parity checks -> torch-free index + search -> Triton search.
 
 The demo is a list of step functions (:data:`STEPS`) sharing one :class:`DemoContext`, so later
 stages (export, serving) are appended with one line each. Every step prints what it did; the
@@ -75,37 +75,6 @@ def step_eval(ctx: DemoContext) -> None:
     _run_command(cmd, argv)
 
 
-# The raw-space model of the generation step: the main preset's denoisers on identity heads
-# (config.HeadsConfig.identity), with its denoiser and regression budgets capped so that the demo keeps
-# its time budget (validation still picks the best step within the cap).
-RAW_PRESETS = {"clap-512": "clap-512-raw", "cavp-512": "cavp-512-raw", "clap-tiny": "clap-tiny-raw"}
-RAW_DEMO_MAX_STEPS = 400
-
-
-def step_generation(ctx: DemoContext) -> None:
-    """The generator's condition: a raw-space DiffGAP (identity heads) and its raw-space prior table."""
-    import torch
-
-    from diffgap.checkpoint import save_checkpoint
-    from diffgap.config import get_preset
-    from diffgap.core.data import load_pairs
-    from diffgap.generation_eval import format_raw_prior, generation_report
-    from diffgap.train_val import train_validated
-
-    if ctx.threads:
-        torch.set_num_threads(ctx.threads)
-    name = RAW_PRESETS.get(ctx.preset, "clap-512-raw")
-    cfg = get_preset(name).replace(**{"train.max_denoiser_steps": RAW_DEMO_MAX_STEPS})
-    splits = {s: load_pairs(ctx.data_dir / f"{s}.npz", require=cfg.modalities) for s in ("train", "val", "test")}
-    model, record = train_validated(cfg, splits["train"], splits["val"], progress=False)
-    save_checkpoint(ctx.out / "checkpoint_raw", model, {"data": str(ctx.data_dir / "train.npz"), "validation": record})
-    st = record["candidates"]["two-stage"]["stages"]["denoisers"]
-    print(f"raw-space model {name} (identity heads) -> {ctx.out / 'checkpoint_raw'}: denoisers best at step "
-          f"{st['best_step']} of {st['steps_run']} (cap {RAW_DEMO_MAX_STEPS})")
-    table = generation_report(model, splits["train"], splits["val"], splits["test"], directions=(cfg.directions[0],))
-    print(format_raw_prior(table).lstrip("\n"))
-
-
 def step_encoders(ctx: DemoContext) -> None:
     """The CLAP encoder path (`diffgap embed`'s code) on generated clips + captions, tiny laion-clap arch."""
     from diffgap.encoders.clap import demo_embed
@@ -160,7 +129,6 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("synth", step_synth),
     ("train", step_train),
     ("eval", step_eval),
-    ("generation", step_generation),
     ("encoders", step_encoders),
     ("export", step_export),
     ("search", step_search),

@@ -123,7 +123,7 @@ def sample_conditions(
     model: DiffGAP | str | Path,
     condition: np.ndarray,                        # (B, E) frozen source embeddings
     n: int = 1,
-    seeds: int | Sequence[int] | np.ndarray = 0,  # one int for every row, or one per row
+    seeds: int | Sequence[int] | np.ndarray = 0,  # one per row, or one int s: row b gets s + b
     steps: int = GEN_STEPS,
     guidance_scale: float = GEN_GUIDANCE,
     direction: str | None = None,

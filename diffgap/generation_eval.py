@@ -74,7 +74,8 @@ def raw_prior_table(model: DiffGAP, ctl: dict[str, Any], emb_test: dict[str, Any
         inv = HeadInverse(model, tgt)
         real = emb_test["raw"][tgt]
         source = emb_test["raw"][src]
-        samples = sample_conditions(model, source, n, seed, steps, guidance_scale, direction=d)   # (B, N, E)
+        # one seed per source (seed * B + b): sources sharing a seed would share their noise
+        samples = sample_conditions(model, source, n, seed * len(source), steps, guidance_scale, direction=d)  # (B, N, E)
         sets = {
             "raw source": source,
             "mean shift": l2n(source - ctl["raw_mean"][src] + ctl["raw_mean"][tgt]),
@@ -130,30 +131,3 @@ def format_raw_prior(table: dict[str, Any]) -> str:
                      f"map back through the head, round trip on real targets: max abs {g['inverse_round_trip_max_abs']:.1e}")
     return "\n".join(lines)
 
-
-def generation_report(model: DiffGAP, train: Any, val: Any, test: Any, n: int = RAW_PRIOR_SAMPLES,
-                      steps: int = GEN_STEPS, guidance_scale: float = GEN_GUIDANCE, seed: int = 0,
-                      directions: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The raw-space table of one checkpoint without the retrieval evaluation: fits only what its rows
-    need (the regression bridges, the training-split means) and the posterior mean of each direction."""
-    from .baselines import train_regression_bridges
-    from .eval_controls import _heads, embed_controls
-
-    a, b = model.config.modalities
-    h_tr = {m: _heads(model, m, train[m]) for m in (a, b)}
-    h_va = {m: _heads(model, m, val[m]) for m in (a, b)}
-    bridges, _ = train_regression_bridges(model, h_tr, h_va)
-    ctl = {"bridges": bridges, "adapter": lambda m, x: x, "raw_mean": {m: np.asarray(train[m], np.float32).mean(0) for m in (a, b)}}
-    emb: dict[str, Any] = {}
-    for name, split in (("test", test), ("val", val)):
-        e: dict[str, Any] = {"raw": {m: split[m] for m in (a, b)}, "heads": {m: _heads(model, m, split[m]) for m in (a, b)}, "single": {}}
-        for d in model.config.directions:
-            _, src = parse_direction(d)
-            with torch.no_grad():
-                c = torch.from_numpy(np.ascontiguousarray(split[src]))
-                e["single"][("bridge", d)] = model.bridge(d, c, torch.zeros(len(c), model.config.heads.dim), steps=1, mode="noise").numpy()
-        emb[name] = e
-    cemb = embed_controls(model, ctl, emb["test"])
-    table = raw_prior_table(model, ctl, emb["test"], cemb, emb["val"], n=n, steps=steps, guidance_scale=guidance_scale,
-                            seed=seed, directions=directions)
-    return table

@@ -114,7 +114,7 @@ def run_generator(
 @dataclass
 class GenerationSettings:
     n: int = 1                               # waveforms per caption
-    seeds: list[int] = field(default_factory=lambda: [0])  # one per caption (or one for all)
+    seeds: list[int] = field(default_factory=lambda: [0])  # one per caption, or one s (caption b: s + b)
     bridge: bool = True                      # False: the stock generator (text embedding as the condition)
     steps: int = GEN_STEPS                   # K of the bridge
     guidance_scale: float = GEN_GUIDANCE     # the bridge's classifier-free guidance

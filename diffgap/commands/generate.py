@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (WAV files + generation.json)")
     p.add_argument("-n", type=int, default=1, help="waveforms per caption (default 1)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
-                   help="one seed for every caption, or one per caption (default 0); sample j of a caption is derived from it")
+                   help="one per caption, or one seed s (caption b gets s + b; default 0); sample j of a caption is derived from it")
     p.add_argument("--no-bridge", action="store_true", help="the stock generator: condition on the caption's CLAP text embedding")
     p.add_argument("--steps", "-K", type=int, default=GEN_STEPS, help=f"bridge DDIM steps K (default {GEN_STEPS})")
     p.add_argument("--guidance-scale", type=float, default=GEN_GUIDANCE, help=f"bridge classifier-free guidance (default {GEN_GUIDANCE})")
