@@ -19,8 +19,8 @@ Timed: the denoising loop (UNet + ``DDIMScheduler.step``, torch eager on CPU). T
 the vocoder come after it and are not timed, so the bridge's share below is an upper bound on its
 share of a whole generation.
 
-Bridge side: the fused raw-space generation sampler (``text_to_audio_condition_sampler``, the
-``clap-512-raw`` preset generation ships, K as shipped = :data:`diffgap.core.generation.GEN_STEPS`) for the same N samples, on ORT CPU
+Bridge side: the fused raw-space generation sampler (``text_to_audio_condition_sampler``: the
+``clap-512`` denoiser's K-step samples mapped back through its heads, as generation ships; K as shipped = :data:`diffgap.core.generation.GEN_STEPS`) for the same N samples, on ORT CPU
 FP32 through ``diffgap.runtime`` and as the torch eager module; its text embedding is not counted
 (the stock generator embeds the caption too).
 """
@@ -138,7 +138,7 @@ def _unet_call_factory(unet, latent, n: int, guidance: float, threads: int):
 
 
 def _bridge(ctx: Any, preset: str, steps: int):
-    """A random-weight ``preset`` model and its fused generation sampler (FP32 ONNX)."""
+    """A random-weight ``preset`` model (square linear heads) and its fused generation sampler (FP32 ONNX)."""
     import torch
 
     from diffgap.config import get_preset
@@ -191,7 +191,7 @@ def run(ctx: Any) -> dict[str, Any]:
                     extra={"what": f"{steps} DDIM steps, guidance {guidance}"}),
                 _loop_factory(unet, latent, n, steps, guidance, ctx.threads), loop_policy),
     ]
-    preset = "clap-tiny-raw" if ctx.quick else "clap-512-raw"   # the raw-space presets generation ships
+    preset = "clap-tiny-gen" if ctx.quick else "clap-512"   # generation maps clap-512's samples back through its heads
     try:
         sampler, io, path = _bridge(ctx, preset, GEN_STEPS)
     except Exception as e:  # recorded, like any failed row
