@@ -175,16 +175,19 @@ def test_waveform_equals_diffgap_generate(server, env, expected):
 
 
 def test_condition_ensemble_defaults(server, expected):
-    """No seed / samples: the repository's defaults (seed 0, N samples) and the same noise rule."""
+    """No seed / samples: the repository's defaults (seed 0 + caption index, N samples), the rule of
+    ``diffgap generate`` without --seed."""
     from diffgap.generation import sample_conditions
 
-    r = server.http_client().infer(condition_ensemble_name("text", "audio"), _inputs(CAPTIONS[:1]))
+    B = len(CAPTIONS)
+    r = server.http_client().infer(condition_ensemble_name("text", "audio"), _inputs(CAPTIONS))
     cond = r.as_numpy(G.CONDITION)
-    assert cond.shape == (N, 512)
+    assert cond.shape == (B * N, 512)
     np.testing.assert_allclose(np.linalg.norm(cond, axis=1), 1.0, atol=1e-5)
-    ref = sample_conditions(_model(), expected.text_embeddings[:1], n=N, seeds=R.DEFAULT_SEED,
+    ref = sample_conditions(_model(), expected.text_embeddings, n=N, seeds=R.DEFAULT_SEED,
                             steps=K, guidance_scale=GEN_GUIDANCE)
-    assert _maxabs(cond, ref.reshape(N, -1)) < TOL_EMB
+    assert _maxabs(cond, ref.reshape(B * N, -1)) < TOL_EMB
+    assert r.as_numpy(G.LATENT_SEED).ravel().tolist() == [latent_seed(R.DEFAULT_SEED + b, j) for b in range(B) for j in range(N)]
     # samples are distinct draws, and the first n rows do not depend on how many were asked for
     assert _maxabs(cond[0], cond[1]) > 1e-3
     one = server.http_client().infer(condition_ensemble_name("text", "audio"), _inputs(CAPTIONS[:1], samples=[1]))

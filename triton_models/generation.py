@@ -25,7 +25,8 @@ layout -- so ``condition``, ``latent_seed`` and ``waveform`` come back with B x 
 ``clap_embedding`` has B. Triton's ensemble scheduler forwards a step's outputs whatever their batch
 size; B x N is bounded by every downstream model's ``max_batch_size`` (checked per request).
 
-Seeds. Caption b's seed (``seed``, default ``default_seed``) gives its bridge noise
+Seeds. Caption b's seed (``seed``; absent: ``default_seed + b``, as ``diffgap generate`` without
+``--seed``) gives its bridge noise
 (:func:`diffgap.core.generation.generation_noise`: row j of ``default_rng(seed).standard_normal((N, D))``)
 and the generator's latent seed of sample j (:func:`diffgap.core.generation.latent_seed`): the same
 rules ``diffgap generate`` uses, so a served waveform equals the in-process one for the same caption

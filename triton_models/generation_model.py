@@ -5,7 +5,8 @@ A *template*, like :mod:`diffgap.triton_models.python_model` (whose roles -- ``t
 Its own role, ``condition_noise``, fans each caption out to its N samples:
 
 - inputs (per request of B captions): the caption's text embedding ``condition`` (B, E), an optional
-  ``seed`` (B, 1), an optional ``samples`` (B, 1) -- one N per request --, the sampler's optional
+  ``seed`` (B, 1) (absent: caption b of the request gets ``default_seed + b``,
+  :func:`diffgap.core.generation.caption_seeds`), an optional ``samples`` (B, 1) -- one N per request --, the sampler's optional
   inputs (``guidance_scale`` (B, 1));
 - outputs (B x N rows, sample j of caption b at row b*N + j): the condition repeated, the sampler's
   noise (row j of ``default_rng(seed_b).standard_normal((N, D))``,
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from diffgap.core.generation import generation_noise, latent_seed
+from diffgap.core.generation import caption_seeds, generation_noise, latent_seed
 from diffgap.triton_models.python_model import _CLIENT_ERRORS, _BadRequest, _input, _param, client_error, server_error
 from diffgap.triton_models.python_model import TritonPythonModel as _Base
 
@@ -46,8 +47,8 @@ class TritonPythonModel(_Base):
             raise _BadRequest(f"{self.condition} contains NaN/Inf; send finite values")
         b = len(cond)
         seed = _input(request, self.seed_input)
-        if seed is None:
-            seed = np.full((b, 1), self.default_seed, dtype=np.int64)
+        if seed is None:  # as `diffgap generate` without --seed: caption b of the request gets default_seed + b
+            seed = caption_seeds(self.default_seed, b).reshape(b, 1)
         if seed.shape != (b, 1):
             raise _BadRequest(f"{self.seed_input} must be ({b}, 1) int64, got {seed.shape}")
         if (seed < 0).any():
