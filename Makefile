@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup proxy demo test test-fast bench gpu-smoke clean
+.PHONY: setup proxy demo test test-fast bench gpu-smoke gpu-resolve clean
 
 setup: $(STAMP) proxy
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	$(PY) -m diffgap.triton_models.tools ensure-perf-analyzer || true
+	$(PY) -m benchmarks.perf_analyzer ensure-perf-analyzer || true
 	@touch $@
 
 demo: setup
@@ -37,8 +37,15 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks --out benchmarks/results
 
+# GPU smoke run: every row it cannot run on this host is reported as skipped, with the reason.
 gpu-smoke:
 	bash benchmarks/gpu_smoke.sh
+
+# Do the `gpu` and `gpu-trt10` extras resolve, each to one CUDA major? pip's dry-run resolution from PyPI
+# (no GPU needed; what it does and does not prove: benchmarks/gpu_smoke_resolve.py).
+GPU_RESOLVE_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-resolve:
+	$(GPU_RESOLVE_PY) benchmarks/gpu_smoke_resolve.py
 
 clean:
 	rm -rf demo_out build *.egg-info

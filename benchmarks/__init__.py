@@ -3,7 +3,7 @@
 Run from the repository root (this folder is not part of the installed package)::
 
     python -m benchmarks --out benchmarks/results          # what `make bench` runs
-    python -m benchmarks --quick --out /tmp/bench          # tiny sizes, a minute (the smoke test)
+    python -m benchmarks --quick --out "$(mktemp -d)"      # tiny sizes (what the smoke test runs)
     python -m benchmarks --only denoiser,roofline          # a subset of the groups
 
 Groups (``--only``):
@@ -22,10 +22,13 @@ Groups (``--only``):
   vectors at N = 10k, 100k, 200k, 1M (``--search-sizes``; 1k, 4k with ``--quick``), and
   ``AudioSearch`` end to end at 100k: build time, disk and resident bytes, p50/p99 at B = 1 and 16,
   queries/s, recall@10, the exact engine's bandwidth bound.
+* ``lean``      -- fusion weights with both bridged terms at 0: index bytes and query latency with
+  the zero-weight terms skipped (head-only queries, D-wide index) and computed (sampler per query,
+  E + 2D-wide index), same run, same scores; N = 100k (2k with ``--quick``).
 
 Outputs (written atomically): ``<out>/<host>-<date>.json``, ``<out>/<host>-<date>.md`` and PNG plots
 ``<out>/<host>-<date>-*.png``. Weights are random (an untrained model of the preset): timings do not
 depend on the weight values.
 """
 SCHEMA = "diffgap-bench/1"
-GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search")
+GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "lean")

@@ -1,6 +1,6 @@
 """The GPU smoke run: build every engine, check parity, time every backend, one JSON + markdown report.
 
-Run by ``benchmarks/gpu_smoke.sh`` (``make gpu-smoke``), which sets the library path first; by hand::
+Run by ``benchmarks/gpu_smoke.sh`` (``make gpu-smoke``); by hand::
 
     python benchmarks/gpu_smoke.py --out DIR [--export EXPORT_DIR] [--repeats 50] [--preset clap-512]
 
@@ -25,6 +25,7 @@ Exit status: 1 if any row failed, else 0.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import importlib.util
 import os
@@ -86,26 +87,41 @@ def machine() -> dict[str, Any]:
             "ld_library_path": os.environ.get("LD_LIBRARY_PATH", "")}
 
 
-def no_gpu_reason() -> str | None:
-    """None if some library sees a CUDA device, else what each one said."""
-    said = []
+def driver_devices() -> tuple[int, str]:
+    """(CUDA devices the NVIDIA driver reports, what it said): ``cuInit`` + ``cuDeviceGetCount`` of
+    libcuda through ctypes, so neither cuda-python nor pycuda (nor their CUDA majors) decide it."""
     try:
-        import torch
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return 0, f"no NVIDIA driver library ({e})"
+    rc = lib.cuInit(0)
+    if rc != 0:
+        return 0, f"the NVIDIA driver's cuInit failed (CUresult {rc})"
+    n, ver = ctypes.c_int(0), ctypes.c_int(0)
+    rc = lib.cuDeviceGetCount(ctypes.byref(n))
+    lib.cuDriverGetVersion(ctypes.byref(ver))
+    if rc != 0:
+        return 0, f"cuDeviceGetCount failed (CUresult {rc})"
+    return n.value, f"{n.value} CUDA device(s), driver API {ver.value // 1000}.{ver.value % 1000 // 10}"
 
-        if torch.cuda.is_available():
-            return None
-        said.append("torch.cuda.is_available() is False")
-    except ImportError:
-        said.append("no torch")
+
+def no_gpu_reason() -> str | None:
+    """None if the NVIDIA driver reports a CUDA device, else what the driver and nvidia-smi said."""
+    count, said = driver_devices()
+    if count > 0:
+        return None
+    smi = "no nvidia-smi on PATH"
+    if shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+        smi = f"nvidia-smi -L: {(q.stdout or q.stderr).strip()[:200] or 'no output'}"
+    return f"no GPU: {said}; {smi}"
+
+
+def graph_reason() -> str | None:
+    """Why the ``tensorrt+graph`` rows cannot run (cuda-python missing, or too new for the driver)."""
     from diffgap.runtime.cuda_graphs import unavailable_reason
 
-    why = unavailable_reason()
-    if why is None:
-        return None
-    said.append(why)
-    if not shutil.which("nvidia-smi"):
-        said.append("no nvidia-smi")
-    return "no GPU: " + "; ".join(said)
+    return unavailable_reason()
 
 
 def trt_reason() -> str | None:
@@ -170,27 +186,52 @@ def engines(rep: Report, man: Any, engine_dir: Path, opt_level: int) -> bool:
     return ok
 
 
-def pytest_gpu(rep: Report, man: Any, out: Path, work: Path, checkout: bool) -> None:
+def junit_counts(path: Path) -> dict[str, dict[str, int]]:
+    """``{test file: {passed, failed, skipped}}`` from pytest's junit xml (errors count as failed)."""
+    import xml.etree.ElementTree as ET
+
+    counts: dict[str, dict[str, int]] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        parts = (case.get("classname") or "?").split(".")
+        where = next((f"{x}.py" for x in parts if x.startswith("test_")), parts[-1])
+        c = counts.setdefault(where, {"passed": 0, "failed": 0, "skipped": 0})
+        kinds = {child.tag for child in case}
+        c["failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"] += 1
+    return counts
+
+
+def pytest_gpu(rep: Report, man: Any, out: Path, work: Path, checkout: bool, engine_dir: Path | None, limit: float) -> None:
     def run() -> dict[str, Any]:
         if importlib.util.find_spec("pytest") is None:
             raise Skip("pytest is not installed")
         env = dict(os.environ, DIFFGAP_GPU_EXPORT=str(man.root), HF_HUB_OFFLINE="1")
+        if engine_dir is not None:  # the engines built above: the GPU tests reuse them instead of rebuilding
+            env["DIFFGAP_GPU_ENGINES"] = str(engine_dir)
         if checkout:  # the same package mapping for the child, through a sitecustomize on its path
             shim = work / "checkout_shim"
             shim.mkdir(exist_ok=True)
             (shim / "sitecustomize.py").write_text(
                 f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport diffgap\ndiffgap.__path__.append({str(ROOT)!r})\n")
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests",
-               f"--junitxml={out / 'junit-gpu.xml'}"]
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        junit = out / "junit-gpu.xml"
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests", f"--junitxml={junit}"]
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired as e:  # keep what it printed: the log says where it was
+            text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+            (out / "pytest-gpu.log").write_text(text + f"\n[gpu-smoke] killed after {limit:.0f} s\n")
+            raise RuntimeError(f"pytest -m gpu ran past {limit:.0f} s (--pytest-timeout); see pytest-gpu.log") from None
         (out / "pytest-gpu.log").write_text(p.stdout + p.stderr)
         last = (p.stdout.strip().splitlines() or ["(no output)"])[-1]
+        per_file = junit_counts(junit) if junit.exists() else {}
+        ran = {f: c for f, c in per_file.items() if c["passed"] or c["failed"] or c["skipped"]}
+        summary = "; ".join(f"{f}: {c['passed']} passed, {c['skipped']} skipped, {c['failed']} failed" for f, c in sorted(ran.items()))
+        extra = {"tests": ran, "skipped_tests": sum(c["skipped"] for c in ran.values())}
         if p.returncode != 0:
-            raise RuntimeError(f"pytest exit {p.returncode}: {last} (see pytest-gpu.log)")
+            return {**extra, "status": "failed", "reason": f"pytest exit {p.returncode}: {last} ({summary}; see pytest-gpu.log)"}
         if " passed" not in last:
-            return {"status": "skipped", "reason": f"every GPU test skipped: {last} (reasons in pytest-gpu.log)"}
-        return {"reason": last}
+            return {**extra, "status": "skipped", "reason": f"every GPU test skipped: {last} ({summary}; reasons in pytest-gpu.log)"}
+        return {**extra, "reason": f"{last} ({summary}; skip reasons in pytest-gpu.log)"}
 
     rep.run("pytest-gpu", run)
 
@@ -220,6 +261,8 @@ def backends(rep: Report, man: Any, engine_dir: Path, have_engines: bool, gpu_wh
                 why = gpu_why
             elif backend == "tensorrt" and not have_engines:
                 why = trt_reason() or "engines were not built (see the build-engines row)"
+            elif opts.get("cuda_graph"):
+                why = graph_reason()
             if why:
                 rep.add("latency", "skipped", why, model=name, backend=label, precision=prec)
                 continue
@@ -329,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="clap-512", help="model preset of the PyTorch baselines (default: %(default)s)")
     ap.add_argument("--torch-batches", default="1,8,64", help="batch sizes of the PyTorch rows (default: %(default)s)")
     ap.add_argument("--skip-pytest", action="store_true", help="do not run `pytest -m gpu`")
+    ap.add_argument("--pytest-timeout", type=float, default=3600, help="seconds `pytest -m gpu` may run (default: %(default)s; "
+                                                                          "a real export's engines take minutes each to build)")
     ap.add_argument("--work", help="scratch folder for the test export and the engines (default: a temporary folder, "
                                    "removed at the end; the report folder only gets the report and the logs)")
     args = ap.parse_args(argv)
@@ -367,7 +412,7 @@ def _run(rep: Report, args: argparse.Namespace, out: Path, work: Path, checkout:
         if args.skip_pytest:
             rep.add("pytest-gpu", "skipped", "--skip-pytest")
         else:
-            pytest_gpu(rep, man, out, work, checkout)
+            pytest_gpu(rep, man, out, work, checkout, engine_dir if have else None, args.pytest_timeout)
         backends(rep, man, engine_dir, have, gpu_why, args.warmup, args.repeats)
     torch_baselines(rep, args.preset, gpu_why, args.warmup, args.repeats, [int(b) for b in args.torch_batches.split(",")])
     s = rep.summary()

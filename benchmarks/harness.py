@@ -10,10 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -271,3 +275,53 @@ def machine_summary(m: dict[str, Any]) -> str:
         f"torch {m['versions'].get('torch', '-')}, onnxruntime "
         f"{m['versions'].get('onnxruntime') or m['versions'].get('onnxruntime-gpu', '-')}"
     )
+
+
+# ---- paths in results ---------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+# An absolute path: a "/" that starts a token (not inside a URL, a unit like "ms/req", or a ratio).
+_ABSOLUTE = re.compile(r"(?<![\w.:/~$-])/(?=[\w.~-])[^\s\"'`,;()\[\]<>|]*")
+
+
+def path_roots(work: Path | None = None, out: Path | None = None) -> list[tuple[str, str]]:
+    """(absolute directory, what a results file records instead), in the order they are tried.
+
+    Results are shared and committed, so they never name the machine's directories: the scratch
+    directory becomes ``$WORK``, the Python environment ``$VENV``, anything else inside the repository
+    is made relative to it, the results directory (when outside the repository) ``$OUT``, the
+    temporary directory ``$TMPDIR`` and the home directory ``~``.
+    """
+    roots = [(work, "$WORK"), (Path(sys.prefix), "$VENV"), (REPO, ""), (out, "$OUT"),
+             (Path(tempfile.gettempdir()), "$TMPDIR"), (Path.home(), "~")]
+    seen, pairs = set(), []
+    for d, name in roots:
+        if d is None:
+            continue
+        for form in {str(Path(d).absolute()), str(Path(d).resolve())}:
+            if form != "/" and form not in seen:
+                seen.add(form)
+                pairs.append((form, name))
+    return pairs
+
+
+def portable(obj: Any, roots: list[tuple[str, str]]) -> Any:
+    """``obj`` (JSON-like) with every absolute path in its strings rewritten by ``roots``
+    (:func:`path_roots`); an absolute path under none of them is recorded by its last component only."""
+    if isinstance(obj, dict):
+        return {k: portable(v, roots) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, roots) for v in obj]
+    if not isinstance(obj, str) or "/" not in obj:
+        return obj
+
+    def one(m: re.Match) -> str:
+        p = m.group(0)
+        for root, name in roots:
+            if p == root or p.startswith(root + "/"):
+                rest = p[len(root) + 1:]
+                if name:
+                    return f"{name}/{rest}" if rest else name
+                return rest or "."
+        return p.rstrip("/").rsplit("/", 1)[-1] or "."
+
+    return _ABSOLUTE.sub(one, obj)

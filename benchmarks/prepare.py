@@ -102,8 +102,9 @@ def _export(ctx: Context, out: Path, steps: int, samplers_only: bool) -> Path:
 
 
 # Above this K the benchmark export is FP32 only and the ORT FP16-graph row says so. Stock ModelOpt
-# AutoCast was quadratic on the unrolled samplers (K=50 ran past 12 GB and was OOM-killed);
-# diffgap.export.fp16's linear-time passes convert K=50 clap-512 in ~13 s, so every grid K gets FP16.
+# AutoCast's time and memory grow faster than linearly with K on the unrolled samplers;
+# diffgap.export.fp16's linear-time passes (diffgap.export.modelopt_autocast_patch) convert every
+# grid K, so every grid K gets FP16.
 FP16_MAX_STEPS = 50
 
 
@@ -163,7 +164,7 @@ def prepare(ctx: Context, groups: tuple[str, ...], export_dirs: list[Path] | Non
     needs_main = bool(set(groups) & {"encoders", "pipeline", "triton", "search"}) and ctx.main_export is None
     grid = set(groups) & {"denoiser", "knobs"}
     missing = [k for k in ctx.steps if k not in ctx.exports] if grid else []
-    if not (grid or needs_main or missing):
+    if not (grid or needs_main or missing or "lean" in groups):  # lean exports the checkpoint itself
         return
     _load_model(ctx, checkpoint)
     if needs_main:

@@ -101,7 +101,8 @@ def measure_bandwidth_gbs(nbytes_per_array: int, repeats: int = 10, threads: int
 def measure_machine(threads: int, quick: bool = False) -> dict[str, Any]:
     """The roofline of this machine: peak GFLOP/s and DRAM bandwidth (the two numbers of the bound)."""
     peak = measure_peak_gflops(n=1024 if quick else 2048, repeats=3 if quick else 10, threads=threads)
-    # 256 MB per array (768 MB for the triad) is far past any LLC here (32 MB on the dev machine).
+    # 256 MB per array (768 MB for the triad) is far past any last-level cache of a CPU host (the 2-core
+    # x86-64 VM of benchmarks/results records a 32 MiB L3 under machine.caches).
     dram = measure_bandwidth_gbs((32 if quick else 256) * 2**20, repeats=3 if quick else 8, threads=threads)
     bw = max(dram["copy_gbs"], dram["triad_gbs"])
     rec = {"peak": peak, "dram": dram, "peak_gflops": peak["peak_gflops"], "bandwidth_gbs": bw,

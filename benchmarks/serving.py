@@ -1,13 +1,14 @@
 """Triton ensembles over HTTP and gRPC at concurrency 1, 2, 4, 8, measured with perf_analyzer.
 
 perf_analyzer (Triton's standard load generator; the binary comes from
-``diffgap.triton_models.tools.perf_analyzer()``) runs once per (ensemble, protocol, concurrency) with
+``benchmarks.perf_analyzer.perf_analyzer()``) runs once per (ensemble, protocol, concurrency) with
 explicit stability settings: measurement windows of ``-p`` ms, "stable" when ``-s`` percent apart
-over 3 windows, at most ``-r`` windows. perf_analyzer's default (5 s?, 10 %) does not settle on a
-2-core machine where client and server share the cores, so the windows are widened; the exact
-command and whether it settled are recorded per row. Latencies are client-side (request sent to
-response received) p50/p90/p95/p99 and throughput in inferences/s; the server-side split
-(queue / compute) comes from the same CSV.
+over 3 windows, at most ``-r`` windows. perf_analyzer's defaults (5 s windows, 10 %, at most 10) do
+not settle on a 2-core machine where client and server share the cores, so the windows are widened;
+a run that still does not settle is retried once with a band twice as wide. The exact command,
+whether it settled and whether it was retried are recorded per row. Latencies are client-side
+(request sent to response received) p50/p90/p95/p99 and throughput in inferences/s; the server-side
+split (queue / compute) comes from the same CSV.
 
 Dynamic batching is evidenced by Triton's own statistics: ``inference_count / execution_count`` per
 composing model over each run (the mean executed batch size).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -102,11 +104,12 @@ def batching_knob(ctx: Context) -> dict[str, Any]:
 
 
 # ---- input data --------------------------------------------------------------------------------
-def _input_data(config: dict[str, Any], batch_text: str, wave_len_hint: int | None, include_optional: bool) -> dict[str, Any]:
-    """perf_analyzer ``--input-data`` JSON for one request of ``config``'s inputs."""
+def _input_data(config: dict[str, Any], batch_text: str, wave_len_hint: int | None = None) -> dict[str, Any]:
+    """perf_analyzer ``--input-data`` JSON for one request of ``config``'s required inputs (the
+    optional ones, per-row seed and guidance, keep the models' defaults)."""
     entry: dict[str, Any] = {}
     for inp in config.get("input", []):
-        if inp.get("optional") and not include_optional:
+        if inp.get("optional"):
             continue
         dims = [int(d) for d in inp.get("dims", [])]
         shape = [1 if d < 0 else d for d in dims] or [1]
@@ -294,12 +297,50 @@ def client_load(url: str, protocol: str, model: str, config: dict[str, Any], con
 # ---- the group ---------------------------------------------------------------------------------
 def _perf_analyzer() -> tuple[Path | None, dict[str, str], str]:
     try:
-        from diffgap.triton_models.tools import perf_analyzer
+        from .perf_analyzer import perf_analyzer
 
         binary, env = perf_analyzer()
         return binary, env, ""
     except Exception as e:  # recorded; the fallback harness takes over
         return None, dict(os.environ), f"{type(e).__name__}: {e}"
+
+
+def _timeout_s(settings: dict[str, int]) -> float:
+    """Every window perf_analyzer may take, three times over, plus a minute for start-up."""
+    return 60 + 3 * settings["measurement_interval_ms"] / 1e3 * settings["max_trials"]
+
+
+def perf_analyzer_run(binary: Path, env: dict[str, str], url: str, protocol: str, model: str, concurrency: int,
+                      input_json: Path, settings: dict[str, int], workdir: Path) -> dict[str, Any]:
+    """One perf_analyzer measurement; one retry with a stability band twice as wide when the first
+    did not settle (perf_analyzer then exits non-zero: ``stable`` is False in its record)."""
+    args = (binary, env, url, protocol, model, concurrency, input_json)
+    rec = run_perf_analyzer(*args, settings, workdir, timeout_s=_timeout_s(settings))
+    if rec["status"] != "ok" and rec.get("stable") is False:
+        wide = {**settings, "stability_percentage": min(100, 2 * settings["stability_percentage"])}
+        first = rec.get("reason", "")
+        rec = run_perf_analyzer(*args, wide, workdir, timeout_s=_timeout_s(wide))
+        rec["retried"] = f"first attempt did not settle within {settings['stability_percentage']} % ({first})"
+    rec["optional_inputs_sent"] = False
+    return rec
+
+
+def _add_step_stats(rec: dict[str, Any], before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], model: str) -> None:
+    steps = _step_stats(before, after, model)
+    rec["steps"] = steps
+    rec["mean_batch"] = {m: v["batch"] for m, v in steps.items()}
+    # The CSV's "Server Queue" is the ensemble's own (~0): the composing models' dynamic batching
+    # waits are only in Triton's per-model statistics.
+    rec["steps_queue_ms"] = round(sum(v["queue_ms"] for v in steps.values()), 4)
+    rec["steps_compute_ms"] = round(sum(v["compute_ms"] for v in steps.values()), 4)
+
+
+def _log_run(rec: dict[str, Any], model: str, protocol: str, conc: int) -> None:
+    log.info(
+        "triton %-26s %-4s c=%d: %s", model, protocol, conc,
+        f"p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms, {rec['throughput_infer_s']:.1f} infer/s, "
+        f"batches {rec['mean_batch']}" if rec.get("status") == "ok" else f"failed: {rec.get('reason')}",
+    )
 
 
 def run(ctx: Context, repo_options: dict[str, Any] | None = None, label: str = "default",
@@ -316,53 +357,24 @@ def run(ctx: Context, repo_options: dict[str, Any] | None = None, label: str = "
         "label": label, "repository_options": dict(repo_options or {}), "settings": settings,
         "perf_analyzer": str(binary) if binary else None, "perf_analyzer_error": pa_error or None, "runs": [],
     }
-    wave_len = None
+    text = captions(1)[0]
     with TritonServer(repo) as server:
         result["server"] = {"pid": server.pid, "http": server.http_url, "grpc": server.grpc_url}
         wanted = ensembles or (ENSEMBLES[:1] if ctx.quick else ENSEMBLES)
-        present = [m for m in wanted if m in server.models]
-        result["ensembles"] = present
-        for model in present:
-            config = _model_config(server.http_url, model)
-            for protocol in PROTOCOLS:
-                url = server.http_url if protocol == "http" else server.grpc_url
-                for conc in ctx.concurrency:
-                    before = _model_stats(server.http_url)
-                    if binary is not None:
-                        rec = None
-                        for include_optional in (False, True):
-                            data = _input_data(config, captions(1)[0], wave_len, include_optional)
-                            ij = work / f"input-{model}-{int(include_optional)}.json"
-                            ij.write_text(json.dumps(data))
-                            rec = run_perf_analyzer(binary, env, url, protocol, model, conc, ij, settings, work,
-                                                    timeout_s=60 + 3 * settings["measurement_interval_ms"] / 1e3 * settings["max_trials"])
-                            rec["optional_inputs_sent"] = include_optional
-                            if rec["status"] != "ok" and rec.get("stable") is False:
-                                # did not settle (perf_analyzer exits non-zero): one retry with a band twice as wide
-                                wide = {**settings, "stability_percentage": min(100, 2 * settings["stability_percentage"])}
-                                first = rec.get("reason", "")
-                                rec = run_perf_analyzer(binary, env, url, protocol, model, conc, ij, wide, work,
-                                                        timeout_s=60 + 3 * wide["measurement_interval_ms"] / 1e3 * wide["max_trials"])
-                                rec["optional_inputs_sent"] = include_optional
-                                rec["retried"] = f"first attempt did not settle within {settings['stability_percentage']} % ({first})"
-                            if rec["status"] == "ok" or "optional" not in json.dumps(rec).lower():
-                                break
-                    else:
-                        rec = client_load(url, protocol, model, config, conc, 3.0 if ctx.quick else 20.0, captions(1)[0])
-                        rec.update(protocol=protocol, model=model, concurrency=conc, fallback_reason=pa_error)
-                    after = _model_stats(server.http_url)
-                    steps = _step_stats(before, after, model)
-                    rec["steps"] = steps
-                    rec["mean_batch"] = {m: v["batch"] for m, v in steps.items()}
-                    # The CSV's "Server Queue" is the ensemble's own (~0): the composing models' dynamic
-                    # batching waits are only in Triton's per-model statistics.
-                    rec["steps_queue_ms"] = round(sum(v["queue_ms"] for v in steps.values()), 4)
-                    rec["steps_compute_ms"] = round(sum(v["compute_ms"] for v in steps.values()), 4)
-                    log.info(
-                        "triton %-26s %-4s c=%d: %s", model, protocol, conc,
-                        f"p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms, {rec['throughput_infer_s']:.1f} infer/s, "
-                        f"batches {rec['mean_batch']}" if rec.get("status") == "ok" else f"failed: {rec.get('reason')}",
-                    )
-                    result["runs"].append(rec)
+        present = result["ensembles"] = [m for m in wanted if m in server.models]
+        configs = {m: _model_config(server.http_url, m) for m in present}
+        inputs = {m: work / f"input-{m}.json" for m in present}
+        for m, path in inputs.items():
+            path.write_text(json.dumps(_input_data(configs[m], text)))
+        for model, protocol, conc in itertools.product(present, PROTOCOLS, ctx.concurrency):
+            url = server.http_url if protocol == "http" else server.grpc_url
+            before = _model_stats(server.http_url)
+            if binary is not None:
+                rec = perf_analyzer_run(binary, env, url, protocol, model, conc, inputs[model], settings, work)
+            else:
+                rec = client_load(url, protocol, model, configs[model], conc, 3.0 if ctx.quick else 20.0, text)
+                rec.update(protocol=protocol, model=model, concurrency=conc, fallback_reason=pa_error)
+            _add_step_stats(rec, before, _model_stats(server.http_url), model)
+            _log_run(rec, model, protocol, conc)
+            result["runs"].append(rec)
     return result
-

@@ -9,10 +9,13 @@ Presets (parameter counts printed by ``diffgap train`` and asserted in tests/tes
   both), two denoisers of 3 adaLN-zero residual MLP blocks, width 256, MLP
   ratio 2, beside a conditional-mean branch of 3 residual MLP blocks, width 384 -- 4.37M
   parameters per direction, 9.27M in total (``DiffGAP.parameter_counts()``).
-  Sized after a first prototype (4.0M/direction trained ~2,600 CPU steps in ~3.5 minutes).
 * ``clap-tiny``: 512-d inputs, 64-d heads, width 64, 1 block (64k per direction) -- for tests only.
 
 Adding a preset (e.g. ``cavp-512`` for video<->audio) is one ``PRESETS[...] = ...`` line.
+
+A preset fixes the sizes (head dim D, denoiser widths and depths), not the input widths: ``diffgap
+train`` takes each modality's embedding width E from the training data (384 for MiniLM, 512 for CLAP,
+768 elsewhere; the two modalities may differ) and the checkpoint carries it.
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ class HeadsConfig:
     """Light projection heads: frozen CLAP/CAVP embedding (B, E) -> contrastive space (B, dim)."""
 
     dim: int = 512                 # head-space (contrastive space) dimension D
-    # Residual MLP width beside the linear map; 0 = linear head only (the default). Measured, heads with
-    # a width-256 MLP against the linear adapter (the same head without it, same recipe), test R@1
-    # T2A / A2T: -0.4 / -0.3 on `diffgap synth`, -0.4 / -0.6 and -1.8 / -1.1 on two differently built
-    # benchmarks: the nonlinear part of the model is the denoisers' conditional-mean branch instead.
+    # Residual MLP width beside the linear map; 0 = linear head only (the default). Heads with a
+    # width-256 MLP scored below the linear adapter (the same head without it, same recipe) on
+    # `diffgap synth` and on two differently built benchmarks, so the nonlinear part of the model is
+    # the denoisers' conditional-mean branch instead.
     hidden: int = 0
     # Raw-space model: the heads stay the identity (never trained), so head space is the frozen encoder's
     # own space and the denoisers sample there. Needs dim == embed_dim and hidden == 0. The alternative to
@@ -53,10 +56,9 @@ class DenoiserConfig:
     depth: int = 3                 # number of adaLN-zero residual MLP blocks
     mlp_ratio: float = 2.0         # block MLP width = mlp_ratio * H
     time_freq_dim: int = 128       # sinusoidal timestep features before the timestep MLP
-    # Also feed the condition as input, beside adaLN. Measured (600 steps, synthetic benchmark,
-    # held-out x0 MSE at t in [900, 1000) true/shuffled condition): 0.87/1.06 with concatenation vs
-    # 0.92/1.08 adaLN-only; query-side bridge T2A R@1 35.0% vs 34.1%. Issue 2's prototype: adaLN
-    # alone was ignored at 400 steps.
+    # Also feed the condition as input, beside adaLN: with adaLN alone an early denoiser ignored the
+    # condition at high noise (its held-out x0 error was about the same with the true and with a
+    # shuffled condition); with the concatenation the condition lowers it.
     concat_condition: bool = True
     cond_dropout: float = 0.1      # P(condition -> learned null) during training, for CFG
     # Width of the condition-only conditional-mean branch added to the output (CARD, Han et al. 2022;
@@ -68,11 +70,11 @@ class DenoiserConfig:
 class DiffusionConfig:
     schedule: str = "cosine"         # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020)
     num_train_timesteps: int = 1000  # T
-    prediction: str = "x0"           # network target: "x0" | "eps" | "v" (x0 worked best in the prototype)
+    prediction: str = "x0"           # network target: "x0" | "eps" | "v" (x0: the bridge's output is the network's)
     # The retrieval bridge (bridge(), the export, the runtime and the ``full`` row of `diffgap eval`):
     # K = 1 from noise is one denoiser call at t = T-1, whose x0 estimate is the posterior mean
-    # E[x0 | condition]. For retrieval the mean is what scores well: on the synthetic benchmark K = 10
-    # samples from noise (4 averaged) scored 28.3 text->audio R@1 where the mean scored 41.4; K-step
+    # E[x0 | condition]. For retrieval the mean is what scores well (`make demo`'s eval table in the
+    # README: rows `q-bridge`, the mean, and `q-bridge noise`, K = 10 samples from noise); K-step
     # samples are for generation (the generative-prior table of `diffgap eval` compares them).
     sample_steps: int = 1            # K DDIM steps used by bridge() unless overridden
     eta: float = 0.0                 # DDIM stochasticity; 0 = deterministic given the initial noise
@@ -83,9 +85,9 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    # 600, not more: on the synthetic benchmark a 2,000-step run bridged worse (query-side T2A R@1
-    # 32.9% vs 35.0% at 600) -- the denoisers memorise a 20k-pair train split (train x0-InfoNCE fell
-    # to 0.1) -- and 600 steps keep `make demo` within its 5-minute budget on 2 CPU cores.
+    # Fixed-step runs (``diffgap train`` without ``--val``). Not more by default: much longer runs let
+    # the denoisers memorise a 20k-pair train split (their train x0-InfoNCE keeps falling while the
+    # held-out bridge gets worse); ``--val`` chooses the budget by early stopping instead.
     steps: int = 600
     batch_size: int = 512           # pairs per step for the heads' InfoNCE (more negatives, cheap)
     denoiser_batch_size: int = 128  # the first rows of each batch also train the denoisers (their cost dominates)
@@ -95,16 +97,16 @@ class TrainConfig:
     min_lr_ratio: float = 0.05      # cosine decays to lr * min_lr_ratio
     ema_decay: float = 0.995
     grad_clip: float = 1.0
-    # Weight of InfoNCE on predicted clean embeddings (see diffgap.train.diffgap_loss). 0.3 with the
-    # terminal share below (0.75 in that run): posterior-mean validation R@1 44.6/45.5 vs 41.6/42.8
-    # with 0.1 (800 steps on frozen heads, synthetic benchmark).
+    # Weight of InfoNCE on predicted clean embeddings (see diffgap.train.diffgap_loss). With the
+    # terminal share below, 0.3 gave a higher posterior-mean validation R@1 than 0.1 (denoisers on
+    # frozen heads, synthetic benchmark).
     lambda_x0: float = 0.3
     x0_infonce_min_t: float = 0.5   # that InfoNCE only for t > x0_infonce_min_t * T
     source_t_frac: float = 0.1      # fraction of each batch with t drawn in [0, bridge_t0*T] (what source-bridging sees)
     # Fraction of each batch at t = T-1, where the x0 estimate is the retrieval bridge's posterior
-    # mean; the rest (0.2) is uniform on [0, T-1] for the K-step sampler. Measured (600 steps on
-    # frozen heads, synthetic benchmark, validation R@1 of that estimate, text->audio /
-    # audio->text): 11.2/12.7 with none, 31.5/33.9 with 0.3.
+    # mean; the rest (0.2) is uniform on [0, T-1] for the K-step sampler. Without a terminal share
+    # few rows land at t = T-1 and that estimate (the only one the retrieval bridge uses) stays far
+    # worse on validation.
     terminal_t_frac: float = 0.7
     seed: int = 0
     # Validation-driven training (``diffgap train --val``; diffgap.train_val): the step budget comes
@@ -115,14 +117,16 @@ class TrainConfig:
     schedule: str = "auto"          # "two-stage" | "joint" | "auto" (train both, keep the better on val)
     val_every: int = 50             # denoiser (and joint) stages: validate every 50 steps, stop after 3 x 50 without a best
     patience: int = 3
-    # Heads: steps are ~3x cheaper and their validation R@1 is noisy early on (the temperature is still
-    # moving), so they get a coarser check: every 100 steps, 3 evaluations (on the synthetic benchmark
-    # the best came at step 800 with patience 3 or 5; 5 ran 400 more steps for nothing).
+    # Heads: steps are cheaper and their validation R@1 is noisy early on (the temperature is still
+    # moving), so they get a coarser check: every 100 steps, 3 evaluations (`make demo` in the README:
+    # heads best at step 800 of 1,100).
     head_val_every: int = 100
     head_patience: int = 3
     plateau_factor: float = 0.3
     plateau_decays: int = 1
-    max_head_steps: int = 6000      # heads-only steps are ~10x cheaper than denoiser steps
+    # Heads-only steps are cheaper than denoiser steps (`make demo` in the README: 1,100 head steps
+    # in 20 s, 1,250 denoiser steps in 98 s).
+    max_head_steps: int = 6000
     max_denoiser_steps: int = 3000
     val_max_pairs: int = 1000       # validation pairs scored per evaluation (the first N)
 
@@ -130,8 +134,12 @@ class TrainConfig:
 @dataclass
 class DiffGAPConfig:
     name: str = "clap-512"
-    embed_dim: int = 512                               # E: CLAP/CAVP embedding dim (model inputs)
+    # E: the frozen embeddings' width (model inputs). A preset's value is its default; training takes
+    # the widths from the data (:meth:`with_input_dims`), and ``embed_dims`` holds a width per
+    # modality where the two differ (e.g. {"text": 384, "audio": 768}); :meth:`input_dim` reads both.
+    embed_dim: int = 512
     modalities: tuple[str, str] = ("text", "audio")
+    embed_dims: dict[str, int] = field(default_factory=dict)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -153,10 +161,37 @@ class DiffGAPConfig:
             raise ValueError(f"preset {self.name!r}: train.source_t_frac + train.terminal_t_frac must be within [0, 1]")
         if self.train.schedule not in SCHEDULES_TRAIN:
             raise ValueError(f"preset {self.name!r}: train.schedule {self.train.schedule!r} unknown; use one of {SCHEDULES_TRAIN}")
-        if self.heads.identity and (self.heads.dim != self.embed_dim or self.heads.hidden != 0):
-            raise ValueError(f"preset {self.name!r}: identity heads need heads.dim == embed_dim and heads.hidden == 0")
-        if min(self.embed_dim, self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
+        self.embed_dims = {str(m): int(w) for m, w in dict(self.embed_dims).items()}
+        unknown = sorted(set(self.embed_dims) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"preset {self.name!r}: embed_dims names {unknown}, not one of its modalities {self.modalities}")
+        if min(self.embed_dim, *self.embed_dims.values(), self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
             raise ValueError(f"preset {self.name!r}: dims and depth must be positive")
+        if self.heads.identity and (self.heads.hidden != 0 or any(self.embed_dims.get(m, self.embed_dim) != self.heads.dim
+                                                                    for m in self.modalities)):
+            raise ValueError(f"preset {self.name!r}: identity heads need heads.dim == every embedding width and heads.hidden == 0")
+
+    def input_dim(self, modality: str) -> int:
+        """E of ``modality``: the width of its frozen embeddings (the model's input)."""
+        if modality not in self.modalities:
+            raise ValueError(f"unknown modality {modality!r}; this model has {list(self.modalities)}")
+        return self.embed_dims.get(modality, self.embed_dim)
+
+    @property
+    def input_dims(self) -> dict[str, int]:
+        """``{modality: E}`` for both modalities."""
+        return {m: self.input_dim(m) for m in self.modalities}
+
+    def with_input_dims(self, dims: dict[str, int]) -> "DiffGAPConfig":
+        """Copy whose input widths are ``dims`` (``{modality: E}``, e.g. a dataset's); the sizes stay.
+
+        One common width is stored as ``embed_dim`` (the layout every diffgap version reads), differing
+        widths as ``embed_dims``.
+        """
+        widths = {m: int(dims[m]) for m in self.modalities}
+        if len(set(widths.values())) == 1:
+            return self.replace(embed_dim=next(iter(widths.values())), embed_dims={})
+        return self.replace(embed_dims=widths)
 
     @property
     def directions(self) -> tuple[str, str]:
@@ -167,6 +202,8 @@ class DiffGAPConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["modalities"] = list(self.modalities)
+        if not self.embed_dims:  # one width: the layout configs had before per-modality widths existed
+            del d["embed_dims"]
         return d
 
     @classmethod
@@ -190,7 +227,7 @@ class DiffGAPConfig:
                     raise ValueError(f"config section {k!r} has unknown keys {bad}; was it written by a newer diffgap?")
                 kw[k] = subs[k](**v)
             else:
-                kw[k] = tuple(v) if k == "modalities" else v
+                kw[k] = tuple(v) if k == "modalities" else (dict(v) if k == "embed_dims" else v)
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "DiffGAPConfig":
@@ -201,7 +238,7 @@ class DiffGAPConfig:
             tgt = d
             for p in parts[:-1]:
                 tgt = tgt[p]
-            if parts[-1] not in tgt:
+            if parts[-1] not in tgt and not (len(parts) == 1 and parts[0] == "embed_dims"):
                 raise ValueError(f"unknown config field {key!r}")
             tgt[parts[-1]] = value
         return DiffGAPConfig.from_dict(d)

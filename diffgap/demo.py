@@ -77,7 +77,7 @@ def step_eval(ctx: DemoContext) -> None:
 
 def step_encoders(ctx: DemoContext) -> None:
     """The CLAP encoder path (`diffgap embed`'s code) on generated clips + captions, tiny laion-clap arch."""
-    from diffgap.encoders.clap import demo_embed
+    from diffgap.encoders.clap_demo import demo_embed
 
     r = demo_embed(ctx.out / "encoders")
     print(f"embedded generated clips + captions with the tiny laion-clap architecture (random weights) -> {r['npz']}")
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="train a fixed number of steps (default: validation-driven budgets)")
     p.add_argument("--schedule", default="two-stage", choices=["auto", "two-stage", "joint"],
                    help="training schedule with validation (default two-stage; 'auto' also trains the joint one to compare)")
-    # All cores by default: on the idle 2-core VM the eval step took 107 s with 2 threads vs 176 s with
-    # 1 (same printed tables). On a machine busy with other jobs, OpenMP barriers can make 2 threads
-    # far slower per step than 1: pass --threads 1 there.
+    # All cores by default (torch's default); the thread count changes the time, not the printed
+    # tables. On a machine busy with other jobs, OpenMP barriers can make 2 threads slower per step
+    # than 1: pass --threads 1 there.
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default 0: torch default, one per core)")
     p.add_argument("--only", nargs="*", choices=[n for n, _ in STEPS], help="run only these steps")
     args = p.parse_args(argv)

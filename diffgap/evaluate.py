@@ -62,7 +62,7 @@ class EvalConfig:
     bridge_steps: int | None = None    # K of the retrieval bridge (``q-bridge``, ``full``; None: model config)
     source_steps: int = 4              # K for the diagnostic bridge from the noised source
     noise_steps: int = 10              # K for bridging from noise
-    noise_samples: int = 4             # samples averaged when bridging from noise (averaging 4 samples gained up to 10 R@1 points over 1)
+    noise_samples: int = 4             # samples averaged when bridging from noise (averaging lowers each query's sampling noise)
     source_samples: int = 1
     guidance_scale: float | None = None
     fusion_step: float = 0.1           # fusion weight grid on the simplex
@@ -222,7 +222,7 @@ def _fallback_to_raw_heads(val_sims: dict[str, np.ndarray], comps: list[str], w:
     """The ``full`` row keeps its bridge weights only if they beat ``raw+heads`` on validation with a
     paired-bootstrap 95% interval above zero; otherwise it falls back to the raw+heads weights (bridges
     at 0). Why: the grid search picks the best of ~300 weight vectors on 1,000 validation queries, and a
-    gain within the validation noise did not carry to test (measured: full 1.0 R@1 below raw+heads)."""
+    gain within the validation noise need not carry to test."""
     val_full = ranks_of_diagonal(fuse([val_sims[c] for c in comps], w))
     rh = tuple(rh_weights.get(c, 0.0) for c in comps)
     val_rh = ranks_of_diagonal(fuse([val_sims[c] for c in comps], rh))
@@ -248,8 +248,9 @@ def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalCon
     for split, p in (("test", test), ("val", val)):
         for m in (a, b):
             p[m]  # raises a clear KeyError naming the file and modality
-        if p.embed_dim != model.config.embed_dim:
-            raise ValueError(f"{split} split {p.path} has dim {p.embed_dim}, model expects {model.config.embed_dim}")
+        have = {m: p.dims[m] for m in model.config.modalities}
+        if have != model.config.input_dims:
+            raise ValueError(f"{split} split {p.path} has widths {have}, the model takes {model.config.input_dims}")
     t_start = time.perf_counter()
     emb = {"val": embed_split(model, val, ecfg), "test": embed_split(model, test, ecfg)}
     result: dict[str, Any] = {"eval_config": asdict(ecfg), "n_test": len(test), "n_val": len(val),

@@ -19,7 +19,9 @@ Calibration (on the 1,000-pair test split): raw-cosine text-to-audio R@1 in [15%
 and a linear contrastive adapter trained on the train split gains at most 15 points. The defaults
 below were fixed once by :func:`calibration_report` (``diffgap synth --calibrate``) before any
 DiffGAP model was trained on them and are not tuned toward any method. Measured values are in
-the README and asserted by tests/test_synth.py.
+the README (``diffgap synth --calibrate`` prints them); tests/test_synth.py checks the properties
+the design relies on (the formula above, no linear component in the distortion, each nuisance
+lowering recall, a linear adapter not undoing the distortion).
 
 The video-audio benchmark (CAVP space) is this same generator with its arrays named
 ``video``/``audio`` and its own seed (:data:`VIDEO_AUDIO_CONFIG`; ``diffgap synth --modalities

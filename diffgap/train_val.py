@@ -109,7 +109,7 @@ def run_stage(
     """Optimise ``params`` of ``model`` with ``loss_fn(step)``, EMA into ``ema``, validate ``ema`` with
     ``val_fn`` every ``tcfg.val_every`` steps (``head_val_every`` for the ``"heads"`` stage) on ``report[key]``; on return ``ema`` (and ``model``)
     hold the best evaluation's weights."""
-    from tqdm.auto import tqdm
+    from diffgap.core.progress import progress_bar
 
     every, patience = (tcfg.head_val_every, tcfg.head_patience) if name == "heads" else (tcfg.val_every, tcfg.patience)
     holder = torch.nn.Module()
@@ -120,7 +120,7 @@ def run_stage(
     since, decays, lr_scale = 0, 0, 1.0
     curve: list[dict[str, float]] = []
     step = 0
-    bar = tqdm(total=max_steps, disable=not progress, desc=f"train {name}", dynamic_ncols=True)
+    bar = progress_bar(total=max_steps, disable=not progress, desc=f"train {name}", dynamic_ncols=True)
     while step < max_steps:
         lr = tcfg.lr * lr_scale * min(1.0, (step + 1) / tcfg.warmup_steps)
         for g in opt.param_groups:

@@ -85,9 +85,9 @@ def clips(batch: int, samples: int, sample_rate: int, seed: int = 0, int16: bool
     rows = []
     for i in range(batch):
         j = (seed + i) % len(_CLIP_KINDS)
-        x = waveform(_CLIP_KINDS[j], samples, sample_rate, LOUDNESS_DBFS[j], rng)
-        rows.append(daudio.quantize_int16(x) if int16 else x)
-    return np.stack(rows).astype(np.float32)
+        x = waveform(_CLIP_KINDS[j], samples, sample_rate, LOUDNESS_DBFS[j], rng).astype(np.float32)
+        rows.append(daudio.quantize_int16(x) if int16 else x)  # float32 in, as decoded audio reaches laion-clap
+    return np.stack(rows)
 
 
 def frames(batch: int, num_frames: int, size: int, seed: int = 0) -> np.ndarray:

@@ -13,11 +13,11 @@ The bounds, and exactly what each figure measures:
   after inserted Casts, so it measures only the rounding of weights and constants.
 * **FP16 graph vs PyTorch FP32, encoders**: per-row cosine, minimum over rows, bound
   :data:`FP16_MIN_COS_ENCODER` = 0.995. The **text encoder** is measured with the reference evaluator
-  (real FP16 arithmetic, ~2 s at B = 8 for the tiny tower). The **audio encoder** is measured with
-  **ONNX Runtime CPU**, so its figure measures the rounding of weights/constants to FP16 and of every
-  tensor that crosses an FP16 Cast, *not* FP16 arithmetic inside Gemm/MatMul/Conv (ORT CPU computes
-  those in float32): the reference evaluator needs well over ten minutes per 10 s clip for the STFT
-  convolutions and Swin blocks. The audio tower's FP16 arithmetic is checked on a GPU host by
+  (real FP16 arithmetic). The **audio encoder** is measured with **ONNX Runtime CPU**, so its figure
+  measures the rounding of weights/constants to FP16 and of every tensor that crosses an FP16 Cast,
+  *not* FP16 arithmetic inside Gemm/MatMul/Conv (ORT CPU computes those in float32): the reference
+  evaluator executes convolutions in plain numpy, far too slow for the STFT convolutions and Swin
+  blocks of a 10 s clip. The audio tower's FP16 arithmetic is checked on a GPU host by
   ``tests/test_export_gpu.py`` (``@pytest.mark.gpu``, TensorRT strongly typed engines).
   Both **CAVP towers** (video ResNet3D, audio mel + Cnn14) are measured with ORT CPU as well, so the
   same caveat applies: the reference evaluator's numpy 3-D convolutions are far too slow at full size.

@@ -6,18 +6,18 @@ and AutoCast is NVIDIA's tool for writing exactly such graphs. It installs and r
 (its reference pass uses ONNX Runtime's CPU provider), keeps nodes whose reference activations or
 initializers exceed FP16's safe range in FP32 by itself, and inserts the Casts so that every
 tensor's type is explicit. onnxconverter-common (the alternative) needs a hand-written block list
-and behaves the same on the timestep embedding (measured on a small MLP denoiser: blocking
-Sin/Cos alone leaves the error unchanged).
+and needs the same care on the timestep embedding (blocking Sin/Cos alone does not help: the
+rounding happens in the Mul before them, see below).
 
 What stays FP32, and why:
 
 * **Graph I/O** (``keep_io_types=True``): the IOSpec declares FP32 (and int64 ids) for every
   backend; the FP16 graph is a drop-in replacement.
 * **The sinusoidal timestep embedding** of the denoisers: every ancestor of a ``Sin``/``Cos`` node
-  (the ``t * freq`` Mul, the frequency Exp, Casts/Unsqueezes) via ``nodes_to_exclude``. In FP16 the
-  Mul rounds ``t * freq`` at t ~ 1000 to +-0.5 rad, which costs ~20x more error than the rest of the
-  net (measured on a small MLP denoiser: max abs 1-2e-2 vs 7e-4 with the exclusion); excluding
-  Sin/Cos alone does not help.
+  (the ``t * freq`` Mul, the frequency Exp, Casts/Unsqueezes) via ``nodes_to_exclude``. FP16's
+  spacing between 512 and 1024 is 0.5, so in FP16 the Mul rounds ``t * freq`` at t ~ 1000 by up to
+  0.25 rad before Sin/Cos see it: a phase error no later FP32 node can undo, so excluding Sin/Cos
+  alone does not help.
   In the fused samplers the timesteps are constants, so the exporter's constant folding already
   computes the whole embedding (and its MLP) in FP32 at export time and no Sin/Cos remain; the rule
   matters for graphs with a dynamic timestep and is tested on one (tests/test_export_pipeline.py).
@@ -31,7 +31,7 @@ What stays FP32, and why:
 
 Conversion time: stock AutoCast is quadratic in the node count on the fused samplers;
 :mod:`diffgap.export.modelopt_autocast_patch` replaces its three quadratic bookkeeping passes for
-the duration of one conversion (same per-node precisions; K = 50 in ~21 s instead of ~18 min).
+the duration of one conversion (same per-node precisions, time about linear in the node count).
 
 Calibration: AutoCast's range rule keeps a node in FP32 when its activations on a reference pass
 leave FP16's safe range, so the reference inputs decide what stays FP32. ``convert_fp16`` takes them

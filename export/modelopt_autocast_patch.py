@@ -1,32 +1,30 @@
 """The ModelOpt AutoCast internals diffgap replaces, in one place, scoped, for one ModelOpt version.
 
-Conversion time: stock AutoCast (nvidia-modelopt 0.47) is quadratic on the fused samplers (K
-unrolled DDIM steps, each with a conditional and an unconditional denoiser call; measured before the
-two calls became one stacked pass). For one clap-512 direction with the guidance input, 2 CPU
-cores: K = 4 ~20 s, K = 10 ~53 s, K = 25 ~268 s, K = 50 ~18 min. cProfile of K = 10 / 25 shows three causes, all in AutoCast's bookkeeping, none in its
-precision decisions:
+Conversion time: stock AutoCast (nvidia-modelopt 0.47) takes time quadratic in the node count on
+the fused samplers (K unrolled DDIM steps, so the node count grows with K), and the FP16 file grows
+with K as well. Profiling a conversion (``python -m cProfile``) shows three causes, all in
+AutoCast's bookkeeping, none in its precision decisions:
 
 1. ``PrecisionConverter._cleanup_no_consumer_nodes`` and ``remove_redundant_casts`` (via
    ``_bypass_cast_node``/``_is_sequential_cast``) call ``modelopt.onnx.utils.get_consumer_nodes`` /
-   ``get_producer_nodes``, which scan the whole node list, once per node or Cast (~55% of K = 10).
+   ``get_producer_nodes``, which scan the whole node list, once per node or Cast.
 2. ``PrecisionConverter._add_cast`` finds the producer's position by a Python scan with protobuf
    equality, once per inserted Cast.
 3. ``GraphSanitizer.duplicate_shared_constants`` gives every use of a shared initializer its own
-   copy. The denoiser's weights are used at every unrolled step, so the graph grows with K (a
-   16 MB FP32 graph became a 127 MB FP16 file at K = 10, 315 MB at K = 25) and every whole-model
-   pass after it (ByteSize, checker, shape inference, serialisation) pays for the copies.
+   copy. The denoiser's weights are used at every unrolled step, so the file holds K copies of each
+   weight and every whole-model pass after it (ByteSize, checker, shape inference, serialisation)
+   pays for them.
 
-:func:`linear_time_autocast` replaces exactly these pieces for the duration of one conversion:
-(1) the same passes with a tensor -> node index kept exact across the Cast bypasses; (2) Casts first
-inserted without the scan, then placed in one pass right after their producers, where stock AutoCast
-puts them; (3) shared initializers stay shared (AutoCast's own initializer pass already adds a copy
-of the other precision when a weight's consumers differ in precision). With (1) and (2) alone the
-K = 10 output is byte-identical to stock AutoCast's; with (3) it has the same nodes with the same
-precisions (tests/test_export_fp16.py compares against stock AutoCast) and stores each weight once
-(8.5 MB instead of 127 MB at K = 10). Time after, clap-512 with guidance, 2 shared CPU cores:
-K = 4 / 10 / 25 / 50 (547 / 1,315 / 3,235 / 6,435 nodes): 2.3 / 3.2 / 7.7 / 20.6 s. What is left
-above linear is stock ``remove_redundant_casts`` deleting each redundant Cast with a list scan
-(~6 s of the K = 50 time). The replacements copy nvidia-modelopt 0.47.0's code paths, so
+:func:`linear_time_autocast` replaces exactly these pieces (:func:`patched_attributes` lists them)
+for the duration of one conversion: (1) the same passes with a tensor -> node index kept exact
+across the Cast bypasses; (2) Casts first inserted without the scan, then placed in one pass right
+after their producers, where stock AutoCast puts them; (3) shared initializers stay shared
+(AutoCast's own initializer pass already adds a copy of the other precision when a weight's
+consumers differ in precision). With (1) and (2) alone the output is byte-identical to stock
+AutoCast's; with (3) it has the same nodes with the same precisions and stores each weight at most
+once per precision (tests/test_export_fp16.py checks both against stock AutoCast, on a sampler and
+on an encoder). What is left above linear is stock ``remove_redundant_casts`` deleting each
+redundant Cast with a list scan. The replacements copy nvidia-modelopt 0.47.0's code paths, so
 :func:`linear_time_autocast` refuses any other installed version with one line saying what to
 install; ``convert_fp16(..., linear_time=False)`` runs stock AutoCast (the tests compare the two).
 
@@ -92,6 +90,21 @@ class _NodeIndex:
                         entry.discard(i)
 
 
+def patched_attributes() -> list[tuple[object, str]]:
+    """``(owner, attribute)`` of every ModelOpt internal :func:`linear_time_autocast` replaces: the
+    first three only while its ``remove_redundant_casts`` runs, the rest for the whole ``with`` block."""
+    from modelopt.onnx import utils as ou
+    from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+
+    return [
+        (ou, "get_consumer_nodes"), (ou, "get_producer_nodes"), (ou, "_bypass_cast_node"),
+        (ou, "remove_redundant_casts"), (PrecisionConverter, "_cleanup_no_consumer_nodes"),
+        (PrecisionConverter, "_add_cast"), (PrecisionConverter, "_convert_initializers_recursive"),
+        (GraphSanitizer, "duplicate_shared_constants"),
+    ]
+
+
 @contextlib.contextmanager
 def linear_time_autocast():
     """Swap AutoCast's three quadratic pieces for linear-time ones during one conversion (module docstring)."""
@@ -100,15 +113,7 @@ def linear_time_autocast():
     from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    stock = {
-        (owner, attr): getattr(owner, attr)
-        for owner, attr in (
-            (ou, "remove_redundant_casts"), (ou, "get_consumer_nodes"), (ou, "get_producer_nodes"),
-            (ou, "_bypass_cast_node"), (PrecisionConverter, "_cleanup_no_consumer_nodes"),
-            (PrecisionConverter, "_add_cast"), (PrecisionConverter, "_convert_initializers_recursive"),
-            (GraphSanitizer, "duplicate_shared_constants"),
-        )
-    }
+    stock = {(owner, attr): getattr(owner, attr) for owner, attr in patched_attributes()}
 
     def remove_redundant_casts(onnx_model):
         # Stock pass, with its consumer/producer look-ups served by an index. The pass only rewires

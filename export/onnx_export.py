@@ -5,13 +5,13 @@ sample input from the module's one I/O declaration, exports, stamps the declared
 ``metadata_props`` into the graph, runs ``onnx.checker.check_model(full_check=True)`` and strict
 shape inference, and writes the file atomically.
 
-Exporter choice (measured on torch 2.14.1, this CPU box): the **TorchScript-based exporter**
+Exporter choice (torch 2.14.1): the **TorchScript-based exporter**
 (``torch.onnx.export(..., dynamo=False)``).
 
 * Both exporters give straight-line graphs with a dynamic batch axis and no Loop/If for our modules
   (the sampler loop is a Python loop over constant timesteps, so tracing unrolls it).
-* The dynamo exporter's graphs are tidier (fewer Shape/Constant nodes), but it takes ~40 s for a
-  tiny K=50 sampler vs ~1.5 s for the TorchScript exporter (export time grows with K x graph size),
+* The dynamo exporter's graphs are tidier (fewer Shape/Constant nodes), but it exports a sampler
+  many times slower than the TorchScript exporter (export time grows with K x graph size),
   and it fails outright on any ``.item()``/python-float conversion of a tensor inside ``forward``.
 * laion-clap's HTS-AT batch freeze (``int(windows.shape[0] / ...)``) is a *tracing* hazard; the
   encoder module's ``batch_agnostic_htsat`` fix targets exactly this exporter, and the parity checks
@@ -19,8 +19,8 @@ Exporter choice (measured on torch 2.14.1, this CPU box): the **TorchScript-base
 
 After export the graph is simplified with ``onnxslim`` (constant folding, common-subexpression and
 dead-code elimination; node names, I/O and metadata are kept): the TorchScript exporter leaves one
-``Constant`` per scalar and recomputes shape arithmetic per sampler step; slimming halves the node
-count, which every later pass (FP16 conversion, TensorRT parsing) benefits from. Parity is always
+``Constant`` per scalar and recomputes shape arithmetic per sampler step; slimming removes those
+nodes, which every later pass (FP16 conversion, TensorRT parsing) benefits from. Parity is always
 measured on the final file.
 
 Opset 17 (inside every TensorRT 10.x ONNX parser's documented range, and the first opset with a

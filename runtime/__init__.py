@@ -8,7 +8,10 @@ Modules:
 
 - :mod:`.session`   ``open_model(export_dir, name, backend, precision)`` / ``load(path)`` ->
   a :class:`Session` with ``.io``, ``.inputs``, ``.outputs`` and ``infer(dict) -> dict``;
-- :mod:`.trt_session` the TensorRT backend (pycuda, page-locked buffers, optional CUDA graphs);
+- :mod:`.interface` the ``Session`` interface every backend implements;
+- :mod:`.trt_session` the TensorRT backend (pycuda, page-locked buffers, optional CUDA graphs, one
+  execution context per captured batch size);
+- :mod:`.gpu_libs`  loads pip's CUDA / cuDNN / TensorRT libraries for onnxruntime's GPU providers;
 - :mod:`.engine`    ``build_engines`` / ``find_engine`` and the engine cache;
 - :mod:`.pipeline`  ``TextToAudioBridge``, ``AudioToTextBridge``, ``VideoToAudioBridge``,
   ``AudioToVideoBridge``, ``make_noise``;

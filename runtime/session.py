@@ -14,11 +14,15 @@ ONNX ``metadata_props`` key :data:`ONNX_IO_SPEC_KEY`, or an engine's sidecar jso
 against it (dtype, rank, shape, batch vs the profile, NaN/Inf) before running, fills omitted optional
 inputs with their declared default, and checks every output against it afterwards.
 
+The interface itself (:class:`Session`, the backend names) lives in :mod:`diffgap.runtime.interface`,
+which the TensorRT backend builds on. Before an ``ort-cuda`` / ``ort-trt`` session is created,
+:mod:`diffgap.runtime.gpu_libs` loads the CUDA, cuDNN and TensorRT libraries that pip installed, so no
+``LD_LIBRARY_PATH`` is needed; ``device`` reaches every GPU provider of the backend.
+
 Torch-free: numpy + onnxruntime (imported lazily) + the contract modules.
 """
 from __future__ import annotations
 
-import abc
 import json
 import logging
 from pathlib import Path
@@ -26,15 +30,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffgap.core.errors import BackendUnavailable, MissingDependency, UserError
 from diffgap.core.fsutil import sha256_file
 from diffgap.core.iospec import IOSpec, TensorSpec
 from diffgap.core.manifest import Manifest
 from diffgap.core.names import META_IO_SPEC
 
+from .gpu_libs import prepare_onnxruntime
+from .interface import BACKENDS, PRECISIONS, Session, check_backend  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
 # The ONNX metadata_props key under which the exporter stores ``IOSpec.to_dict()`` as json.
 ONNX_IO_SPEC_KEY = META_IO_SPEC
 
@@ -70,96 +76,10 @@ def _ort_load_error(e: Exception, path: Path, backend: str) -> Exception:
     text = str(e).strip()
     first = (text.splitlines()[0] if text else kind)[:400]
     if kind == _ORT_NOT_ONNX:
-        return ValueError(f"{path} is not an ONNX model or is truncated (onnxruntime: {first}); re-export it with `diffgap export`")
+        return UserError(f"{path} is not an ONNX model or is truncated (onnxruntime: {first}); re-export it with `diffgap export`")
     if kind == _ORT_BAD_GRAPH:
-        return ValueError(f"{path} is an ONNX file whose graph onnxruntime rejects (onnxruntime: {first}); re-export it with `diffgap export`")
+        return UserError(f"{path} is an ONNX file whose graph onnxruntime rejects (onnxruntime: {first}); re-export it with `diffgap export`")
     return RuntimeError(f"onnxruntime could not create a {backend!r} session for {path} ({kind}: {first})")
-
-
-def check_backend(backend: str, precision: str = "fp32") -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-
-
-class Session(abc.ABC):
-    """The interface every backend implements.
-
-    ``infer(feeds)`` takes ``{input name: ndarray}`` exactly as the IOSpec declares them (optional
-    inputs may be omitted) and returns ``{output name: ndarray}`` with the declared dtypes and shapes.
-    """
-
-    backend: str = ""
-
-    def __init__(self, io: IOSpec, path: Path, precision: str) -> None:
-        self.io = io
-        self.path = Path(path)
-        self.precision = precision
-
-    # -- metadata ---------------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.io.name
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return self.io.inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return self.io.outputs
-
-    @property
-    def max_batch(self) -> int:
-        return self.io.max_batch
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, backend={self.backend!r}, precision={self.precision!r}, path={str(self.path)!r})"
-
-    # -- running ----------------------------------------------------------------------------
-    def prepare_feeds(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
-        """Validate ``feeds`` against the IOSpec; return (batch, feeds with optional defaults filled)."""
-        batch = self.io.check_feeds(feeds)
-        full: dict[str, np.ndarray] = {}
-        for t in self.io.inputs:
-            if t.name in feeds:
-                full[t.name] = np.ascontiguousarray(feeds[t.name])
-            else:  # check_feeds only lets optional inputs through missing
-                if t.default is None:
-                    raise ValueError(f"{self.name}: optional input {t.name!r} has no declared default; pass it explicitly")
-                full[t.name] = np.full(t.concrete(batch), t.default, dtype=t.np_dtype)
-        return batch, full
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch, full = self.prepare_feeds(feeds)
-        out = self._run(full, batch)
-        self._check_outputs(out, batch)
-        return out
-
-    @abc.abstractmethod
-    def _run(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        """Run validated, complete feeds; return every declared output."""
-
-    def _check_outputs(self, out: Mapping[str, np.ndarray], batch: int) -> None:
-        for t in self.io.outputs:
-            y = out.get(t.name)
-            if y is None:
-                raise RuntimeError(f"{self.name} ({self.backend}): model produced no output {t.name!r}; the file does not match its I/O declaration")
-            if y.dtype != t.np_dtype or tuple(y.shape) != t.concrete(batch):
-                raise RuntimeError(
-                    f"{self.name} ({self.backend}): output {t.name!r} is {y.dtype}{list(y.shape)}, declared "
-                    f"{t.dtype}{list(t.concrete(batch))}; the file does not match its I/O declaration, re-export"
-                )
-
-    def close(self) -> None:
-        """Release backend resources (idempotent)."""
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +89,7 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:  # pragma: no cover - the runtime extra is missing
-        raise ImportError("onnxruntime is not installed; `pip install diffgap[runtime]` (or [gpu] on a GPU host)") from e
+        raise MissingDependency("onnxruntime is not installed; `pip install diffgap[runtime]` (or [gpu] on a GPU host)") from e
     return ort
 
 
@@ -187,11 +107,40 @@ def io_spec_from_metadata(meta: Mapping[str, str], where: str) -> IOSpec:
     return IOSpec.from_dict(d)
 
 
+def ort_providers(
+    backend: str, provider_options: Mapping[str, Any] | None = None, device: int | None = None,
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """onnxruntime's ``providers`` list for ``backend``: the requested provider with ``provider_options``,
+    and ``device_id`` on EVERY GPU provider (``ort-trt``'s CUDA fallback runs the nodes TensorRT does
+    not take, and must run them on the same GPU). The CPU provider takes neither."""
+    if backend not in _ORT_PROVIDERS:
+        raise ValueError(f"onnxruntime runs {sorted(_ORT_PROVIDERS)}, not {backend!r}")
+    given = dict(provider_options or {})
+    if device is None and "device_id" in given:
+        device = int(given["device_id"])
+    if device is not None and backend == "ort-cpu":
+        raise ValueError("device= selects a GPU; backend 'ort-cpu' has none")
+    wanted = _ORT_PROVIDERS[backend][0]
+    out: list[str | tuple[str, dict[str, Any]]] = []
+    for p in _ORT_PROVIDERS[backend]:
+        if p == "CPUExecutionProvider":
+            out.append(p)
+            continue
+        opts = dict(given) if p == wanted else {}
+        if device is not None:
+            opts["device_id"] = int(device)
+        out.append((p, opts) if opts else p)
+    return out
+
+
 class OrtSession(Session):
     """An onnxruntime ``InferenceSession`` behind the common interface.
 
     ``backend`` picks the execution provider; if that provider cannot be created on this machine
-    (ORT itself would quietly fall back to CPU) the constructor raises ``RuntimeError``.
+    (ORT itself would quietly fall back to CPU) the constructor raises
+    :class:`~diffgap.core.errors.BackendUnavailable` (a ``RuntimeError``).
+    ``provider_options`` go to that provider; ``device`` (a CUDA device index) to every GPU provider
+    of the backend (:func:`ort_providers`).
     """
 
     def __init__(
@@ -205,6 +154,7 @@ class OrtSession(Session):
         graph_optimization: str = "all",
         provider_options: Mapping[str, Any] | None = None,
         spin_wait: bool | None = None,
+        device: int | None = None,
     ) -> None:
         check_backend(backend, precision)
         if backend not in _ORT_PROVIDERS:
@@ -216,7 +166,7 @@ class OrtSession(Session):
         self.backend = backend
         wanted = _ORT_PROVIDERS[backend][0]
         if wanted not in ort.get_available_providers():
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"backend {backend!r} needs onnxruntime's {wanted}, which this onnxruntime build lacks "
                 f"(has {ort.get_available_providers()}); install onnxruntime-gpu or choose backend='ort-cpu'"
             )
@@ -241,10 +191,8 @@ class OrtSession(Session):
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         so.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
 
-        providers: list[Any] = []
-        for p in _ORT_PROVIDERS[backend]:
-            opts = dict(provider_options or {}) if p == wanted and p != "CPUExecutionProvider" else {}
-            providers.append((p, opts) if opts else p)
+        providers = ort_providers(backend, provider_options, device)
+        prepare_onnxruntime(ort, backend)  # CUDA/cuDNN/TensorRT libraries from pip, loaded by path
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as e:  # ORT's own exception classes; see _ort_load_error
@@ -252,7 +200,7 @@ class OrtSession(Session):
         active = self._sess.get_providers()
         if wanted not in active:
             # ORT drops an EP whose libraries/driver/GPU are missing and carries on with CPU.
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"backend {backend!r}: onnxruntime could not initialise {wanted} on this machine (active "
                 f"providers: {active}; check the CUDA/cuDNN/TensorRT libraries and that a GPU is visible), "
                 f"or choose backend='ort-cpu'"
@@ -334,22 +282,19 @@ def load(
 
 
 def ort_provider_options(
-    backend: str, io: IOSpec, cache_dir: Path, device: int | None = None, given: Mapping[str, Any] | None = None,
+    backend: str, io: IOSpec, cache_dir: Path, given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Provider options :func:`open_model` gives the ``ort-*`` backend's accelerator: for ``ort-trt``
-    :func:`~diffgap.runtime.ort_trt.ort_trt_options` (typed graph, the IOSpec's profile, an engine
-    cache in ``cache_dir``, created here), ``device_id`` for a GPU, then the caller's own options."""
+    :func:`~diffgap.runtime.ort_trt.ort_trt_options` (the graph's types, the IOSpec's profile, an engine
+    cache in ``cache_dir``, created here), then the caller's own options. The device goes to every GPU
+    provider separately (:func:`ort_providers`)."""
     out: dict[str, Any] = {}
-    if device is not None and backend == "ort-cpu":
-        raise ValueError("device= selects a GPU; backend 'ort-cpu' has none")
     if backend == "ort-trt":
         from .ort_trt import ort_trt_options
 
         # ORT's TensorRT EP keeps its own engine/timing caches, beside (not inside) ours
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         out.update(ort_trt_options(io, cache_dir))
-    if device is not None:
-        out["device_id"] = int(device)
     out.update(given or {})  # the caller's word wins
     return out
 
@@ -361,9 +306,9 @@ def verify_export_file(man: Manifest, rel: str) -> None:
         raise FileNotFoundError(f"{p} (listed in {man.root}/manifest.json) is missing; re-run `diffgap export`")
     rec = man.files.get(rel)
     if rec is None:
-        raise ValueError(f"{rel} is not hashed in {man.root}/manifest.json; re-run `diffgap export`")
+        raise UserError(f"{rel} is not hashed in {man.root}/manifest.json; re-run `diffgap export`")
     if p.stat().st_size != rec.get("bytes", p.stat().st_size) or sha256_file(p) != rec["sha256"]:
-        raise ValueError(f"{p} does not match its sha256 in manifest.json (truncated or replaced); re-run `diffgap export`")
+        raise UserError(f"{p} does not match its sha256 in manifest.json (truncated or replaced); re-run `diffgap export`")
 
 
 def open_model(
@@ -399,8 +344,11 @@ def open_model(
         return TrtSession(plan, io=entry.io, precision=precision, **options)
     if backend == "ort-cpu" and precision == "fp16":
         log.info("%s: ORT's CPU provider computes FP16 graphs in float32 after casts; this measures weight rounding only", name)
+    device = options.pop("device", None)
+    if device is not None and backend == "ort-cpu":
+        raise ValueError("device= selects a GPU; backend 'ort-cpu' has none")
     cache = (Path(engine_dir) if engine_dir else man.root / "engines") / "ort-trt-cache"
-    opts = ort_provider_options(backend, entry.io, cache, options.pop("device", None), options.pop("provider_options", None))
+    opts = ort_provider_options(backend, entry.io, cache, options.pop("provider_options", None))
     if opts:
         options["provider_options"] = opts
-    return OrtSession(man.root / rel, io=entry.io, backend=backend, precision=precision, **options)
+    return OrtSession(man.root / rel, io=entry.io, backend=backend, precision=precision, device=device, **options)

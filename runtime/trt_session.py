@@ -3,9 +3,16 @@
 TensorRT 10/11 named-tensor API (``set_input_shape`` / ``set_tensor_address`` /
 ``execute_async_v3``), one CUDA stream, page-locked host buffers and device buffers sized for the
 profile's max batch (allocated once, so tensor addresses never change — which is also what lets a
-captured CUDA graph be replayed). With ``cuda_graph=True`` the enqueue for each batch size is
-captured once into a CUDA graph and replayed afterwards (static shapes per batch size); capture and
-replay go through cuda-python's runtime API on the pycuda stream's handle
+captured CUDA graph be replayed). The stream is non-blocking: work another thread puts on the legacy
+default stream neither waits for it nor invalidates a capture on it.
+
+With ``cuda_graph=True`` the enqueue for each batch size is captured once into a CUDA graph and
+replayed afterwards. A graph is tied to the shapes and state of the execution context it was captured
+from (changing that context's input shapes and replaying an older graph is undefined), so each
+captured batch size has its own context (:class:`ContextPerBatch`), whose input shapes are set once
+and never changed; the contexts take turns on one stream and share one activation-memory block
+(``USER_MANAGED`` allocation, ``set_device_memory`` with the engine's ``device_memory_size_v2``).
+Capture and replay go through cuda-python's runtime API on the pycuda stream's handle
 (:mod:`diffgap.runtime.cuda_graphs`), since pycuda itself has no graph API.
 
 tensorrt, pycuda and cuda-python are imported when a session is created, never at module import.
@@ -23,9 +30,56 @@ from diffgap.core.iospec import IOSpec
 
 from .cuda_graphs import CudaGraph, import_cudart
 from .engine import EngineMeta, HostInfo, check_device_index, import_pycuda, import_tensorrt, trt_logger
-from .session import Session, check_backend
+from .interface import Session, check_backend
 
 log = logging.getLogger(__name__)
+
+
+# CUDA driver API: cuStreamCreate flag for a stream that does not synchronise with the legacy default stream.
+CU_STREAM_NON_BLOCKING = 0x1
+
+
+class ContextPerBatch:
+    """One TensorRT execution context per batch size, each with its input shapes set once, all sharing
+    one activation-memory block and the session's I/O buffers.
+
+    ``engine`` is a deserialised ``ICudaEngine``; ``addresses`` maps every I/O tensor to its device
+    address; ``alloc(nbytes)`` returns a device allocation (``int()`` gives its address) that lives as
+    long as this object. Contexts sharing memory must not run concurrently: the session's lock and
+    single stream see to that.
+    """
+
+    def __init__(self, trt: Any, engine: Any, io: IOSpec, addresses: dict[str, int], stream: int, alloc: Any) -> None:
+        self._trt, self._engine, self.io, self._addresses, self._stream = trt, engine, io, dict(addresses), stream
+        self.memory_bytes = int(engine.device_memory_size_v2)  # the most any profile / shape needs
+        self._memory = alloc(max(1, self.memory_bytes))
+        self.contexts: dict[int, Any] = {}
+
+    def get(self, batch: int) -> Any:
+        ctx = self.contexts.get(batch)
+        if ctx is not None:
+            return ctx
+        trt = self._trt
+        ctx = self._engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise RuntimeError(f"{self.io.name}: TensorRT could not create an execution context for batch {batch}")
+        ctx.set_device_memory(int(self._memory), self.memory_bytes)
+        ctx.set_optimization_profile_async(0, self._stream)
+        for name, addr in self._addresses.items():
+            if not ctx.set_tensor_address(name, addr):
+                raise RuntimeError(f"{self.io.name}: set_tensor_address failed for {name!r}")
+        for t in self.io.inputs:
+            if not ctx.set_input_shape(t.name, t.concrete(batch)):
+                raise ValueError(f"{self.io.name}: TensorRT refused shape {t.concrete(batch)} for {t.name!r} (outside the engine's profile)")
+        self.contexts[batch] = ctx
+        return ctx
+
+    def close(self) -> None:
+        self.contexts.clear()  # contexts before the memory they use
+        free = getattr(self._memory, "free", None)
+        if free is not None:
+            free()
+        self._memory = None
 
 
 class TrtSession(Session):
@@ -92,21 +146,29 @@ class TrtSession(Session):
                     f"TensorRT version or for another GPU); rebuild it with `diffgap build-engines`"
                 )
             self._check_engine_matches_io()
-            self._context = self._engine.create_execution_context()
-            if self._context is None:
-                raise RuntimeError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
-            self._stream = cuda.Stream()
-            self._context.set_optimization_profile_async(0, self._stream.handle)
+            self._stream = cuda.Stream(flags=CU_STREAM_NON_BLOCKING)
             self._host: dict[str, np.ndarray] = {}
             self._dev: dict[str, Any] = {}
             for t in (*self.io.inputs, *self.io.outputs):
                 shape = t.concrete(self.io.max_batch)
                 self._host[t.name] = cuda.pagelocked_empty(shape, dtype=t.np_dtype)
                 self._dev[t.name] = cuda.mem_alloc(max(1, self._host[t.name].nbytes))
-                if not self._context.set_tensor_address(t.name, int(self._dev[t.name])):
-                    raise RuntimeError(f"{path}: set_tensor_address failed for {t.name!r}")
+            addresses = {name: int(d) for name, d in self._dev.items()}
             self._shapes: dict[str, tuple[int, ...]] = {}
             self._graphs: dict[int, CudaGraph] = {}
+            self._context = self._per_batch = None
+            if self.cuda_graph:
+                # one context per batch size, for its graph and for plain calls at that size alike
+                self._per_batch = ContextPerBatch(trt, self._engine, self.io, addresses, self._stream.handle, cuda.mem_alloc)
+            else:
+                # plain execution: one context whose input shapes follow each call
+                self._context = self._engine.create_execution_context()
+                if self._context is None:
+                    raise RuntimeError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+                self._context.set_optimization_profile_async(0, self._stream.handle)
+                for name, addr in addresses.items():
+                    if not self._context.set_tensor_address(name, addr):
+                        raise RuntimeError(f"{path}: set_tensor_address failed for {name!r}")
         except BaseException:
             self._release()
             self._ctx.pop()
@@ -143,27 +205,47 @@ class TrtSession(Session):
                     )
 
     # -- running ----------------------------------------------------------------------------
+    def infer(self, feeds: dict[str, np.ndarray], *, cuda_graph: bool | None = None) -> dict[str, np.ndarray]:
+        """``Session.infer``; ``cuda_graph=False`` runs one call of a graph session as a plain enqueue
+        on the same execution context its graph for this batch replays (what replay is checked against)."""
+        use = self.cuda_graph if cuda_graph is None else bool(cuda_graph)
+        if use and not self.cuda_graph:
+            raise ValueError(f"{self.name}: this session was opened with cuda_graph=False")
+        batch, full = self.prepare_feeds(feeds)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.name}: session is closed")
+            out = self._run_locked(full, batch, use)
+        self._check_outputs(out, batch)
+        return out
+
     def _run(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name}: session is closed")
-            return self._run_locked(feeds, batch)
+            return self._run_locked(feeds, batch, self.cuda_graph)
 
-    def _run_locked(self, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        cuda, ctx = self._cuda, self._context
+    def _run_locked(self, feeds: dict[str, np.ndarray], batch: int, graph: bool) -> dict[str, np.ndarray]:
+        cuda = self._cuda
         self._ctx.push()
         try:
+            if self._per_batch is not None:
+                ctx = self._per_batch.get(batch)  # its input shapes were set for this batch, once
+            else:
+                ctx = self._context
+                for t in self.io.inputs:
+                    shape = t.concrete(batch)
+                    if self._shapes.get(t.name) != shape:
+                        if not ctx.set_input_shape(t.name, shape):
+                            raise ValueError(f"{self.name}: TensorRT refused shape {shape} for {t.name!r} (outside the engine's profile)")
+                        self._shapes[t.name] = shape
             for t in self.io.inputs:
                 x = feeds[t.name]
                 staged = self._host[t.name].reshape(-1)[: x.size].reshape(x.shape)
                 np.copyto(staged, x)  # into page-locked memory so the async copy really is async
-                if self._shapes.get(t.name) != x.shape:
-                    if not ctx.set_input_shape(t.name, x.shape):
-                        raise ValueError(f"{self.name}: TensorRT refused shape {x.shape} for {t.name!r} (outside the engine's profile)")
-                    self._shapes[t.name] = x.shape
                 cuda.memcpy_htod_async(self._dev[t.name], staged, self._stream)
-            if self.cuda_graph:
-                self._graph_for(batch).launch(self._stream.handle)
+            if graph:
+                self._graph_for(batch, ctx).launch(self._stream.handle)
             elif not ctx.execute_async_v3(self._stream.handle):
                 raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
             out: dict[str, np.ndarray] = {}
@@ -181,23 +263,21 @@ class TrtSession(Session):
         finally:
             self._ctx.pop()
 
-    def _graph_for(self, batch: int) -> CudaGraph:
-        """The CUDA graph of one enqueue at this batch size, captured on first use."""
+    def _graph_for(self, batch: int, ctx: Any) -> CudaGraph:
+        """The CUDA graph of one enqueue of ``ctx`` (this batch size's own context), captured on first use."""
         g = self._graphs.get(batch)
         if g is not None:
             return g
         stream = self._stream
         # TensorRT does shape-dependent setup on the first enqueue after set_input_shape; that work
         # must not land inside the capture, so run once un-captured first (TensorRT developer guide,
-        # "CUDA Graphs").
-        if not self._context.execute_async_v3(stream.handle):
+        # "CUDA Graphs"). The inputs are already on the device: this run's outputs are the call's.
+        if not ctx.execute_async_v3(stream.handle):
             raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed before graph capture")
         stream.synchronize()
-        g = CudaGraph.capture(
-            stream.handle, lambda: self._context.execute_async_v3(stream.handle), what=f"{self.name}: TensorRT enqueue",
-        )
+        g = CudaGraph.capture(stream.handle, lambda: ctx.execute_async_v3(stream.handle), what=f"{self.name}: TensorRT enqueue")
         self._graphs[batch] = g
-        log.debug("%s: captured a CUDA graph for batch %d", self.name, batch)
+        log.debug("%s: captured a CUDA graph for batch %d on its own execution context", self.name, batch)
         return g
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -213,7 +293,10 @@ class TrtSession(Session):
                 errors.append(str(e))
         if errors:
             log.warning("%s: releasing CUDA graphs: %s", self.name, "; ".join(errors))
-        for name in ("_graphs", "_context", "_stream", "_engine", "_runtime"):
+        per_batch = getattr(self, "_per_batch", None)
+        if per_batch is not None:
+            per_batch.close()
+        for name in ("_graphs", "_per_batch", "_context", "_stream", "_engine", "_runtime"):
             if hasattr(self, name):
                 setattr(self, name, None)
         for d in getattr(self, "_dev", {}).values():

@@ -203,3 +203,70 @@ def make_export(root: str | Path, seed: int = 0, sampler_max_batch: int = 16, to
                    package_version="0.1.0", assets=assets)
     man.save()
     return man
+
+
+# -- TensorRT stand-ins (no GPU here): the calls diffgap.runtime.trt_session makes, recorded ----------
+class FakeTrt:
+    """The ``tensorrt`` names :class:`~diffgap.runtime.trt_session.ContextPerBatch` uses."""
+
+    class ExecutionContextAllocationStrategy:
+        STATIC, ON_PROFILE_CHANGE, USER_MANAGED = "STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"
+
+
+class FakeContext:
+    """An execution context that records its calls and, like TensorRT, refuses shapes outside the profile."""
+
+    def __init__(self, engine: "FakeEngine", strategy: str) -> None:
+        self.engine, self.strategy = engine, strategy
+        self.memory: tuple[int, int] | None = None
+        self.addresses: dict[str, int] = {}
+        self.profile_calls: list[tuple[int, int]] = []
+        self.shape_calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        self.memory = (address, size)
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.profile_calls.append((index, stream))
+        return True
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        lo, _, hi = self.engine.io.profile(name)
+        if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            return False
+        self.shape_calls.append((name, tuple(shape)))
+        return True
+
+
+class FakeAllocation:
+    def __init__(self, nbytes: int, address: int) -> None:
+        self.nbytes, self.address, self.freed = nbytes, address, 0
+
+    def __int__(self) -> int:
+        return self.address
+
+    def free(self) -> None:
+        self.freed += 1
+
+
+class FakeEngine:
+    """``device_memory_size_v2`` and ``create_execution_context(strategy)`` of an ICudaEngine."""
+
+    def __init__(self, io: IOSpec, device_memory_size_v2: int = 1 << 20) -> None:
+        self.io, self.device_memory_size_v2 = io, device_memory_size_v2
+        self.contexts: list[FakeContext] = []
+        self.allocations: list[FakeAllocation] = []
+
+    def create_execution_context(self, strategy: str = "STATIC") -> FakeContext:
+        ctx = FakeContext(self, strategy)
+        self.contexts.append(ctx)
+        return ctx
+
+    def alloc(self, nbytes: int) -> FakeAllocation:
+        a = FakeAllocation(nbytes, 0x7F00_0000 + 0x1000 * len(self.allocations))
+        self.allocations.append(a)
+        return a

@@ -43,15 +43,15 @@ def quick(tmp_path_factory):
 def test_results_files(quick):
     out, res, stdout = quick
     assert res["schema"] == "diffgap-bench/1"
-    files = res["files"]
-    assert Path(files["json"]).is_file() and Path(files["markdown"]).is_file()
-    pngs = [Path(p) for p in files["plots"]]
+    files = res["files"]  # names beside the JSON: results name no machine directory
+    assert (out / files["json"]).is_file() and (out / files["markdown"]).is_file()
+    pngs = [out / p for p in files["plots"]]
     names = {p.name.rsplit("-", 1)[-1] for p in pngs}
     assert {"latency.png", "roofline.png", "default.png"} <= names, names
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
-    md = Path(files["markdown"]).read_text()
+    md = (out / files["markdown"]).read_text()
     assert "## Goals" in md and "## Roofline" in md
     assert "## Goals" in stdout  # the CLI prints the report
 
@@ -132,7 +132,7 @@ def test_goals_table(quick):
 
 def test_report_rebuilds_from_json(quick, tmp_path):
     out, res, _ = quick
-    saved = Path(res["files"]["json"])
+    saved = out / res["files"]["json"]
     copy = tmp_path / saved.name
     copy.write_text(saved.read_text())
     proc = subprocess.run([sys.executable, "-m", "benchmarks.report", str(copy)], cwd=REPO, env=_env(),

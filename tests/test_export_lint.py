@@ -6,7 +6,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from diffgap.export.lint import TRT_OPS, lint_model  # noqa: E402
+from diffgap.export.lint import documented_table, lint_model  # noqa: E402
 
 
 def _model(nodes, inputs, outputs, opset=17, initializers=()):
@@ -50,7 +50,22 @@ def test_loop_fails():
     assert "FAIL" in rep.format()
 
 
-def test_if_and_sequence_ops_fail():
+def test_if_fails():
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["x"], [f"{name}_y"])], name, [], [_vi(f"{name}_y")])
+
+    m = _model([helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0, name="max"),
+                helper.make_node("Greater", ["mx", "zero"], ["c"], name="gt"),
+                helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "Relu"),
+                                 else_branch=branch("else", "Neg"), name="branch")],
+               [_vi("x")], [_vi("y")], initializers=[helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    onnx.checker.check_model(m, full_check=True)  # a valid graph: only the lint refuses it
+    rep = lint_model(m)
+    assert not rep.ok
+    assert any("If" in e and "control flow" in e for e in rep.errors), rep.format()
+
+
+def test_sequence_ops_fail():
     m = _model([helper.make_node("SequenceConstruct", ["x"], ["s"], name="sc"),
                 helper.make_node("SequenceAt", ["s", "zero"], ["y"], name="sa")],
                [_vi("x")], [_vi("y")], initializers=[helper.make_tensor("zero", TensorProto.INT64, [], [0])])
@@ -75,5 +90,6 @@ def test_unsupported_op_and_int64_and_double_fail():
 def test_opset_and_version_gates():
     m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")], opset=23)
     assert any("opset 23" in e for e in lint_model(m).errors)
-    assert TRT_OPS["Attention"][1] > (10, 12)  # added in TensorRT 10.14: not for a 10.12 target
-    assert "Loop" in TRT_OPS and "LayerNormalization" in TRT_OPS and "Unique" not in TRT_OPS
+    ops = documented_table().types
+    assert "Attention" not in ops  # added in TensorRT 10.14: not for a 10.12 target
+    assert "Loop" in ops and "LayerNormalization" in ops and "Unique" not in ops

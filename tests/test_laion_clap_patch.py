@@ -69,21 +69,33 @@ def test_htsat_size_overrides_and_restores():
     assert clap_model.create_htsat_model is stock_fn
 
 
-def test_roberta_from_config_same_as_constructor():
+def test_roberta_from_config_same_tower_as_stock_from_pretrained(tmp_path):
+    """Stock ``RobertaModel.from_pretrained`` on a saved tower vs the patched
+    ``from_pretrained('roberta-base')`` given only that tower's config: the same architecture, so a
+    CLAP checkpoint's text-branch weights load strictly and give the stock model's outputs; and the
+    patched call reads no weights (HF_HUB_OFFLINE: it never reaches the hub)."""
     from transformers import RobertaConfig, RobertaModel
 
-    config = RobertaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=80)
-    stock = clap_model.RobertaModel
-    with P.roberta_from_config(config):
-        torch.manual_seed(0)
-        ours = clap_model.RobertaModel.from_pretrained("roberta-base")
-    assert clap_model.RobertaModel is stock
     torch.manual_seed(0)
-    ref = RobertaModel(config)
-    assert ours.config.to_dict() == ref.config.to_dict()
-    for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    RobertaModel(RobertaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=80)).save_pretrained(tmp_path)
+    stock_cls = clap_model.RobertaModel
+    ref = stock_cls.from_pretrained(str(tmp_path)).eval()  # the stock path: config + weights from disk
+    with P.roberta_from_config(RobertaConfig.from_json_file(str(tmp_path / "config.json"))):
+        torch.manual_seed(1)
+        ours = clap_model.RobertaModel.from_pretrained("roberta-base").eval()
+    assert clap_model.RobertaModel is stock_cls
+    assert type(ours) is type(ref)
+    a, b = ref.state_dict(), ours.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert not torch.equal(a["encoder.layer.0.attention.self.query.weight"], b["encoder.layer.0.attention.self.query.weight"])
+    ours.load_state_dict(a, strict=True)  # what loading a CLAP checkpoint does right after
+    ids = torch.tensor([[0, 5, 17, 42, 2, 1], [0, 9, 2, 1, 1, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        want, got = ref(input_ids=ids, attention_mask=mask), ours(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=0, atol=0)
 
 
 def test_model_config_equals_laion_factory_table():

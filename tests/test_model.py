@@ -263,7 +263,20 @@ def test_bridge_traces_and_exports_without_control_flow(tmp_path, tiny):
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
 
 
-def test_stats_buffers_travel_with_the_state_dict(tiny):
-    sd = tiny.state_dict()
-    for m in ("text", "audio"):
-        assert f"stats_mean_{m}" in sd and f"stats_std_{m}" in sd
+def test_stats_buffers_travel_with_the_checkpoint(tiny, tmp_path):
+    """The head-space statistics are saved and loaded with their values (not the defaults a fresh
+    model starts with), and they change what the bridge returns."""
+    fresh = DiffGAP(tiny.config).eval()
+    save_checkpoint(tmp_path / "ck", tiny, {"step": 1})
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    for m in tiny.config.modalities:
+        for stat in ("mean", "std"):
+            want = getattr(tiny, f"stats_{stat}_{m}")
+            assert not torch.equal(want, getattr(fresh, f"stats_{stat}_{m}")), (stat, m)
+            assert torch.equal(getattr(loaded, f"stats_{stat}_{m}"), want), (stat, m)
+    c, n = _inputs(tiny)
+    with torch.no_grad():
+        ref = tiny.bridge("audio_given_text", c, n)
+        assert torch.equal(loaded.bridge("audio_given_text", c, n), ref)
+        fresh.load_state_dict({k: v for k, v in tiny.state_dict().items() if not k.startswith("stats_")}, strict=False)
+        assert not torch.allclose(fresh.bridge("audio_given_text", c, n), ref, atol=1e-3)  # the statistics matter

@@ -274,3 +274,29 @@ def test_cuda_graph_capture_without_a_device_fails_at_begin_capture():
         CudaGraph.capture(0, lambda: ran.append(1) or True)
     assert ran == []
     assert cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # the mode capture uses
+
+
+# -- CUDA graphs: one execution context per captured batch size (stand-ins for TensorRT) ----------------
+def test_each_batch_size_gets_its_own_context_with_fixed_shapes_and_shared_memory():
+    """A graph captured from a context is tied to that context's shapes: replaying batch 4's graph after
+    batch 1 and the max ran must find batch 4's context untouched. Sizes alternate as a server's do."""
+    from diffgap.runtime.trt_session import ContextPerBatch
+
+    io = rg.sampler_io("text", "audio", max_batch=16)
+    engine = rg.FakeEngine(io, device_memory_size_v2=3 << 20)
+    addresses = {name: 0x1000 * (i + 1) for i, name in enumerate(io.input_names + io.output_names)}
+    pool = ContextPerBatch(rg.FakeTrt, engine, io, addresses, stream=77, alloc=engine.alloc)
+    used = [pool.get(b) for b in (4, 1, 4, io.max_batch, 4)]
+    assert used[0] is used[2] is used[4], "a batch size keeps its context"
+    assert len({id(c) for c in used}) == 3 and sorted(pool.contexts) == [1, 4, io.max_batch]
+    (memory,) = engine.allocations  # one activation block for every context
+    assert memory.nbytes == engine.device_memory_size_v2
+    for batch, ctx in pool.contexts.items():
+        assert ctx.strategy == "USER_MANAGED" and ctx.memory == (memory.address, engine.device_memory_size_v2)
+        assert ctx.profile_calls == [(0, 77)] and ctx.addresses == addresses
+        # each input's shape set exactly once, at this context's batch, and never changed afterwards
+        assert ctx.shape_calls == [(t.name, t.concrete(batch)) for t in io.inputs]
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        pool.get(io.max_batch + 1)
+    pool.close()
+    assert memory.freed == 1 and not pool.contexts

@@ -5,11 +5,14 @@ The options are checked against the IOSpec and the provider's documented option 
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 import runtime_graphs as rg
-from diffgap.runtime.ort_trt import ort_trt_options, ort_trt_profile_shapes
-from diffgap.runtime.session import load, ort_provider_options
+from diffgap.runtime.ort_trt import ort_trt_cache_folder, ort_trt_options, ort_trt_profile_shapes, triton_accelerator_parameters
+from diffgap.runtime.session import load, ort_provider_options, ort_providers
 
 onnx = pytest.importorskip("onnx")
 
@@ -44,15 +47,43 @@ def test_ort_trt_keeps_the_graph_types_and_caches_engines(export, tmp_path):
 def test_open_model_provider_options(export, tmp_path):
     io = export.model("diffgap_text_to_audio").io
     cache = tmp_path / "c"
-    opts = ort_provider_options("ort-trt", io, cache, device=1)
+    opts = ort_provider_options("ort-trt", io, cache)
     assert cache.is_dir(), "the provider's cache folder is created before the session"
-    assert opts == {**ort_trt_options(io, cache), "device_id": 1}
+    assert opts == ort_trt_options(io, cache)
     # the caller's options win over the defaults (an explicit choice, never a silent one)
     assert ort_provider_options("ort-trt", io, cache, given={"trt_fp16_enable": True})["trt_fp16_enable"] is True
-    assert ort_provider_options("ort-cuda", io, cache, device=0) == {"device_id": 0}
+    assert ort_provider_options("ort-cuda", io, cache) == {}
     assert ort_provider_options("ort-cpu", io, cache) == {}
+
+
+def test_device_reaches_every_gpu_provider():
+    """``ort-trt`` lists TensorRT, then CUDA for the nodes TensorRT does not take: both get device_id,
+    so the fallback runs on the same GPU (onnxruntime's default device_id is 0)."""
+    trt = ort_providers("ort-trt", {"trt_fp16_enable": False}, device=2)
+    assert trt == [("TensorrtExecutionProvider", {"trt_fp16_enable": False, "device_id": 2}),
+                   ("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
+    assert ort_providers("ort-cuda", device=1) == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    # a device_id given among the accelerator's options is the device of every GPU provider too
+    assert ort_providers("ort-trt", {"device_id": 3})[1] == ("CUDAExecutionProvider", {"device_id": 3})
+    assert ort_providers("ort-trt") == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers("ort-cpu") == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="'ort-cpu' has none"):
-        ort_provider_options("ort-cpu", io, cache, device=0)
+        ort_providers("ort-cpu", device=0)
+
+
+def test_ort_trt_cache_folder_is_one_level_below_an_existing_folder(tmp_path):
+    """onnxruntime creates its cache folder with one create_directory call: the parent must exist."""
+    for parent in ("/tmp", "/tmp/", str(tmp_path)):
+        folder = ort_trt_cache_folder(parent, "diffgap_text_to_audio")
+        assert Path(folder).parent == Path(parent) and Path(folder).name == "diffgap_ort_trt_diffgap_text_to_audio"
+    os.mkdir(ort_trt_cache_folder(tmp_path, "m"))  # one mkdir (no parents) is enough: what the provider does
+
+
+def test_triton_parameters_spell_the_same_options(export):
+    io = export.model("diffgap_text_to_audio").io
+    opts, params = ort_trt_options(io, "/c"), triton_accelerator_parameters(io, "/c")
+    assert params.pop("precision_mode") == "FP32" and not opts.pop("trt_fp16_enable") and not opts.pop("trt_int8_enable")
+    assert params == {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in opts.items()}
 
 
 # -- onnxruntime load errors say what is wrong --------------------------------------------------

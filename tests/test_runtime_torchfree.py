@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import runtime_graphs as rg
 
@@ -96,8 +95,16 @@ def test_runtime_runs_without_torch(tmp_path):
 
 
 def test_blocker_really_blocks(tmp_path):
+    """torch is installed here (so the test above proves something), the blocker refuses it and its
+    submodules, and nothing else."""
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    find = "import importlib.util; print(importlib.util.find_spec('torch') is not None)"
+    plain = subprocess.run([sys.executable, "-c", find], capture_output=True, text=True, timeout=120)
+    assert plain.stdout.strip() == "True", plain.stderr
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "blocked by the torch-free test" in proc.stderr
-    assert Path(tmp_path / "sitecustomize.py").exists()
+    for mod in ("torch", "torch.nn"):
+        proc = subprocess.run([sys.executable, "-c", f"import {mod}"], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "blocked by the torch-free test" in proc.stderr, (mod, proc.stderr[-500:])
+    proc = subprocess.run([sys.executable, "-c", "import numpy, onnxruntime"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]

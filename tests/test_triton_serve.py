@@ -82,13 +82,25 @@ def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
     return False
 
 
+def test_the_launch_wrapper_hands_serve_ignored_stop_signals():
+    """The premise of the test below: what it starts inherits SIGINT and SIGTERM as ignored."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT).name, signal.getsignal(signal.SIGTERM).name)"
+    out = subprocess.run(["bash", "-c", 'trap "" INT TERM; exec "$@"', "probe", sys.executable, "-c", probe],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["SIG_IGN", "SIG_IGN"], out
+
+
 @needs_nginx
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, tiny_repo, sig, tmp_path):
     # the generated diffgap repository for SIGTERM, a one-model one for Ctrl-C (same code path, faster)
     target = repo if sig == signal.SIGTERM else tiny_repo
+    serve = [sys.executable, "-m", "diffgap.cli", "serve", str(target), "--log-file", str(tmp_path / "server.log")]
+    # Started with SIGINT and SIGTERM ignored, as a background job of a script without job control
+    # starts it (ignored dispositions survive exec): serve must install its own handlers, and the
+    # outcome does not depend on how pytest itself was started.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffgap.cli", "serve", str(target), "--log-file", str(tmp_path / "server.log")],
+        ["bash", "-c", 'trap "" INT TERM; exec "$@"', "serve", *serve],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
@@ -117,7 +129,7 @@ def test_serve_cli_prints_endpoints_and_stops_cleanly(repo, tiny_repo, sig, tmp_
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, text + rest
-    assert "tritonserver stopped" in rest
+    assert f"{sig.name}: stopping" in rest and "tritonserver stopped" in rest
     assert "Started HTTPService" in (tmp_path / "server.log").read_text()
     assert _wait_gone(int(m_pid.group(1))), "tritonserver outlived `diffgap serve`"
     assert _wait_gone(int(m_nginx.group(1))), "nginx outlived `diffgap serve`"
@@ -318,6 +330,21 @@ def test_ports_in_use(tiny_repo, tmp_path, monkeypatch):
         monkeypatch.setattr(S, "free_port", first_pick_is_taken)
         with TritonServer(tiny_repo, log_path=tmp_path / "retry.log") as server:
             assert server.http_client().is_server_ready() and server.endpoints.http_port != port
+
+
+@needs_nginx
+def test_a_taken_proxy_port_is_a_clear_error_and_stops_tritonserver(tiny_repo):
+    import socket
+
+    from diffgap.triton_models.proxy import ProxiedServer
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        stack = ProxiedServer(tiny_repo, http_port=busy.getsockname()[1])
+        with pytest.raises(RuntimeError, match="nginx could not bind its ports"):
+            stack.start()
+        assert stack.triton.proc is None and not stack.running()
 
 
 @needs_nginx

@@ -269,10 +269,10 @@ def test_concurrent_load_is_correct_and_dynamically_batched(server, env):
         assert exe < inf, f"{m}: {exe} executions for {inf} inferences (no dynamic batching)"
 
 
-# -- perf_analyzer (Triton's load generator, unpacked by diffgap.triton_models.tools) --------------
+# -- perf_analyzer (Triton's load generator, unpacked by benchmarks.perf_analyzer) --------------
 @pytest.fixture(scope="module")
 def perf_analyzer():
-    from diffgap.triton_models.tools import perf_analyzer as get
+    from benchmarks.perf_analyzer import perf_analyzer as get
 
     try:
         return get()
@@ -281,7 +281,7 @@ def perf_analyzer():
 
 
 def test_perf_analyzer_is_idempotent(perf_analyzer):
-    from diffgap.triton_models.tools import ensure_perf_analyzer, tools_dir
+    from benchmarks.perf_analyzer import ensure_perf_analyzer, tools_dir
 
     binary, env = perf_analyzer
     assert ensure_perf_analyzer() == binary and binary.is_relative_to(tools_dir())

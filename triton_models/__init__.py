@@ -6,7 +6,6 @@
 - :mod:`.server`       ``TritonServer``: the bundled tritonserver, started ready and always stopped
   (``diffgap serve``);
 - :mod:`.demo`         ``demo_search``: the serving leg of ``make demo``;
-- :mod:`.tools`        ``perf_analyzer()``: Triton's load generator, unpacked privately.
 
 Heavy imports stay lazy: importing this package pulls in numpy and the torch-free runtime only.
 """
@@ -14,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TritonServer", "build_repository", "demo_search", "DemoResult", "perf_analyzer"]
+__all__ = ["TritonServer", "build_repository", "demo_search", "DemoResult"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,8 +29,4 @@ def __getattr__(name: str) -> Any:
         from . import demo
 
         return getattr(demo, name)
-    if name == "perf_analyzer":
-        from .tools import perf_analyzer
-
-        return perf_analyzer
     raise AttributeError(f"module 'diffgap.triton_models' has no attribute {name!r}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffgap.core.names import PRECISIONS
+
 HELP = "write a Triton model repository (encoders, samplers, tokenizer, ensembles) for an export dir"
 
 
@@ -21,8 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "will serve the repository; engines built by another release are refused. Read it with "
                         "`docker run --rm nvcr.io/nvidia/tritonserver:<yy.mm>-py3 sh -c 'dpkg -l | grep nvinfer'`")
     p.add_argument("--ort-trt-cache-dir", default=None, metavar="DIR",
-                   help="gpu flavour with onnxruntime_onnx: TensorRT engine cache folder inside the server (default: /tmp/diffgap_ort_trt_cache)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="gpu flavour: which graphs/engines (default: %(default)s)")
+                   help="gpu flavour with onnxruntime_onnx: an existing folder inside the server under which each model's "
+                        "TensorRT engine cache gets its own folder diffgap_ort_trt_<model> (default: /tmp)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="gpu flavour: which graphs/engines (default: %(default)s)")
     p.add_argument("--engine-dir", help="gpu flavour: engine cache of `diffgap build-engines` (default: EXPORT_DIR/engines)")
     p.add_argument("--default-seed", type=int, default=None, help="sampler seed when a request sends none (default: the runtime's)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (default: %(default)s)")

@@ -29,17 +29,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
 
 
+# Installed by `run` itself: a process started without job control (a background job of a script,
+# some supervisors) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _Stop(Exception):
     pass
 
 
 def _raise_stop(signum, frame):  # noqa: ARG001
-    raise _Stop()
+    raise _Stop(signal.Signals(signum).name)
 
 
 def run(args: argparse.Namespace) -> int:
     from .proxy import ProxiedServer
+    from .repository import check_servable_by_bundled_server
 
+    check_servable_by_bundled_server(args.repo)  # a gpu-flavour repository: one-line error, exit 2
     # Not a repository, nginx missing, no computable limit: the CLI prints the one-line error (exit 2).
     # ProxiedServer logs a warning when --host is not loopback (no authentication on these endpoints).
     server = ProxiedServer(
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port or None, max_body_size=args.max_body_size,
         startup_timeout=args.startup_timeout, log_verbose=args.log_verbose, log_path=args.log_file, keep_log=True,
     )
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
     try:
         server.start()
         up = server.upstream
@@ -62,14 +69,18 @@ def run(args: argparse.Namespace) -> int:
         code = server.wait()
         print(f"diffgap serve: error: {code}; last tritonserver log lines:\n{server.log_tail()}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, _Stop):
-        print("stopping tritonserver and the proxy ...", flush=True)
+    except _Stop as stop:
+        print(f"{stop}: stopping tritonserver and the proxy ...", flush=True)
         return 0
     except (RuntimeError, TimeoutError) as e:
         print(f"diffgap serve: error: {e}", file=sys.stderr)
         return 1
     finally:
-        server.stop()
+        # A second Ctrl-C while stopping must not cut the shutdown short and leave the children running.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        server.stop()  # nginx, then tritonserver: each signalled and waited for (reaped)
         if not server.running():
             print("tritonserver stopped", flush=True)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,17 +1,8 @@
-"""Triton ``config.pbtxt`` files, written through Triton's own ``ModelConfig`` protobuf.
+"""The pieces of a model's config dict (the protobuf's JSON shape; :mod:`.pbtxt` writes it out).
 
-The repository generator composes each model's configuration as a plain dict in the protobuf's
-JSON shape (field names as in ``model_config.proto``; enum values by name, e.g. ``"TYPE_FP32"``).
-:func:`model_config` turns it into ``tritonclient.grpc.model_config_pb2.ModelConfig`` (an unknown
-field, a wrong type or an unknown enum value is an error here, not at server start-up) and
-:func:`config_text` prints it with ``google.protobuf.text_format``: the same parser Triton uses
-reads it back.
-
-Map fields (``parameters``, an ensemble step's ``input_map``/``output_map``, an accelerator's
-``parameters``) may be given as dicts or as lists of ``{"key": ..., "value": ...}`` entries.
-
-Also here: the per-tensor helpers shared by every model, and the configuration of an exported graph
-in the gpu flavour (``tensorrt_plan`` or ``onnxruntime_onnx`` with the TensorRT accelerator).
+Per-tensor entries read from the exported modules' IOSpec declarations, string parameters, dynamic
+batching sizes, ensemble steps, and the configuration of an exported graph in the gpu flavour
+(``tensorrt_plan`` or ``onnxruntime_onnx`` with the TensorRT accelerator).
 """
 from __future__ import annotations
 
@@ -19,71 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from diffgap.core.iospec import IOSpec, TensorSpec, triton_dtype
 
-INSTALL_HINT = "`pip install 'tritonclient[grpc]'` (part of `pip install -e .[serving]`)"
-
-
-class Enum(str):
-    """A protobuf enum value by name, e.g. ``TYPE_FP32``, ``KIND_GPU`` (a plain str works too)."""
-
-
-def _protobuf() -> tuple[Any, Any, Any]:
-    try:
-        from google.protobuf import json_format, text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as e:
-        raise ImportError(f"writing Triton model configs needs Triton's model config protobuf: {INSTALL_HINT}") from e
-    return model_config_pb2, json_format, text_format
-
-
-def _is_map(field: Any) -> bool:
-    return field.message_type is not None and field.message_type.GetOptions().map_entry
-
-
-def _is_repeated(field: Any) -> bool:
-    flag = getattr(field, "is_repeated", None)  # protobuf >= 6.31; label() is deprecated there
-    if flag is not None:
-        return bool(flag() if callable(flag) else flag)
-    return field.label == field.LABEL_REPEATED
-
-
-def _normalise(msg: Mapping[str, Any], descriptor: Any) -> dict[str, Any]:
-    """``msg`` with every map field as a dict (json_format's form), recursively."""
-    out: dict[str, Any] = {}
-    for key, value in msg.items():
-        if value is None:
-            continue
-        field = descriptor.fields_by_name.get(key)
-        if field is None or field.message_type is None:
-            out[key] = value  # a scalar, or an unknown key that ParseDict reports
-            continue
-        if _is_map(field):
-            entries = value.items() if isinstance(value, Mapping) else ((e["key"], e["value"]) for e in value)
-            vfield = field.message_type.fields_by_name["value"]
-            out[key] = {
-                k: _normalise(v, vfield.message_type) if vfield.message_type is not None else v for k, v in entries
-            }
-        elif _is_repeated(field):
-            out[key] = [_normalise(v, field.message_type) for v in value]
-        else:
-            out[key] = _normalise(value, field.message_type)
-    return out
-
-
-def model_config(cfg: Mapping[str, Any] | Any) -> Any:
-    """A ``ModelConfig`` message from a config dict (or the message itself, unchanged)."""
-    pb2, json_format, _ = _protobuf()
-    if isinstance(cfg, pb2.ModelConfig):
-        return cfg
-    try:
-        return json_format.ParseDict(_normalise(cfg, pb2.ModelConfig.DESCRIPTOR), pb2.ModelConfig())
-    except json_format.ParseError as e:
-        raise ValueError(f"model config {cfg.get('name', '?')!r} is not a valid Triton ModelConfig: {e}") from e
-
-
-def config_text(cfg: Mapping[str, Any] | Any) -> str:
-    """``config.pbtxt`` text of a config dict or ``ModelConfig`` message (protobuf text format)."""
-    _, _, text_format = _protobuf()
-    return text_format.MessageToString(model_config(cfg))
+from .pbtxt import Enum
 
 
 # -- tensors, parameters, batching ----------------------------------------------------------------
@@ -121,26 +48,13 @@ def ensemble_step(model: str, input_map: Mapping[str, str], output_map: Mapping[
 
 
 # -- an exported graph in the gpu flavour -----------------------------------------------------------
-TRT_WORKSPACE_BYTES = 1 << 30  # Triton onnxruntime backend's own default for max_workspace_size_bytes
-
-
 def ort_trt_accelerator(io: IOSpec, cache_dir: str) -> dict[str, Any]:
-    """Triton's ``tensorrt`` GPU execution accelerator for an ``onnxruntime_onnx`` model.
+    """Triton's ``tensorrt`` GPU execution accelerator for an ``onnxruntime_onnx`` model: the options
+    ``open_model(..., backend="ort-trt")`` gives onnxruntime, in the backend's spelling
+    (:func:`diffgap.runtime.ort_trt.triton_accelerator_parameters`, declared once there)."""
+    from diffgap.runtime.ort_trt import triton_accelerator_parameters
 
-    The parameters are :func:`diffgap.runtime.ort_trt.ort_trt_options` (what ``open_model``'s
-    ``ort-trt`` backend passes to onnxruntime), spelled as the onnxruntime backend's keys:
-    ``precision_mode`` "FP32" is its name for ``trt_fp16_enable``/``trt_int8_enable`` off (the FP16
-    graph keeps its own types), booleans are "1"/"0", every other key is the provider option itself.
-    """
-    from diffgap.runtime.ort_trt import ort_trt_options
-
-    opts = ort_trt_options(io, cache_dir)
-    lowered = [k for k in ("trt_fp16_enable", "trt_int8_enable") if opts.pop(k)]
-    if lowered:
-        raise ValueError("the exported graphs carry their own precision: the TensorRT accelerator runs them as typed")
-    params = {"precision_mode": "FP32", "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES)}
-    params.update({k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in opts.items()})
-    return {"name": "tensorrt", "parameters": params}
+    return {"name": "tensorrt", "parameters": triton_accelerator_parameters(io, cache_dir)}
 
 
 def gpu_graph_config(
@@ -148,6 +62,8 @@ def gpu_graph_config(
 ) -> dict[str, Any]:
     """``KIND_GPU`` config of one exported graph: a ``tensorrt_plan`` engine (every input bound, one
     CUDA graph per preferred batch size) or ``onnxruntime_onnx`` with the TensorRT accelerator."""
+    from diffgap.runtime.ort_trt import ort_trt_cache_folder
+
     sizes = preferred_sizes(io, io.max_batch)
     plan = platform == "tensorrt_plan"
     return {
@@ -159,5 +75,5 @@ def gpu_graph_config(
         "dynamic_batching": {"preferred_batch_size": sizes, "max_queue_delay_microseconds": queue_delay_us},
         # Static feature dims: one CUDA graph per preferred batch size (Triton TensorRT backend).
         "optimization": {"cuda": {"graphs": True, "graph_spec": [{"batch_size": b} for b in sizes]}} if plan else
-        {"execution_accelerators": {"gpu_execution_accelerator": [ort_trt_accelerator(io, f"{ort_trt_cache_dir}/{name}")]}},
+        {"execution_accelerators": {"gpu_execution_accelerator": [ort_trt_accelerator(io, ort_trt_cache_folder(ort_trt_cache_dir, name))]}},
     }

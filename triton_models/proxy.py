@@ -32,6 +32,7 @@ directory, ``nginx -t`` first, nginx in the foreground as our child, stopped by 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -42,7 +43,8 @@ from pathlib import Path
 from diffgap.core.errors import UserError
 
 from .limits import RequestLimits, request_limits
-from .nginx import NginxProxy, ProxyPorts, _listen, _ProxyPortInUse, find_nginx
+from .lifecycle import PortInUse, start_on_free_ports
+from .nginx import NginxProxy, ProxyPorts, _listen, find_nginx
 from .server import LOOPBACK, Endpoints, TritonServer, free_port
 
 log = logging.getLogger(__name__)
@@ -102,19 +104,18 @@ class ProxiedServer:
             self.triton.start()
             self._workdir = Path(tempfile.mkdtemp(prefix="diffgap-nginx-"))
             os.chmod(self._workdir, 0o711)  # unprivileged workers reach the temp paths nginx creates for them
-            attempts = 1 if any(self._ports) else 3
-            for attempt in range(attempts):
-                h, g, m = (p or free_port(self.host) for p in self._ports)
-                # a fresh prefix per attempt: a failed attempt's error log must not speak for the next one
-                self.proxy = NginxProxy(ProxyPorts(self.host, h, g, m), self.triton.endpoints, self.limits,
-                                        self._workdir / f"nginx-{attempt}")
+            # a fresh prefix per attempt: a failed attempt's error log must not speak for the next one
+            prefixes = (self._workdir / f"nginx-{i}" for i in itertools.count())
+
+            def launch(ports: tuple[int, ...]) -> None:
+                self.proxy = NginxProxy(ProxyPorts(self.host, *ports), self.triton.endpoints, self.limits, next(prefixes))
                 try:
                     self.proxy.start()
-                    break
-                except _ProxyPortInUse as e:
+                except PortInUse:
                     self.proxy.stop()
-                    if attempt == attempts - 1:
-                        raise RuntimeError(f"nginx could not bind its ports: {e}") from None
+                    raise
+
+            start_on_free_ports(launch, self._ports, lambda: free_port(self.host), "nginx")
             log.info("proxy ready (nginx pid %d) on %s: %s", self.proxy_pid, self.host, self.limits.describe())
             return self
         except BaseException:

@@ -1,8 +1,5 @@
 """Generate a Triton model repository from a diffgap export directory.
 
-(About 480 lines: one planner composes every model of both flavours and both encoder families, and
-the ensembles are wired from the composing models' configs, so they are planned together.)
-
 Triton's own layout (``<model>/config.pbtxt``, ``<model>/1/model.*``). Models:
 
 ==============================  =================================================================
@@ -46,7 +43,9 @@ Flavours (both from the same declarations):
   tokenizer, noise and search models stay python models on CPU in both.
 
 Every ``config.pbtxt`` is a ``ModelConfig`` message of Triton's own protobuf, printed in text format
-(:mod:`diffgap.triton_models.model_config`).
+(:mod:`diffgap.triton_models.pbtxt`), composed from the pieces in :mod:`diffgap.triton_models.model_config`.
+:class:`_Planner` composes the models (composing models first: the ensembles are wired from their
+configs); :func:`build_repository` writes them.
 
 Written atomically (:func:`diffgap.core.fsutil.atomic_dir`): a failed generation leaves nothing behind.
 """
@@ -60,10 +59,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
 from diffgap.core.iospec import IOSpec, triton_dtype
 from diffgap.core.manifest import Manifest
-from diffgap.core.names import embedding_ensemble_name, encoder_name, noise_model_name, sampler_name
+from diffgap.core.names import PRECISIONS, embedding_ensemble_name, encoder_name, head_name, noise_model_name, sampler_name
 # The sampler tensors' roles (keys of the IOSpec's meta["roles"]): tensors are looked up by role in
 # the manifest's IOSpec (IOSpec.role), never by a retyped name.
 from diffgap.runtime.pipeline import (
@@ -71,9 +71,9 @@ from diffgap.runtime.pipeline import (
 )
 
 from .model_config import (  # noqa: F401  (the config helpers every model of the repository uses)
-    Enum, config_text, ensemble_step, gpu_graph_config, model_config, parameters, preferred_sizes, string_tensor,
-    tensor_config,
+    ensemble_step, gpu_graph_config, parameters, preferred_sizes, string_tensor, tensor_config,
 )
+from .pbtxt import Enum, config_text, model_config  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,18 @@ SEARCH_SCORES = "scores"           # (B, k) TYPE_FP32 fused scores
 MAX_TEXT_BYTES = 2048
 # Dynamic batching window. Portable (CPU): no wait. A model busy with one call still gathers every
 # request that queued meanwhile into the next one, so concurrent clients share calls anyway; a window
-# only delays a lone request, once per ensemble step (measured, text_to_audio_embedding, 2 cores:
-# 1 ms windows put 4.4 ms of queueing into a 7 ms request at concurrency 1 and raised no
-# throughput at concurrency 8). GPU: 100 us, small next to one engine call, lets batches fill.
+# only delays a lone request, once per ensemble step (``python -m benchmarks --only triton`` reruns
+# the ensembles with a window when the batching goal is missed: the batching-knob tables in
+# benchmarks/results). GPU: 100 us, small next to one engine call, lets batches fill.
 PORTABLE_QUEUE_DELAY_US = 0
 GPU_QUEUE_DELAY_US = 100
-# onnxruntime_onnx models: the TensorRT accelerator's engine cache inside the server (per model).
-ORT_TRT_CACHE_DIR = "/tmp/diffgap_ort_trt_cache"
+# onnxruntime_onnx models: the existing folder, inside the server, under which each model's TensorRT
+# accelerator caches in its own flat folder (diffgap.runtime.ort_trt.ort_trt_cache_folder).
+ORT_TRT_CACHE_DIR = "/tmp"
 
 
 # ------------------------------------------------------------------------------------------------
-# config helpers (config.pbtxt is written through Triton's ModelConfig protobuf: model_config.py)
+# config helpers (config.pbtxt is written through Triton's ModelConfig protobuf: pbtxt.py)
 # ------------------------------------------------------------------------------------------------
 def seed_tensor(optional: bool = True) -> dict[str, Any]:
     d: dict[str, Any] = {"name": SEED, "data_type": Enum(triton_dtype("int64")), "dims": [1]}
@@ -167,8 +168,9 @@ class RepoOptions:
     queue_delay_us: int | None = None   # dynamic batching window; None = the flavour's default
     # gpu flavour, tensorrt_plan: the serving tritonserver's TensorRT release (its engines must match)
     server_trt_version: str | None = None
-    # gpu flavour, onnxruntime_onnx: where, inside the server, the TensorRT accelerator caches its
-    # engines and timing cache (one folder per model; must be writable by the server process)
+    # gpu flavour, onnxruntime_onnx: the existing folder, inside the server, under which the TensorRT
+    # accelerator caches each model's engines and timing cache in one flat folder of its own
+    # (onnxruntime creates only that last level; it must be writable by the server process)
     ort_trt_cache_dir: str = ORT_TRT_CACHE_DIR
 
     def __post_init__(self) -> None:
@@ -176,8 +178,8 @@ class RepoOptions:
             raise ValueError(f"unknown flavour {self.flavor!r}; use one of {', '.join(FLAVORS)}")
         if self.gpu_platform not in GPU_PLATFORMS:
             raise ValueError(f"unknown gpu platform {self.gpu_platform!r}; use one of {', '.join(GPU_PLATFORMS)}")
-        if self.precision not in ("fp16", "fp32"):
-            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.default_seed < 0:
@@ -272,10 +274,14 @@ class _Planner:
         )
         if o.gpu_platform == "onnxruntime_onnx":
             return ModelDir(name, cfg, {"model.onnx": self.man.path(name, o.precision)})
+        return ModelDir(name, cfg, {"model.plan": self.engine(name)})
+
+    def engine(self, name: str) -> Path:
+        """The cached TensorRT engine of ``name``, checked against the serving tritonserver's release."""
         from diffgap.runtime.engine import EngineMeta, check_server_trt, find_engine
 
         try:
-            plan = find_engine(self.man, name, o.precision, engine_dir=o.engine_dir)
+            plan = find_engine(self.man, name, self.opts.precision, engine_dir=self.opts.engine_dir)
         except ImportError as e:
             # Engines are keyed by the GPU and TensorRT version they were built with, so they can
             # only be looked up (and served) on the GPU host itself.
@@ -284,8 +290,8 @@ class _Planner:
                 f"`diffgap build-engines {self.man.root}` and then this command, or pass "
                 "--gpu-platform onnxruntime_onnx"
             ) from e
-        check_server_trt(EngineMeta.read(plan).trt_version, o.server_trt_version, f"engine {plan}")
-        return ModelDir(name, cfg, {"model.plan": plan})
+        check_server_trt(EngineMeta.read(plan).trt_version, self.opts.server_trt_version, f"engine {plan}")
+        return plan
 
     def tokenizer(self) -> ModelDir:
         enc = self.io(encoder_name("text"))
@@ -318,42 +324,44 @@ class _Planner:
         or its embedded Milvus Lite file) and the per-query knobs ``ef_search`` / ``nprobe`` /
         ``refine`` (empty = the index's defaults); edit them in config.pbtxt to retarget a deployment."""
         from diffgap.runtime.fusion import fusion_weights
-        from diffgap.runtime.gallery import GalleryIndex
         from diffgap.runtime.search_engines import KNOBS
 
         io = self.io(sampler_name("text", "audio"))
         enc = self.io(encoder_name("text"))
-        head_dim = io.role(SAMPLER_NOISE).feature_shape[0]
-        index = GalleryIndex.load(index_path)
-        index.check_model(self.man, head_dim)
-        gs = index.meta.get("guidance_scale")
-        if gs is not None:
-            raise ValueError(
-                f"index {index_path} was built with guidance_scale={gs}; the repository's sampler runs its declared "
-                "default, so rebuild the index without --guidance-scale"
-            )
+        index = self.gallery(index_path, io)
         n = index.count
         k = min(self.opts.top_k, n)
         if k < self.opts.top_k:
             log.warning("top-k %d > gallery size %d; serving k=%d", self.opts.top_k, n, k)
-        clap = enc.outputs[0]
-        tensors = {
-            "clap": OUTPUTS["clap"], "projected": OUTPUTS["projected"], "bridged": OUTPUTS["bridged"],
-            "ids": SEARCH_IDS, "scores": SEARCH_SCORES,
-        }
+        specs = {"clap": enc.outputs[0], "projected": io.role(SAMPLER_PROJECTED), "bridged": io.role(SAMPLER_BRIDGED)}
+        roles = self._search_roles()  # only the query embeddings a weighted term reads
+        tensors = {**{r: OUTPUTS[r] for r in roles}, "ids": SEARCH_IDS, "scores": SEARCH_SCORES}
         engine = index.engine["name"]
         spec = {"k": k, "weights": fusion_weights(self.man), "tensors": tensors, "gallery_size": n, "engine": engine}
         uri = index.meta["sides"]["audio"].get("engine_params", {}).get("uri", "") if engine == "milvus" else ""
         md = self._python(
             SEARCH, io,
-            [tensor_config(clap, OUTPUTS["clap"]), tensor_config(io.role(SAMPLER_PROJECTED), OUTPUTS["projected"]),
-             tensor_config(io.role(SAMPLER_BRIDGED), OUTPUTS["bridged"])],
+            [tensor_config(specs[r], OUTPUTS[r]) for r in roles],
             [string_tensor(SEARCH_IDS, [k]), {"name": SEARCH_SCORES, "data_type": Enum(triton_dtype("float32")), "dims": [k]}],
             io.max_batch, "search", files={"index": Path(index_path), "search.json": json.dumps(spec, indent=2, sort_keys=True)},
             milvus_uri=uri, **{knob: "" for knob in KNOBS},
         )
         md.files["io.json"] = json.dumps(io.to_dict(), indent=2, sort_keys=True)
         return md
+
+    def gallery(self, index_path: Path, sampler: IOSpec) -> "GalleryIndex":
+        """The gallery index, checked against this export and against the sampler's default guidance."""
+        from diffgap.runtime.gallery import GalleryIndex
+
+        index = GalleryIndex.load(index_path)
+        index.check_model(self.man, sampler.role(SAMPLER_NOISE).feature_shape[0])
+        gs = index.meta.get("guidance_scale")
+        if gs is not None:
+            raise ValueError(
+                f"index {index_path} was built with guidance_scale={gs}; the repository's sampler runs its declared "
+                "default, so rebuild the index without --guidance-scale"
+            )
+        return index
 
     # -- ensembles -------------------------------------------------------------------------
     def _max_batch(self, names: Iterable[str]) -> int:
@@ -399,14 +407,46 @@ class _Planner:
         }
         return ModelDir(name, cfg, {})
 
+    def _search_roles(self) -> list[str]:
+        """The query embeddings the search reads (``clap``, ``projected``, ``bridged``): those of the
+        export's text -> audio fusion terms of non-zero weight."""
+        from diffgap.runtime.fusion import fusion_weights, query_needs
+
+        needs = query_needs(fusion_weights(self.man))
+        return [r for r, field in (("clap", "source"), ("projected", "projected"), ("bridged", "bridged")) if field in needs]
+
+    def _search_skips_sampler(self) -> bool:
+        """No query-side bridged term (weight 0) and the text head exported: the search ensemble runs the
+        head in place of the noise model and the sampler."""
+        return "bridged" not in self._search_roles() and head_name("text") in self.man.models
+
+    def _front_head(self) -> tuple[list, list, dict[str, str], list[str]]:
+        """Steps text -> tokenizer -> encoder -> the text head alone (no noise, no sampler)."""
+        enc_name, hd_name = encoder_name("text", self.family), head_name("text")
+        enc, hd = self.io(enc_name), self.io(hd_name)
+        tok = {t.name: f"{TOKENIZER}.{t.name}" for t in enc.inputs}
+        steps = [_step(TOKENIZER, {TEXT: TEXT}, tok), _step(enc_name, tok, {enc.outputs[0].name: self.outputs["clap"]}),
+                 _step(hd_name, {hd.role(SAMPLER_CONDITION).name: self.outputs["clap"]},
+                       {hd.role(SAMPLER_PROJECTED).name: self.outputs["projected"]})]
+        return [string_tensor(TEXT, [1])], steps, {}, [TOKENIZER, enc_name, hd_name]
+
     def search_ensemble(self) -> ModelDir:
+        if self._search_skips_sampler():
+            inputs, steps, _, models = self._front_head()
+            roles = self._search_roles()
+            steps.append(_step(SEARCH, {OUTPUTS[r]: OUTPUTS[r] for r in roles}, {SEARCH_IDS: SEARCH_IDS, SEARCH_SCORES: SEARCH_SCORES}))
+            cfg = {
+                "name": SEARCH_ENSEMBLE, "platform": "ensemble", "max_batch_size": self._max_batch([*models, SEARCH]),
+                "input": inputs, "output": self.models[SEARCH].config["output"], "ensemble_scheduling": {"step": steps},
+            }
+            return ModelDir(SEARCH_ENSEMBLE, cfg, {})
         inputs, steps, specs, models = self._front("text", "audio")
         # The index was built with the sampler's default guidance: the search exposes no guidance input.
         opt = {t.name for t in self.io(sampler_name("text", "audio")).inputs if t.optional}
         inputs = [i for i in inputs if i["name"] not in opt]
         for s in steps:
             s["input_map"] = [m for m in s["input_map"] if m["value"] not in opt]
-        steps.append(_step(SEARCH, {OUTPUTS[r]: OUTPUTS[r] for r in ("clap", "projected", "bridged")},
+        steps.append(_step(SEARCH, {OUTPUTS[r]: OUTPUTS[r] for r in self._search_roles()},
                            {SEARCH_IDS: SEARCH_IDS, SEARCH_SCORES: SEARCH_SCORES}))
         search_out = self.models[SEARCH].config["output"]
         cfg = {
@@ -424,6 +464,8 @@ class _Planner:
             composing += [self.exported(sampler_name(s, t)), self.noise(s, t)]
         if self.opts.index is not None:
             composing.append(self.search(Path(self.opts.index)))
+            if self._search_skips_sampler():
+                composing.append(self.exported(head_name("text")))
         self.models.update((md.name, md) for md in composing)
         ensembles = [self.embedding_ensemble(s, t) for s, t in directions]
         if self.opts.index is not None:
@@ -455,32 +497,42 @@ def build_repository(
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for md in models.values():
-            d = tmp / md.name
-            (d / "1").mkdir(parents=True)
-            (d / "config.pbtxt").write_text(config_text(md.config))
-            for dest, src in md.files.items():
-                if isinstance(src, Path):
-                    (shutil.copytree if src.is_dir() else shutil.copyfile)(src, d / "1" / dest)  # a directory: the gallery index
-                else:
-                    (d / "1" / dest).write_text(src)
-        info = {
-            "format": REPO_FORMAT,
-            "flavor": opts.flavor,
-            "gpu_platform": opts.gpu_platform if opts.flavor == "gpu" else None,
-            "server_trt_version": opts.server_trt_version if opts.flavor == "gpu" and opts.gpu_platform == "tensorrt_plan" else None,
-            "precision": opts.precision if opts.flavor == "gpu" else "fp32",
-            "export_dir": str(man.root.resolve()),
-            "preset": man.preset,
-            "encoder_family": encoder_family(man),
-            "checkpoint_sha256": man.checkpoint_sha256,
-            "package_version": man.package_version,
-            "default_seed": opts.default_seed,
-            "top_k": json.loads(str(models[SEARCH].files["search.json"]))["k"] if SEARCH in models else None,
-            "models": sorted(models),
-        }
-        atomic_write_json(tmp / REPO_INFO, info)
+            _write_model(tmp, md)
+        atomic_write_json(tmp / REPO_INFO, repository_info(man, opts, models))
     log.info("wrote %s Triton repository %s (%d models)", opts.flavor, out, len(models))
     return out
+
+
+def _write_model(repo: Path, md: ModelDir) -> None:
+    """``<model>/config.pbtxt`` and the files of version 1 (a source path is copied, a str written)."""
+    d = repo / md.name
+    (d / "1").mkdir(parents=True)
+    (d / "config.pbtxt").write_text(config_text(md.config))
+    for dest, src in md.files.items():
+        if isinstance(src, Path):
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, d / "1" / dest)  # a directory: the gallery index
+        else:
+            (d / "1" / dest).write_text(src)
+
+
+def repository_info(man: Manifest, opts: RepoOptions, models: dict[str, ModelDir]) -> dict[str, Any]:
+    """What :data:`REPO_INFO` records: the format, the options that shaped the repository, its provenance."""
+    gpu = opts.flavor == "gpu"
+    return {
+        "format": REPO_FORMAT,
+        "flavor": opts.flavor,
+        "gpu_platform": opts.gpu_platform if gpu else None,
+        "server_trt_version": opts.server_trt_version if gpu and opts.gpu_platform == "tensorrt_plan" else None,
+        "precision": opts.precision if gpu else "fp32",
+        "export_dir": str(man.root.resolve()),
+        "preset": man.preset,
+        "encoder_family": encoder_family(man),
+        "checkpoint_sha256": man.checkpoint_sha256,
+        "package_version": man.package_version,
+        "default_seed": opts.default_seed,
+        "top_k": json.loads(str(models[SEARCH].files["search.json"]))["k"] if SEARCH in models else None,
+        "models": sorted(models),
+    }
 
 
 def read_repository_info(repo: str | Path) -> dict[str, Any]:
@@ -488,3 +540,27 @@ def read_repository_info(repo: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: {repo} was not made by `diffgap triton-repo`")
     return json.loads(p.read_text())
+
+
+# The platforms of the gpu flavour's exported graphs: backends the tritonserver bundled with
+# nvidia-pytriton does not have (it ships the python backend only).
+GPU_PLATFORMS_NEED_NGC = ("tensorrt_plan", "onnxruntime_onnx")
+NGC_TRITON_HINT = (
+    "serve it with NVIDIA's Triton image, nvcr.io/nvidia/tritonserver:<yy.mm>-py3 (docker/triton-gpu.Dockerfile "
+    "adds the python models' dependencies), or make a portable repository (`diffgap triton-repo --flavor portable`)"
+)
+
+
+def check_servable_by_bundled_server(repo: str | Path) -> None:
+    """UserError for a gpu-flavour repository: the bundled tritonserver cannot load its models."""
+    repo = Path(repo)
+    info = repo / REPO_INFO
+    flavor = json.loads(info.read_text()).get("flavor") if info.is_file() else None
+    gpu_models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt")
+                        if any(f'platform: "{pl}"' in p.read_text() for pl in GPU_PLATFORMS_NEED_NGC))
+    if flavor == "gpu" or gpu_models:
+        what = f"models {', '.join(gpu_models)} run on " + "/".join(GPU_PLATFORMS_NEED_NGC) if gpu_models else "its models need GPU backends"
+        raise UserError(
+            f"{repo} is a gpu-flavour repository ({what}), which the tritonserver bundled with nvidia-pytriton "
+            f"cannot load (python backend only): {NGC_TRITON_HINT}"
+        )

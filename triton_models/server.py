@@ -11,8 +11,9 @@ Recipe (verified on a CPU-only machine):
 - loopback binding only, on free ports, ``--model-control-mode=none``, ``--allow-gpu-metrics=false``
   (clients on other machines go through :mod:`.proxy`, which limits request sizes; this release of
   tritonserver has none and dies on a single HTTP body over 2 GiB);
-- ready when ``GET /v2/health/ready`` answers 200; stopped by SIGTERM to the PID we started, then
-  SIGKILL if it has not exited within the grace period.
+- ready when tritonclient's ``is_server_ready`` and ``is_model_ready`` (every model) say so
+  (:mod:`.lifecycle`); stopped by SIGTERM to the PID we started, then SIGKILL if it has not exited
+  within the grace period.
 
 :class:`TritonServer` is a context manager that always stops the server (tests, demo, benchmarks).
 """
@@ -30,13 +31,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
-import urllib.error
-import urllib.request
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
+
+from .lifecycle import PortInUse, start_on_free_ports, wait_until_ready
 
 log = logging.getLogger(__name__)
 
@@ -229,23 +229,20 @@ class TritonServer:
             server_dir = prepare_server_dir(self._workdir / "tritonserver")
             self._log_path = self._user_log or self._workdir / "tritonserver.log"
             self._failed = False
-            # A picked free port can be taken between pick and bind: pick again. A port the caller
-            # chose is not retried (it would fail the same way).
-            attempts = 1 if any(self._ports) else 3
-            for attempt in range(attempts):
-                h, g, m = (p or free_port(self.host) for p in self._ports)
-                ep = Endpoints(self.host, h, g, m)
+
+            def launch(ports: tuple[int, ...]) -> None:
+                ep = Endpoints(self.host, *ports)
                 self._launch(self._command(ep, server_dir))
                 try:
                     self._wait_ready(ep)
-                    self.endpoints = ep
-                    break
-                except _PortInUse:
+                except PortInUse:
                     self._terminate()
-                    if attempt == attempts - 1:
-                        raise RuntimeError(f"tritonserver could not bind its ports; see {self.log_path}")
+                    raise
+                self.endpoints = ep
+
+            start_on_free_ports(launch, self._ports, lambda: free_port(self.host), "tritonserver")
             _LIVE.add(self)
-            log.info("tritonserver ready (pid %d): http %s grpc %s", self.proc.pid, ep.http, ep.grpc)
+            log.info("tritonserver ready (pid %d): http %s grpc %s", self.proc.pid, self.endpoints.http, self.endpoints.grpc)
             return self
         except BaseException:
             self._failed = True
@@ -280,32 +277,27 @@ class TritonServer:
         last = next((l for l in reversed(lines) if l.strip()), "")
         return "\n".join([*errors, *([last] if last not in errors else [])])
 
+    def _attempt_log(self) -> str:
+        """What the current launch wrote to the log (an earlier attempt's lines do not count)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
+
+    def _exit_error(self) -> Exception:
+        # Triton 2.51: "failed to start HTTP service: Unavailable - Socket '...' already in use"
+        if "already in use" in self._attempt_log():
+            return PortInUse(f"a port is already in use; log {self.log_path}")
+        return RuntimeError(
+            f"tritonserver exited with code {self.proc.returncode} before becoming ready "
+            f"(repository {self.repository}; full log {self.log_path}); errors:\n{self.log_errors()}"
+        )
+
     def _wait_ready(self, ep: Endpoints) -> None:
         probe = LOOPBACK if ep.host in ("0.0.0.0", "") else ep.host
-        url = f"http://{probe}:{ep.http_port}/v2/health/ready"
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                with open(self.log_path, "rb") as f:  # only what this attempt wrote
-                    f.seek(self._log_offset)
-                    attempt_log = f.read().decode(errors="replace")
-                # Triton 2.51: "failed to start HTTP service: Unavailable - Socket '...' already in use"
-                if "already in use" in attempt_log:
-                    raise _PortInUse()
-                raise RuntimeError(
-                    f"tritonserver exited with code {self.proc.returncode} before becoming ready "
-                    f"(repository {self.repository}; full log {self.log_path}); errors:\n{self.log_errors()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"tritonserver not ready after {self.startup_timeout:.0f}s (repository {self.repository}); "
-            f"last log lines:\n{self.log_tail()}"
+        wait_until_ready(
+            self.proc, f"{probe}:{ep.http_port}", "tritonserver", self.startup_timeout, models=self.models,
+            exited=self._exit_error,
+            detail=lambda: f"repository {self.repository}; last log lines:\n{self.log_tail()}",
         )
 
     def _terminate(self, grace: float = 30.0) -> None:
@@ -385,10 +377,6 @@ class TritonServer:
         client = grpcclient.InferenceServerClient(self.grpc_url, **kw)
         self._clients.append(client)
         return client
-
-
-class _PortInUse(Exception):
-    pass
 
 
 @contextlib.contextmanager

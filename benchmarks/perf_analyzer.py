@@ -1,6 +1,6 @@
-"""Serving tools: a private ``perf_analyzer`` (Triton's standard load generator) for this machine.
+"""A private ``perf_analyzer`` (Triton's standard load generator) for the serving benchmarks and tests.
 
-``python -m diffgap.triton_models.tools ensure-perf-analyzer`` unpacks the ``perf_analyzer`` binary
+``python -m benchmarks.perf_analyzer ensure-perf-analyzer`` (run by ``make setup``) unpacks the ``perf_analyzer`` binary
 from the tritonclient **2.51.0** manylinux wheel (same release line as the tritonserver 2.51.0 bundled
 in nvidia-pytriton 0.7.0) into a private directory, without installing that old client over the
 newer one. The PyPI ``perf-analyzer`` package is an empty placeholder and newer tritonclient wheels
@@ -14,7 +14,9 @@ The binary needs two shared libraries, linked into ``<dir>/lib``:
   used instead; it defines the same ``libcudart.so.12`` symbol version the binary asks for.
 
 With both on ``LD_LIBRARY_PATH`` it runs without a GPU. :func:`perf_analyzer` returns the binary
-and the environment to run it with (what ``benchmarks/`` calls).
+and the environment to run it with (what :mod:`benchmarks.serving` and the perf_analyzer test call).
+It is benchmark tooling, not part of the installed ``diffgap`` package: it lives in the active
+environment's ``share/diffgap/`` (or ``$DIFFGAP_TOOLS_DIR``), never inside an installed package.
 """
 from __future__ import annotations
 
@@ -156,7 +158,7 @@ def perf_analyzer() -> tuple[Path, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffgap.triton_models.tools", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.perf_analyzer", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ensure-perf-analyzer", help="unpack perf_analyzer 2.51.0 into a private dir (idempotent)")
     args = p.parse_args(argv)
