@@ -4,15 +4,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= train,export,serving,search,dev,generate
+EXTRAS ?= train,export,serving,search,realdata,dev,generate
 STAMP := $(VENV)/.diffgap-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup proxy demo test test-fast bench gpu-smoke gpu-resolve clean
+.PHONY: setup proxy speech demo test test-fast bench gpu-smoke gpu-resolve clean
 
-setup: $(STAMP) proxy
+setup: $(STAMP) proxy speech
 
 # nginx: the body-limiting proxy `diffgap serve` puts in front of tritonserver (a no-op when installed).
 proxy:
@@ -20,6 +20,13 @@ proxy:
 	  echo "installing nginx (the request-size-limiting proxy in front of tritonserver)"; \
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends nginx; }
+
+# espeak-ng + sox: the speech synthesiser and audio tool of the real-embedding benchmark (benchmarks/realdata.py).
+speech:
+	@{ command -v espeak-ng && command -v sox; } >/dev/null 2>&1 || { \
+	  echo "installing espeak-ng and sox (speech for the real-embedding benchmark)"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends espeak-ng sox; }
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -22,6 +22,9 @@ Groups (``--only``):
   vectors at N = 10k, 100k, 200k, 1M (``--search-sizes``; 1k, 4k with ``--quick``), and
   ``AudioSearch`` end to end at 100k: build time, disk and resident bytes, p50/p99 at B = 1 and 16,
   queries/s, recall@10, the exact engine's bandwidth bound.
+* ``lean``      -- fusion weights with both bridged terms at 0: index bytes and query latency with
+  the zero-weight terms skipped (head-only queries, D-wide index) and computed (sampler per query,
+  E + 2D-wide index), same run, same scores; N = 100k (2k with ``--quick``).
 
 * ``generation`` -- the bridge's cost against one generation: the fused raw-space generation sampler
   (K as shipped) vs the denoising loop of an AudioLDM-small-size UNet (published config, random
@@ -32,4 +35,4 @@ Outputs (written atomically): ``<out>/<host>-<date>.json``, ``<out>/<host>-<date
 depend on the weight values.
 """
 SCHEMA = "diffgap-bench/1"
-GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "generation")
+GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "lean", "generation")

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLAP encoder architecture to export (random weights; default htsat-tiny, tiny with --quick)")
     p.add_argument("--search-sizes", type=_ints, default=None,
                    help="gallery sizes N of the search group (default 10000,100000,200000,1000000; 1000,4000 with --quick)")
+    p.add_argument("--lean-size", type=int, default=None,
+                   help="gallery size N of the lean group (default 100000; 2000 with --quick)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -143,7 +145,7 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         ctx.roofline = roofline.measure_machine(ctx.threads, quick=ctx.quick)
         res["roofline"] = ctx.roofline
 
-        needs_model = set(groups) & {"denoiser", "encoders", "pipeline", "triton", "knobs", "search"}
+        needs_model = set(groups) & {"denoiser", "encoders", "pipeline", "triton", "knobs", "search", "lean"}
         if needs_model:
             prepare.prepare(ctx, groups, export_dirs=args.export_dir, checkpoint=args.checkpoint)
             res["settings"]["main_steps"] = ctx.main_steps
@@ -176,6 +178,10 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
             res["search"] = search.run(ctx, args.search_sizes)
             res["settings"]["search_sizes"] = res["search"]["sizes"]
+        if "lean" in groups:
+            from . import lean
+
+            res["lean"] = lean.run(ctx, args.lean_size)
         if "generation" in groups:
             from . import generation
 

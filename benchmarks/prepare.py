@@ -164,7 +164,7 @@ def prepare(ctx: Context, groups: tuple[str, ...], export_dirs: list[Path] | Non
     needs_main = bool(set(groups) & {"encoders", "pipeline", "triton", "search"}) and ctx.main_export is None
     grid = set(groups) & {"denoiser", "knobs"}
     missing = [k for k in ctx.steps if k not in ctx.exports] if grid else []
-    if not (grid or needs_main or missing):
+    if not (grid or needs_main or missing or "lean" in groups):  # lean exports the checkpoint itself
         return
     _load_model(ctx, checkpoint)
     if needs_main:

@@ -207,7 +207,7 @@ def _table(header: list[str], body: list[list[str]]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     """The report: machine and method, then one section per measured group, the goals last."""
-    from . import generation, search
+    from . import generation, lean, search
 
     out = _md_header(res)
     out += _md_roofline(res.get("roofline", {}))
@@ -222,6 +222,7 @@ def markdown(res: dict[str, Any]) -> str:
         out += load_markdown(res["serving_load"])
     out += _md_knobs(res)
     out += search.markdown(res.get("search"))
+    out += lean.markdown(res.get("lean"))
     out += generation.markdown(res.get("generation"))
     out += _md_goals(goal_rows(res))
     out += [f"- {n}" for n in res.get("notes", [])]
@@ -373,7 +374,7 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import generation, search
+    from . import generation, lean, search
 
     written: list[Path] = []
 
@@ -397,6 +398,8 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
             save(_plot_triton(runs), f"triton-{t['label']}")
     if search.plot(res.get("search") or {}, stem.with_name(f"{stem.name}-search.png")):
         written.append(stem.with_name(f"{stem.name}-search.png"))
+    if lean.plot(res.get("lean") or {}, stem.with_name(f"{stem.name}-lean.png")):
+        written.append(stem.with_name(f"{stem.name}-lean.png"))
     if generation.plot(res.get("generation"), stem.with_name(f"{stem.name}-generation.png")):
         written.append(stem.with_name(f"{stem.name}-generation.png"))
     return written

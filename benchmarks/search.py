@@ -208,7 +208,7 @@ def end_to_end(ctx: Any, n: int) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     from diffgap.core.manifest import Manifest
 
-    e = Manifest.load(ctx.main_export).embed_dim
+    e = Manifest.load(ctx.main_export).input_dim("audio")
     audio = rng.standard_normal((n, e)).astype(np.float32)
     audio /= np.linalg.norm(audio, axis=1, keepdims=True)
     t = time.perf_counter()

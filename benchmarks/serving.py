@@ -92,7 +92,7 @@ def gallery_index(ctx: Context, out: Path) -> Path:
         return out
     n = 24 if ctx.quick else GALLERY
     rng = np.random.default_rng(0)
-    audio = rng.standard_normal((n, Manifest.load(ctx.main_export).embed_dim)).astype(np.float32)
+    audio = rng.standard_normal((n, Manifest.load(ctx.main_export).input_dim("audio"))).astype(np.float32)
     audio /= np.linalg.norm(audio, axis=1, keepdims=True)
     return build_index(ctx.main_export, out, audio=audio, ids=[f"clip{i:04d}" for i in range(n)])
 

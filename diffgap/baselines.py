@@ -39,11 +39,11 @@ def mean_shift(queries: np.ndarray, mean_query_modality: np.ndarray, mean_galler
 class LinearAdapter(nn.Module):
     """One linear map per modality into a D-d space (identity-initialised when E == D), plus CLIP's temperature."""
 
-    def __init__(self, embed_dim: int, dim: int, modalities: tuple[str, str], init_temperature: float = 0.07):
+    def __init__(self, input_dims: dict[str, int], dim: int, init_temperature: float = 0.07):  # input_dims: {modality: E}
         super().__init__()
-        self.maps = nn.ModuleDict({m: nn.Linear(embed_dim, dim) for m in modalities})
-        if embed_dim == dim:
-            for lin in self.maps.values():
+        self.maps = nn.ModuleDict({m: nn.Linear(e, dim) for m, e in input_dims.items()})
+        for lin in self.maps.values():
+            if lin.in_features == dim:
                 nn.init.eye_(lin.weight)
                 nn.init.zeros_(lin.bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / init_temperature))))
@@ -70,7 +70,7 @@ def train_linear_adapter(model: DiffGAP, train: dict[str, np.ndarray], val: dict
     tcfg = cfg.train
     a, b = cfg.modalities
     torch.manual_seed(tcfg.seed)
-    ad = LinearAdapter(cfg.embed_dim, cfg.heads.dim, (a, b), cfg.heads.init_temperature)
+    ad = LinearAdapter(cfg.input_dims, cfg.heads.dim, cfg.heads.init_temperature)
     ema = copy.deepcopy(ad)
     X = {m: torch.from_numpy(np.ascontiguousarray(train[m])) for m in (a, b)}
     nv = min(len(val[a]), tcfg.val_max_pairs)

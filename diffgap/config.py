@@ -12,6 +12,10 @@ Presets (parameter counts printed by ``diffgap train`` and asserted in tests/tes
 * ``clap-tiny``: 512-d inputs, 64-d heads, width 64, 1 block (64k per direction) -- for tests only.
 
 Adding a preset (e.g. ``cavp-512`` for video<->audio) is one ``PRESETS[...] = ...`` line.
+
+A preset fixes the sizes (head dim D, denoiser widths and depths), not the input widths: ``diffgap
+train`` takes each modality's embedding width E from the training data (384 for MiniLM, 512 for CLAP,
+768 elsewhere; the two modalities may differ) and the checkpoint carries it.
 """
 from __future__ import annotations
 
@@ -125,13 +129,23 @@ class TrainConfig:
     max_head_steps: int = 6000
     max_denoiser_steps: int = 3000
     val_max_pairs: int = 1000       # validation pairs scored per evaluation (the first N)
+    # Nonlinear heads, chosen by validation (``--val`` only): heads with a residual MLP of this width
+    # are trained beside the config's own heads (``heads.hidden``) and kept only when their validation
+    # head R@1 is higher with a paired-bootstrap 95% interval above zero (both directions' queries);
+    # 0 = no such candidate. Encoders trained apart (no shared space) may need the nonlinear map that
+    # two towers trained together do not.
+    head_mlp_hidden: int = 512
 
 
 @dataclass
 class DiffGAPConfig:
     name: str = "clap-512"
-    embed_dim: int = 512                               # E: CLAP/CAVP embedding dim (model inputs)
+    # E: the frozen embeddings' width (model inputs). A preset's value is its default; training takes
+    # the widths from the data (:meth:`with_input_dims`), and ``embed_dims`` holds a width per
+    # modality where the two differ (e.g. {"text": 384, "audio": 768}); :meth:`input_dim` reads both.
+    embed_dim: int = 512
     modalities: tuple[str, str] = ("text", "audio")
+    embed_dims: dict[str, int] = field(default_factory=dict)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -153,10 +167,37 @@ class DiffGAPConfig:
             raise ValueError(f"preset {self.name!r}: train.source_t_frac + train.terminal_t_frac must be within [0, 1]")
         if self.train.schedule not in SCHEDULES_TRAIN:
             raise ValueError(f"preset {self.name!r}: train.schedule {self.train.schedule!r} unknown; use one of {SCHEDULES_TRAIN}")
-        if self.heads.identity and (self.heads.dim != self.embed_dim or self.heads.hidden != 0):
-            raise ValueError(f"preset {self.name!r}: identity heads need heads.dim == embed_dim and heads.hidden == 0")
-        if min(self.embed_dim, self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
+        self.embed_dims = {str(m): int(w) for m, w in dict(self.embed_dims).items()}
+        unknown = sorted(set(self.embed_dims) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"preset {self.name!r}: embed_dims names {unknown}, not one of its modalities {self.modalities}")
+        if min(self.embed_dim, *self.embed_dims.values(), self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
             raise ValueError(f"preset {self.name!r}: dims and depth must be positive")
+        if self.heads.identity and (self.heads.hidden != 0 or any(self.embed_dims.get(m, self.embed_dim) != self.heads.dim
+                                                                    for m in self.modalities)):
+            raise ValueError(f"preset {self.name!r}: identity heads need heads.dim == every embedding width and heads.hidden == 0")
+
+    def input_dim(self, modality: str) -> int:
+        """E of ``modality``: the width of its frozen embeddings (the model's input)."""
+        if modality not in self.modalities:
+            raise ValueError(f"unknown modality {modality!r}; this model has {list(self.modalities)}")
+        return self.embed_dims.get(modality, self.embed_dim)
+
+    @property
+    def input_dims(self) -> dict[str, int]:
+        """``{modality: E}`` for both modalities."""
+        return {m: self.input_dim(m) for m in self.modalities}
+
+    def with_input_dims(self, dims: dict[str, int]) -> "DiffGAPConfig":
+        """Copy whose input widths are ``dims`` (``{modality: E}``, e.g. a dataset's); the sizes stay.
+
+        One common width is stored as ``embed_dim`` (the layout every diffgap version reads), differing
+        widths as ``embed_dims``.
+        """
+        widths = {m: int(dims[m]) for m in self.modalities}
+        if len(set(widths.values())) == 1:
+            return self.replace(embed_dim=next(iter(widths.values())), embed_dims={})
+        return self.replace(embed_dims=widths)
 
     @property
     def directions(self) -> tuple[str, str]:
@@ -167,6 +208,8 @@ class DiffGAPConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["modalities"] = list(self.modalities)
+        if not self.embed_dims:  # one width: the layout configs had before per-modality widths existed
+            del d["embed_dims"]
         return d
 
     @classmethod
@@ -190,7 +233,7 @@ class DiffGAPConfig:
                     raise ValueError(f"config section {k!r} has unknown keys {bad}; was it written by a newer diffgap?")
                 kw[k] = subs[k](**v)
             else:
-                kw[k] = tuple(v) if k == "modalities" else v
+                kw[k] = tuple(v) if k == "modalities" else (dict(v) if k == "embed_dims" else v)
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "DiffGAPConfig":
@@ -201,7 +244,7 @@ class DiffGAPConfig:
             tgt = d
             for p in parts[:-1]:
                 tgt = tgt[p]
-            if parts[-1] not in tgt:
+            if parts[-1] not in tgt and not (len(parts) == 1 and parts[0] == "embed_dims"):
                 raise ValueError(f"unknown config field {key!r}")
             tgt[parts[-1]] = value
         return DiffGAPConfig.from_dict(d)
@@ -218,15 +261,16 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
     denoiser=DenoiserConfig(hidden=64, depth=1, time_freq_dim=32, mean_hidden=64),
     train=TrainConfig(steps=60, batch_size=64, denoiser_batch_size=32, warmup_steps=5, lr=3e-3,
                       val_every=10, patience=2, head_val_every=10, head_patience=2, max_head_steps=400,
-                      max_denoiser_steps=300),
+                      max_denoiser_steps=300, head_mlp_hidden=0),
 )
 # Generation tests: clap-tiny's denoisers with square linear heads, which generation inverts exactly
 # (diffgap.generation.HeadInverse).
 PRESETS["clap-tiny-gen"] = PRESETS["clap-tiny"].replace(name="clap-tiny-gen", **{"heads.dim": 512, "heads.hidden": 0})
 # Raw-space models (heads.identity): clap-512's denoisers sampling directly in the raw CLAP space a
 # generator is conditioned in. Trained with the two-stage schedule (the heads stage is skipped).
-PRESETS["clap-512-raw"] = PRESETS["clap-512"].replace(name="clap-512-raw", **{"heads.identity": True, "train.schedule": "two-stage"})
-PRESETS["clap-tiny-raw"] = PRESETS["clap-tiny-gen"].replace(name="clap-tiny-raw", **{"heads.identity": True, "train.schedule": "two-stage"})
+_RAW = {"heads.identity": True, "train.schedule": "two-stage", "train.head_mlp_hidden": 0}
+PRESETS["clap-512-raw"] = PRESETS["clap-512"].replace(name="clap-512-raw", **_RAW)
+PRESETS["clap-tiny-raw"] = PRESETS["clap-tiny-gen"].replace(name="clap-tiny-raw", **_RAW)
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.
 PRESETS["cavp-512"] = PRESETS["clap-512"].replace(name="cavp-512", modalities=["video", "audio"])

@@ -77,7 +77,7 @@ def step_eval(ctx: DemoContext) -> None:
 
 def step_encoders(ctx: DemoContext) -> None:
     """The CLAP encoder path (`diffgap embed`'s code) on generated clips + captions, tiny laion-clap arch."""
-    from diffgap.encoders.clap import demo_embed
+    from diffgap.encoders.clap_demo import demo_embed
 
     r = demo_embed(ctx.out / "encoders")
     print(f"embedded generated clips + captions with the tiny laion-clap architecture (random weights) -> {r['npz']}")

@@ -248,8 +248,9 @@ def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalCon
     for split, p in (("test", test), ("val", val)):
         for m in (a, b):
             p[m]  # raises a clear KeyError naming the file and modality
-        if p.embed_dim != model.config.embed_dim:
-            raise ValueError(f"{split} split {p.path} has dim {p.embed_dim}, model expects {model.config.embed_dim}")
+        have = {m: p.dims[m] for m in model.config.modalities}
+        if have != model.config.input_dims:
+            raise ValueError(f"{split} split {p.path} has widths {have}, the model takes {model.config.input_dims}")
     t_start = time.perf_counter()
     emb = {"val": embed_split(model, val, ecfg), "test": embed_split(model, test, ecfg)}
     result: dict[str, Any] = {"eval_config": asdict(ecfg), "n_test": len(test), "n_val": len(val),

@@ -38,15 +38,18 @@ log = logging.getLogger(__name__)
 ENCODER_META = META_ENCODER  # checkpoint meta key: the frozen encoder the embeddings came from
 
 
-def check_invertible(model: DiffGAP) -> None:
-    """A one-line :class:`UserError` unless the heads can be inverted exactly (see the module docstring)."""
+def check_invertible(model: DiffGAP, modality: str | None = None) -> None:
+    """A one-line :class:`UserError` unless ``modality``'s head (default: every head) can be inverted exactly
+    (see the module docstring)."""
     cfg = model.config
     if cfg.heads.hidden != 0:
         raise UserError(f"checkpoint preset {cfg.name!r} has MLP heads (heads.hidden = {cfg.heads.hidden}); generation maps "
                         "bridge samples back through linear heads: train with heads.hidden = 0 (the clap-512 / cavp-512 default)")
-    if cfg.heads.dim != cfg.embed_dim:
-        raise UserError(f"checkpoint preset {cfg.name!r} has {cfg.heads.dim}-d heads on {cfg.embed_dim}-d embeddings; generation "
-                        "needs square heads (heads.dim == embed_dim) to map samples back: train with clap-512 / cavp-512")
+    for m in (cfg.modalities if modality is None else (modality,)):
+        if cfg.heads.dim != cfg.input_dim(m):
+            raise UserError(f"checkpoint preset {cfg.name!r} has {cfg.heads.dim}-d heads on {cfg.input_dim(m)}-d {m} embeddings; "
+                            "generation needs square heads (heads.dim == the embedding width) to map samples back: "
+                            "train with clap-512 / cavp-512 on 512-d embeddings")
 
 
 class HeadInverse(nn.Module):
@@ -54,7 +57,7 @@ class HeadInverse(nn.Module):
 
     def __init__(self, model: DiffGAP, modality: str):
         super().__init__()
-        check_invertible(model)
+        check_invertible(model, modality)
         lin = model.heads.heads[modality].linear
         W = lin.weight.detach().double()                    # (D, E), D == E
         b = lin.bias.detach().double()
@@ -137,18 +140,18 @@ def sample_conditions(
     model, _ = resolve_model(model)
     bridge = RawSpaceBridge(model, direction, steps)
     cond = np.asarray(condition, dtype=np.float32)
-    E, D = model.config.embed_dim, model.config.heads.dim
+    E, D, E_out = model.config.input_dim(bridge.source), model.config.heads.dim, model.config.input_dim(bridge.target)
     if cond.ndim != 2 or cond.shape[1] != E:
-        raise UserError(f"condition must be (B, {E}) embeddings of this checkpoint's space, got shape {cond.shape}")
+        raise UserError(f"condition must be (B, {E}) {bridge.source} embeddings of this checkpoint's space, got shape {cond.shape}")
     B = len(cond)
     noise = generation_noise(seeds, B, n, D).reshape(B * n, D)
     rows = np.repeat(cond, n, axis=0)                                   # (B*N, E): row b*N + j
-    out = np.empty((B * n, E), np.float32)
+    out = np.empty((B * n, E_out), np.float32)
     g = torch.tensor([[float(guidance_scale)]])
     for i in range(0, B * n, batch_size):
         c = torch.from_numpy(rows[i:i + batch_size])
         out[i:i + batch_size] = bridge(c, torch.from_numpy(noise[i:i + batch_size]), g.expand(len(c), 1)).numpy()
-    return out.reshape(B, n, E)
+    return out.reshape(B, n, E_out)
 
 
 def check_encoder(meta: dict[str, Any], encoder: dict[str, Any] | None, any_encoder: bool = False) -> None:

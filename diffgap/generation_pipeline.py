@@ -167,9 +167,12 @@ def generate(
             raise UserError("bridged generation needs --checkpoint (a DiffGAP checkpoint trained on this generator's CLAP); "
                             "or pass --no-bridge for the stock generator")
         model, meta = resolve_model(checkpoint)
+        if model.config.directions[0] != "audio_given_text":
+            raise UserError(f"checkpoint preset {model.config.name!r} bridges {' <-> '.join(model.config.modalities)}; diffgap generate "
+                            "conditions a text-to-audio generator: pass a text<->audio checkpoint")
         check_encoder(meta, enc.identity(), any_encoder=any_clap)
-        if model.config.embed_dim != enc.embed_dim:
-            raise UserError(f"the checkpoint takes {model.config.embed_dim}-d embeddings but the generator's CLAP emits "
+        if model.config.input_dim("text") != enc.embed_dim:
+            raise UserError(f"the checkpoint takes {model.config.input_dim('text')}-d text embeddings but the generator's CLAP emits "
                             f"{enc.embed_dim}-d; train on embeddings from this generator's CLAP")
         cond = sample_conditions(model, text, s.n, seeds, s.steps, s.guidance_scale)   # (B, N, E)
         record["checkpoint"] = str(checkpoint)

@@ -6,7 +6,8 @@ adaLN-zero residual MLP block -> :class:`ConditionalDenoiser` -> :class:`Contras
 
 Spaces (all per row, B = batch):
 
-* CLAP/CAVP space: frozen encoder outputs, (B, E).
+* input space: frozen encoder outputs (CLAP/CAVP or any encoder), (B, E); E per modality
+  (``DiffGAPConfig.input_dim``), so the two modalities may have different widths.
 * head space: ``project(modality, x)`` = L2-normalised contrastive-head output, (B, D).
 * standardised head space: head-space vectors centred and scaled to unit variance per coordinate
   with per-modality running statistics (buffers ``stats_mean_<m>``, ``stats_std_<m>``, saved in the
@@ -251,13 +252,13 @@ class ContrastiveHead(nn.Module):
 class ContrastiveHeads(nn.Module):
     """One head per modality plus CLIP's learnable temperature."""
 
-    def __init__(self, embed_dim: int, modalities: tuple[str, ...], cfg: HeadsConfig):
+    def __init__(self, input_dims: dict[str, int], cfg: HeadsConfig):  # input_dims: {modality: E}
         super().__init__()
         self.cfg = cfg
-        self.heads = nn.ModuleDict({m: ContrastiveHead(embed_dim, cfg) for m in modalities})
+        self.heads = nn.ModuleDict({m: ContrastiveHead(e, cfg) for m, e in input_dims.items()})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
-    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:  # (B, E) -> (B, D), unit norm
+    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:  # (B, E_modality) -> (B, D), unit norm
         if modality not in self.heads:
             raise ValueError(f"unknown modality {modality!r}; this model has {list(self.heads)}")
         return F.normalize(self.heads[modality](x), dim=-1)
@@ -278,7 +279,7 @@ class DiffGAP(nn.Module):
         super().__init__()
         self.config = config
         D = config.heads.dim
-        self.heads = ContrastiveHeads(config.embed_dim, config.modalities, config.heads)
+        self.heads = ContrastiveHeads(config.input_dims, config.heads)
         if config.heads.identity:  # raw-space model: the heads stay the identity map (config.HeadsConfig.identity)
             self.heads.requires_grad_(False)
         self.schedule = NoiseSchedule.from_config(config.diffusion)
@@ -354,7 +355,7 @@ class DiffGAP(nn.Module):
     def bridge(
         self,
         direction: str,
-        condition: torch.Tensor,                      # (B, E) frozen source-modality embedding
+        condition: torch.Tensor,                      # (B, E_source) frozen source-modality embedding
         noise: torch.Tensor,                          # (B, D) initial Gaussian noise
         steps: int | None = None,                     # K DDIM steps (config default)
         guidance_scale: float | torch.Tensor | None = None,
@@ -377,8 +378,9 @@ class DiffGAP(nn.Module):
         if mode not in ("source", "noise"):
             raise ValueError(f"bridge mode {mode!r} unknown; use 'source' or 'noise'")
         if not torch.jit.is_tracing():  # shapes are fixed by the I/O declaration in an export
-            if condition.ndim != 2 or condition.shape[1] != self.config.embed_dim:
-                raise ValueError(f"condition must be (B, {self.config.embed_dim}), got {tuple(condition.shape)}")
+            e = self.config.input_dim(source)
+            if condition.ndim != 2 or condition.shape[1] != e:
+                raise ValueError(f"condition must be (B, {e}), got {tuple(condition.shape)}")
             if noise.ndim != 2 or noise.shape[1] != self.config.heads.dim or noise.shape[0] != condition.shape[0]:
                 raise ValueError(f"noise must be ({condition.shape[0]}, {self.config.heads.dim}), got {tuple(noise.shape)}")
         denoiser = self.denoiser(direction)

@@ -226,7 +226,7 @@ def train(
     jobs), and a resumed run is bit-identical to an uninterrupted one. Returns the EMA model.
     Deterministic for a fixed ``cfg.train.seed``, world size and thread count.
     """
-    from tqdm.auto import tqdm
+    from diffgap.core.progress import progress_bar
 
     tcfg = cfg.train
     dist_info = dist_info or init_distributed()
@@ -234,8 +234,10 @@ def train(
     for m in (a, b):
         if m not in data.embeddings:
             raise ValueError(f"training data {data.path} has no {m!r} embeddings; preset {cfg.name!r} needs {cfg.modalities}")
-    if data.embed_dim != cfg.embed_dim:
-        raise ValueError(f"training data {data.path} has embedding dim {data.embed_dim}, preset {cfg.name!r} expects {cfg.embed_dim}; choose a matching --preset")
+    have = {m: data.dims[m] for m in cfg.modalities}
+    if have != cfg.input_dims:
+        raise ValueError(f"training data {data.path} has embedding widths {have}, the config expects {cfg.input_dims}; "
+                        "build the config with cfg.with_input_dims(data.dims) (what `diffgap train` does)")
     if len(data) < tcfg.batch_size:
         raise ValueError(f"training data {data.path} has {len(data)} pairs, fewer than batch size {tcfg.batch_size}; lower --batch-size")
 
@@ -273,8 +275,8 @@ def train(
     t0 = time.perf_counter()
     model.train()
     end = tcfg.steps if stop_after is None else min(tcfg.steps, start + stop_after)
-    bar = tqdm(range(start, end), initial=start, total=tcfg.steps, disable=not (progress and dist_info.main),
-               desc=f"train {cfg.name}", dynamic_ncols=True)
+    bar = progress_bar(range(start, end), initial=start, total=tcfg.steps, disable=not (progress and dist_info.main),
+                      desc=f"train {cfg.name}", dynamic_ncols=True)
     running: dict[str, float] = {}
     for step in bar:
         lr = lr_at(step, tcfg)

@@ -18,6 +18,14 @@ Schedules (``train.schedule``):
 * ``auto`` (default): trains both and keeps the one with the higher combined validation score;
   both candidates' figures and the reason are recorded in the checkpoint's ``meta.validation``.
 
+Heads (both schedules): the config's heads (``heads.hidden``, linear by default) and, when
+``train.head_mlp_hidden`` > 0, heads with a residual MLP of that width are each trained alone from the
+same seeded start (stage 1 above; a warm start from the trained linear heads sits on the linear
+solution and early stopping ends it before the MLP moves). The MLP heads are kept only if their
+validation head R@1 is higher with a paired bootstrap 95% interval above zero (both directions'
+queries pooled; ties and noise keep the simpler heads). The two-stage schedule continues from the kept heads; the joint one starts from scratch with
+their architecture. The candidates' figures and the reason are in ``meta.validation.heads``.
+
 Criteria, all on the EMA weights and the first ``train.val_max_pairs`` validation pairs:
 
 * head R@1: mean over both retrieval directions (a->b, b->a) of R@1 of head-space cosine;
@@ -60,6 +68,17 @@ CRITERIA = {
 # ---- validation figures -------------------------------------------------------------------------
 def _r1(q: np.ndarray, g: np.ndarray) -> float:
     return metrics_from_ranks(ranks_of_diagonal(cosine(q, g)))["R@1"]
+
+
+@torch.no_grad()
+def head_ranks(model: DiffGAP, X: dict[str, torch.Tensor]) -> np.ndarray:
+    """(2N,) ranks of the true partner in head space, both directions (a->b rows, then b->a)."""
+    was_training = model.training
+    model.eval()
+    a, b = model.config.modalities
+    h = {m: model.project(m, X[m]).numpy() for m in (a, b)}
+    model.train(was_training)
+    return np.concatenate([ranks_of_diagonal(cosine(h[q], h[g])) for q, g in ((a, b), (b, a))])
 
 
 @torch.no_grad()
@@ -109,7 +128,7 @@ def run_stage(
     """Optimise ``params`` of ``model`` with ``loss_fn(step)``, EMA into ``ema``, validate ``ema`` with
     ``val_fn`` every ``tcfg.val_every`` steps (``head_val_every`` for the ``"heads"`` stage) on ``report[key]``; on return ``ema`` (and ``model``)
     hold the best evaluation's weights."""
-    from tqdm.auto import tqdm
+    from diffgap.core.progress import progress_bar
 
     every, patience = (tcfg.head_val_every, tcfg.head_patience) if name == "heads" else (tcfg.val_every, tcfg.patience)
     holder = torch.nn.Module()
@@ -120,7 +139,7 @@ def run_stage(
     since, decays, lr_scale = 0, 0, 1.0
     curve: list[dict[str, float]] = []
     step = 0
-    bar = tqdm(total=max_steps, disable=not progress, desc=f"train {name}", dynamic_ncols=True)
+    bar = progress_bar(total=max_steps, disable=not progress, desc=f"train {name}", dynamic_ncols=True)
     while step < max_steps:
         lr = tcfg.lr * lr_scale * min(1.0, (step + 1) / tcfg.warmup_steps)
         for g in opt.param_groups:
@@ -183,7 +202,18 @@ def _seeded_start(cfg: DiffGAPConfig, n: int) -> tuple[DiffGAP, torch.Generator,
     return model, gen, _sampler(n, cfg.train.batch_size, gen)
 
 
-def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress: bool) -> tuple[DiffGAP, dict[str, StageResult]]:
+@dataclass
+class HeadsStart:
+    """Stage 1's outcome: the model with its best heads, and the batch stream to continue with."""
+
+    model: DiffGAP
+    gen: torch.Generator
+    idx: Callable[[], torch.Tensor]
+    stage: StageResult
+
+
+def train_heads(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress: bool) -> HeadsStart:
+    """Stage 1: the heads alone (symmetric InfoNCE), early-stopped on head R@1; denoisers untouched."""
     tcfg = cfg.train
     a, b = cfg.modalities
     model, gen, idx = _seeded_start(cfg, len(X[a]))
@@ -192,16 +222,69 @@ def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, prog
         i = idx()
         return info_nce(model.project(a, X[a][i]), model.project(b, X[b][i]), model.heads.scale())
 
-    heads_params = list(model.heads.parameters())
     for p in model.denoisers.parameters():
         p.requires_grad_(False)
     ema = copy.deepcopy(model)
     if cfg.heads.identity:  # raw-space model: no heads stage (the heads stay the identity)
-        st_heads = StageResult("heads", 0, 0, val_fn(model.eval(), bridge=False), 0, 0.0)
+        st = StageResult("heads", 0, 0, val_fn(model.eval(), bridge=False), 0, 0.0)
         model.train()
     else:
-        st_heads = run_stage("heads", model, ema, heads_params, tcfg, head_loss,
-                             lambda m: val_fn(m, bridge=False), "head_r1", tcfg.max_head_steps, progress)
+        st = run_stage("heads", model, ema, list(model.heads.parameters()), tcfg, head_loss,
+                       lambda m: val_fn(m, bridge=False), "head_r1", tcfg.max_head_steps, progress)
+    for p in model.denoisers.parameters():
+        p.requires_grad_(True)
+    return HeadsStart(model, gen, idx, st)
+
+
+def head_candidates(cfg: DiffGAPConfig) -> list[int]:
+    """Residual-MLP widths of the heads validation chooses among, simplest first (0 = linear)."""
+    own, mlp = cfg.heads.hidden, cfg.train.head_mlp_hidden
+    return [own] if mlp <= 0 or mlp == own else sorted({own, mlp})
+
+
+def select_heads(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], V: dict[str, torch.Tensor], val_fn,
+                 progress: bool) -> tuple[DiffGAPConfig, HeadsStart, dict[str, Any]]:
+    """Train every head candidate (stage 1); keep a more complex one only on a validated gain.
+
+    Returns the config with the kept ``heads.hidden``, its stage-1 start and the record."""
+    from .core.retrieval import bootstrap_ci
+
+    tcfg = cfg.train
+    widths = head_candidates(cfg)
+    starts = {h: train_heads(cfg.replace(**{"heads.hidden": h}), X, val_fn, progress) for h in widths}
+    ranks = {h: head_ranks(starts[h].model, V) for h in widths}
+    chosen, gains = widths[0], {}
+    for h in widths[1:]:
+        lo, hi = bootstrap_ci(ranks[h], ranks[chosen], n_boot=1000, seed=tcfg.seed)
+        gain = metrics_from_ranks(ranks[h])["R@1"] - metrics_from_ranks(ranks[chosen])["R@1"]
+        gains[h] = {"vs": chosen, "val_gain_R@1": gain, "val_gain_ci": [lo, hi]}
+        if lo > 0:
+            chosen = h
+    name = lambda h: "linear" if h == 0 else f"mlp-{h}"  # noqa: E731
+    if len(widths) == 1:
+        why = f"one candidate (train.head_mlp_hidden = {tcfg.head_mlp_hidden})"
+    elif chosen == widths[0]:
+        g = gains[widths[-1]]
+        why = (f"{name(widths[-1])} heads gained {g['val_gain_R@1']:+.1f} validation head R@1, paired 95% CI "
+               f"[{g['val_gain_ci'][0]:+.1f}, {g['val_gain_ci'][1]:+.1f}] (not above 0): kept the simpler {name(chosen)} heads")
+    else:
+        g = gains[chosen]
+        why = (f"{name(chosen)} heads gained {g['val_gain_R@1']:+.1f} validation head R@1 over {name(g['vs'])}, "
+               f"paired 95% CI [{g['val_gain_ci'][0]:+.1f}, {g['val_gain_ci'][1]:+.1f}] (above 0)")
+    record = {"chosen": name(chosen), "hidden": chosen, "why": why, "comparisons": {name(h): v for h, v in gains.items()},
+              "candidates": {name(h): {"val_head_r1": starts[h].stage.best["head_r1"], "stage": starts[h].stage.summary()}
+                             for h in widths}}
+    log.info("heads: %s", why)
+    return cfg.replace(**{"heads.hidden": chosen}), starts[chosen], record
+
+
+def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress: bool,
+                    start: HeadsStart | None = None) -> tuple[DiffGAP, dict[str, StageResult]]:
+    """Stage 1 (unless ``start`` holds its outcome), then stage 2: the denoisers on the frozen heads."""
+    tcfg = cfg.train
+    a, b = cfg.modalities
+    start = start or train_heads(cfg, X, val_fn, progress)
+    model, gen, idx, st_heads = start.model, start.gen, start.idx, start.stage
     for p in model.heads.parameters():
         p.requires_grad_(False)
     for p in model.denoisers.parameters():
@@ -255,9 +338,11 @@ def train_validated(cfg: DiffGAPConfig, data: Pairs, val: Pairs, progress: bool 
     schedules = ["two-stage", "joint"] if tcfg.schedule == "auto" else [tcfg.schedule]
     if cfg.heads.identity:  # nothing to train jointly with the heads frozen
         schedules = ["two-stage"]
+    cfg, start, heads_record = select_heads(cfg, X, V, val_fn, progress)
     runs: dict[str, tuple[DiffGAP, dict[str, StageResult]]] = {}
     for s in schedules:
-        runs[s] = (train_two_stage if s == "two-stage" else train_joint)(cfg, X, val_fn, progress)
+        runs[s] = (train_two_stage(cfg, X, val_fn, progress, start) if s == "two-stage"
+                   else train_joint(cfg, X, val_fn, progress))
     scores = {s: runs[s][1]["_final"]["score"] for s in schedules}
     chosen = max(schedules, key=lambda s: (scores[s], s == "two-stage"))
     if len(schedules) == 1:
@@ -267,7 +352,7 @@ def train_validated(cfg: DiffGAPConfig, data: Pairs, val: Pairs, progress: bool 
         why = (f"higher combined validation score: {chosen} {scores[chosen]:.2f} vs {other} {scores[other]:.2f} "
                f"({CRITERIA['joint']}; ties go to two-stage, the cheaper to retrain)")
     record = {
-        "n_val_pairs": nv, "schedule_setting": tcfg.schedule, "chosen": chosen, "why": why,
+        "n_val_pairs": nv, "schedule_setting": tcfg.schedule, "chosen": chosen, "why": why, "heads": heads_record,
         "criteria": CRITERIA,
         "candidates": {s: {"final": runs[s][1]["_final"],
                            "stages": {k: v.summary() for k, v in runs[s][1].items() if k != "_final"}}

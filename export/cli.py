@@ -6,6 +6,8 @@ Writes into DIR (built under a temporary sibling and renamed at the end, so a fa
     clap_audio_encoder.onnx       clap_audio_encoder.fp16.onnx
     diffgap_text_to_audio.onnx    diffgap_text_to_audio.fp16.onnx
     diffgap_audio_to_text.onnx    diffgap_audio_to_text.fp16.onnx
+    text_head.onnx                text_head.fp16.onnx       (the heads alone: queries and gallery items
+    audio_head.onnx               audio_head.fp16.onnx       where the bridged terms have weight 0)
     bpe_simple_vocab_16e6.txt.gz  (or tokenizer.json for RoBERTa towers)
     manifest.json                 (diffgap.core.manifest: IOSpecs, files + sha256, parity and lint figures)
 
@@ -15,10 +17,12 @@ for a text<->audio (CLAP-space) checkpoint, and for a video<->audio (CAVP-space,
     cavp_audio_encoder.onnx       cavp_audio_encoder.fp16.onnx
     diffgap_video_to_audio.onnx   diffgap_video_to_audio.fp16.onnx
     diffgap_audio_to_video.onnx   diffgap_audio_to_video.fp16.onnx
+    video_head.onnx ... audio_head.fp16.onnx
     manifest.json
 
 The encoder family follows the checkpoint's modalities (:data:`ENCODER_FAMILIES`); ``--encoders``
-names the architecture or checkpoint of that family.
+names the architecture or checkpoint of that family; ``--encoders none`` exports the samplers and heads
+alone, for embeddings of any width (the checkpoint's, per modality).
 
 Every graph passes the ONNX checker, strict shape inference and the TensorRT lint
 (:mod:`diffgap.export.lint`) or the export fails. ``--check`` adds the PyTorch parity checks
@@ -40,12 +44,12 @@ from diffgap.core.generation import GEN_STEPS
 from .provenance import check_export_args
 
 from .plan import (  # the export API, importable from here as before
-    CAVP_ENCODER_CONFIGS, ENCODER_ARCHS, ENCODER_FAMILIES, ExportCheckError, ExportJob, ExportPlan, ExportResult,
-    plan_export, run_export,
+    CAVP_ENCODER_CONFIGS, ENCODER_ARCHS, ENCODER_FAMILIES, ExportCheckError, ExportJob, ExportOptions, ExportPlan,
+    ExportResult, plan_export, run_export,
 )
 
 __all__ = [
-    "CAVP_ENCODER_CONFIGS", "ENCODER_ARCHS", "ENCODER_FAMILIES", "ExportCheckError", "ExportJob", "ExportPlan",
+    "CAVP_ENCODER_CONFIGS", "ENCODER_ARCHS", "ENCODER_FAMILIES", "ExportCheckError", "ExportJob", "ExportOptions", "ExportPlan",
     "ExportResult", "HELP", "add_arguments", "export_all", "fusion_weights_from_eval", "plan_export", "run", "run_export",
 ]
 
@@ -141,49 +145,14 @@ def _run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # the API
 # ---------------------------------------------------------------------------------------------
-def export_all(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    steps: int | None = None,
-    bridge_mode: str | None = None,
-    encoders: str | os.PathLike | None = "tiny",
-    roberta_dir: str | os.PathLike | None = None,
-    expect_preset: str | None = None,
-    guidance: bool = True,
-    fp16: bool = True,
-    check: bool = False,
-    overwrite: bool = False,
-    opset: int | None = None,
-    encoder_seed: int = 0,
-    on_table=None,
-    fusion_weights: dict[str, dict[str, float]] | None = None,
-    generation_steps: int | None = None,
-) -> ExportResult:
+def export_all(checkpoint: str | os.PathLike, out: str | os.PathLike, *, on_table=None, **options) -> ExportResult:
     """Export a DiffGAP checkpoint (+ its encoders) to the ONNX export directory ``out``:
     :func:`plan_export` then :func:`run_export`.
 
-    Args:
-        checkpoint: checkpoint directory (``diffgap train``).
-        out: export directory; built atomically (nothing is left behind on failure).
-        steps: K for the fused samplers (default: the checkpoint's ``diffusion.sample_steps``).
-        bridge_mode: ``"source"`` | ``"noise"`` (default: the checkpoint's).
-        encoders: text<->audio checkpoints: ``"tiny"`` | ``"htsat-tiny"`` | path of a LAION-CLAP checkpoint;
-            video<->audio (``cavp-*``) checkpoints: ``"tiny"`` | ``"full"`` | path of a Diff-Foley CAVP
-            checkpoint; ``None``: samplers only.
-        expect_preset: refuse a checkpoint of another preset.
-        guidance: give the samplers a ``guidance_scale (B, 1)`` input (else g = 1 is baked in).
-        fp16: also write ``<name>.fp16.onnx`` (ModelOpt AutoCast; see :mod:`diffgap.export.fp16`).
-        check: run the PyTorch parity checks; raise :class:`ExportCheckError` if a bound is missed.
-        on_table: callable receiving the parity table text (the CLI passes ``print``), also on failure.
-        fusion_weights: per retrieval task (``"text_to_audio"`` ...) the score-fusion weights chosen on the
-            validation split (:func:`fusion_weights_from_eval`); stored as ``manifest.extra["fusion_weights"]``.
+    ``options``: the fields of :class:`~diffgap.export.plan.ExportOptions` (``steps``, ``encoders``,
+    ``fusion_weights`` ...). ``on_table``: callable receiving the parity table text (the CLI passes
+    ``print``), also on failure. ``out`` is built atomically (nothing is left behind on failure).
 
     Returns an :class:`ExportResult`; ``result.manifest`` is the saved :class:`~diffgap.core.manifest.Manifest`.
     """
-    plan = plan_export(
-        checkpoint, out, steps=steps, bridge_mode=bridge_mode, encoders=encoders, roberta_dir=roberta_dir,
-        expect_preset=expect_preset, guidance=guidance, fp16=fp16, check=check, overwrite=overwrite, opset=opset,
-        encoder_seed=encoder_seed, fusion_weights=fusion_weights, generation_steps=generation_steps,
-    )
-    return run_export(plan, on_table=on_table)
+    return run_export(plan_export(checkpoint, out, ExportOptions(**options)), on_table=on_table)

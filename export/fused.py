@@ -9,7 +9,7 @@ conditional and unconditional denoiser calls are one stacked (2B, .) pass
 the unconditional branch's adaLN modulations depend only on the (constant) timestep, so export folds
 them into constants (``python -m benchmarks`` times the fused sampler). Its I/O declaration:
 
-* ``condition (B, E) float32`` -- the frozen CLAP/CAVP embedding of the *source* modality;
+* ``condition (B, E) float32`` -- the frozen embedding of the *source* modality (E: its width);
 * ``noise (B, D) float32`` -- the caller's Gaussian draw (reproducible results; the graph holds no RNG);
 * ``guidance_scale (B, 1) float32`` -- classifier-free guidance per row, optional (the runtime fills
   the exported default); absent when exported with ``guidance=False`` (conditional branch only,
@@ -34,7 +34,7 @@ from diffgap.core.iospec import (
     BATCH, ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED, ROLES, SAMPLER_BATCH_PROFILE,
     BatchProfile, IOSpec, TensorSpec,
 )
-from diffgap.core.names import parse_sampler_name, sampler_name
+from diffgap.core.names import head_name, parse_sampler_name, sampler_name
 from diffgap.diffusion import DDIMSampler, timestep_start, timesteps_summary
 from diffgap.models import parse_direction
 
@@ -97,7 +97,7 @@ class FusedSampler(nn.Module):
     def io_spec(self) -> IOSpec:
         cfg = self.model.config
         target, source = parse_direction(self.direction)
-        E, D = cfg.embed_dim, cfg.heads.dim
+        E, D = cfg.input_dim(source), cfg.heads.dim
         # Every tensor name is typed here once; meta["roles"] maps each role to it so the runtime,
         # Triton and checks look tensors up by role (IOSpec.role), never by a retyped name.
         condition = TensorSpec("condition", "float32", (BATCH, E), doc=f"frozen {source} embedding (CLAP/CAVP space)")
@@ -145,7 +145,7 @@ class FusedSampler(nn.Module):
             "eta": 0.0,
             "guidance_input": self.guidance,
             "default_guidance_scale": self.default_guidance,
-            "embed_dim": cfg.embed_dim,
+            "embed_dim": cfg.input_dim(source),
             "head_dim": cfg.heads.dim,
             "preset": cfg.name,
         }
@@ -159,3 +159,43 @@ class FusedSampler(nn.Module):
         )
         _, source = parse_direction(self.direction)
         return bridged, self.model.project(source, condition)
+
+
+class ProjectionHead(nn.Module):
+    """``forward(condition (B, E)) -> source_embedding (B, D)``: one modality's contrastive head alone.
+
+    The same ``model.project`` the fused sampler's ``source_embedding`` output computes, without the K
+    denoiser steps: where the fusion weights give both bridged terms weight 0, a query or gallery item
+    needs only this (:mod:`diffgap.runtime.fusion`).
+    """
+
+    def __init__(self, model: nn.Module, modality: str, batch: BatchProfile = SAMPLER_BATCH_PROFILE) -> None:
+        super().__init__()
+        if modality not in model.config.modalities:
+            raise ValueError(f"modality {modality!r} not in this model; it has {list(model.config.modalities)}")
+        self.model = model.eval()
+        self.modality = modality
+        self.batch = batch
+
+    @property
+    def name(self) -> str:
+        return head_name(self.modality)
+
+    def io_spec(self) -> IOSpec:
+        cfg = self.model.config
+        m = self.modality
+        condition = TensorSpec("condition", "float32", (BATCH, cfg.input_dim(m)), doc=f"frozen {m} embedding")
+        projected = TensorSpec("source_embedding", "float32", (BATCH, cfg.heads.dim),
+                               doc=f"the condition's own L2-normalised {m} head-space embedding (model.project)")
+        return IOSpec(
+            name=self.name, inputs=(condition,), outputs=(projected,),
+            min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
+            meta={**self.metadata(), ROLES: {ROLE_CONDITION: condition.name, ROLE_PROJECTED: projected.name}},
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"modality": self.modality, "embed_dim": cfg.input_dim(self.modality), "head_dim": cfg.heads.dim, "preset": cfg.name}
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.model.project(self.modality, condition)

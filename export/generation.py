@@ -53,10 +53,10 @@ class GenerationSampler(nn.Module):
     def io_spec(self) -> IOSpec:
         cfg = self.model.config
         src, tgt = self.bridge.source, self.bridge.target
-        E, D = cfg.embed_dim, cfg.heads.dim
+        E, D, E_out = cfg.input_dim(src), cfg.heads.dim, cfg.input_dim(tgt)
         condition = TensorSpec("condition", "float32", (BATCH, E), doc=f"frozen {src} embedding (CLAP/CAVP space)")
         noise = TensorSpec("noise", "float32", (BATCH, D), doc="initial Gaussian noise N(0, I), one row per sample")
-        raw = TensorSpec("raw_embedding", "float32", (BATCH, E),
+        raw = TensorSpec("raw_embedding", "float32", (BATCH, E_out),
                          doc=f"bridged {tgt} sample in the raw {src}/{tgt} encoder space, unit norm (the generator's condition)")
         roles = {ROLE_CONDITION: condition, ROLE_NOISE: noise, ROLE_RAW_SAMPLE: raw}
         inputs = [condition, noise]
@@ -78,7 +78,7 @@ class GenerationSampler(nn.Module):
             "bridge_mode": "noise", "start_timestep": self.timesteps[0], "schedule": d.schedule,
             "num_train_timesteps": d.num_train_timesteps, "prediction": d.prediction, "eta": 0.0,
             "guidance_input": self.guidance, "default_guidance_scale": self.default_guidance,
-            "embed_dim": cfg.embed_dim, "head_dim": cfg.heads.dim, "preset": cfg.name,
+            "embed_dim": cfg.input_dim(self.bridge.target), "head_dim": cfg.heads.dim, "preset": cfg.name,
             "encoder": self.encoder,
         }
 

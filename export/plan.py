@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from diffgap.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -101,10 +103,10 @@ def _clap_encoder(encoders: str | os.PathLike, roberta_dir, seed: int, cfg):
             f"checkpoint preset {cfg.name!r} bridges {cfg.modalities}, not text<->audio: CLAP encoders do not "
             "apply; pass --encoders none or a CLAP-space checkpoint"
         )
-    if cfg.embed_dim != EMBED_DIM:
+    if set(cfg.input_dims.values()) != {EMBED_DIM}:
         raise UserError(
-            f"checkpoint preset {cfg.name!r} takes {cfg.embed_dim}-d embeddings but CLAP encoders output "
-            f"{EMBED_DIM}-d; pass a checkpoint trained on CLAP embeddings"
+            f"checkpoint {cfg.name!r} takes embeddings of widths {cfg.input_dims} but CLAP encoders output "
+            f"{EMBED_DIM}-d; pass a checkpoint trained on CLAP embeddings, or --encoders none (samplers only)"
         )
     src = str(encoders)
     if src in ENCODER_ARCHS:
@@ -209,25 +211,62 @@ def _sampler_job(sampler, conditions: Feeds | None) -> ExportJob:
     return ExportJob(sampler, "denoiser", "denoiser", "reference", feeds, sampler.metadata(), parity)
 
 
-def plan_export(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    steps: int | None = None,
-    bridge_mode: str | None = None,
-    encoders: str | os.PathLike | None = "tiny",
-    roberta_dir: str | os.PathLike | None = None,
-    expect_preset: str | None = None,
-    guidance: bool = True,
-    fp16: bool = True,
-    check: bool = False,
-    overwrite: bool = False,
-    opset: int | None = None,
-    encoder_seed: int = 0,
-    fusion_weights: dict[str, dict[str, float]] | None = None,
-    generation_steps: int | None = None,
-) -> ExportPlan:
-    """Validate the arguments, load the checkpoint and encoders and list the jobs (arguments: :func:`export_all`)."""
+def _head_job(head, conditions: Feeds | None) -> ExportJob:
+    """One modality's contrastive head alone (what a query needs where the bridged terms weigh 0)."""
+    from diffgap.core.iospec import ROLE_CONDITION
+
+    from . import calibration as cal
+
+    spec = head.io_spec().role(ROLE_CONDITION)
+
+    def feeds(b: int, seed: int) -> dict:
+        c = conditions(b, seed) if conditions is not None else np.random.default_rng(seed).standard_normal(spec.concrete(b))
+        return {spec.name: cal.unit_rows(np.asarray(c, np.float64))}
+
+    return ExportJob(head, "denoiser", "encoder", "reference", feeds, head.metadata())
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how (every setting of ``diffgap export`` but the checkpoint and ``--out``).
+
+    steps: K for the fused samplers (default: the checkpoint's ``diffusion.sample_steps``).
+    bridge_mode: ``"source"`` | ``"noise"`` (default: the checkpoint's).
+    encoders: text<->audio checkpoints: ``"tiny"`` | ``"htsat-tiny"`` | path of a LAION-CLAP checkpoint;
+        video<->audio (``cavp-*``) checkpoints: ``"tiny"`` | ``"full"`` | path of a Diff-Foley CAVP
+        checkpoint; ``None``: samplers and heads only (any embedding width).
+    roberta_dir: roberta-base config/tokenizer files (RoBERTa CLAP checkpoints).
+    expect_preset: refuse a checkpoint of another preset.
+    guidance: give the samplers a ``guidance_scale (B, 1)`` input (else g = 1 is baked in).
+    fp16: also write ``<name>.fp16.onnx`` (ModelOpt AutoCast; see :mod:`diffgap.export.fp16`).
+    check: run the PyTorch parity checks; raise :class:`ExportCheckError` if a bound is missed.
+    overwrite: replace an existing export directory.
+    opset: ONNX opset (default :data:`diffgap.export.onnx_export.DEFAULT_OPSET`).
+    encoder_seed: seed of the random-weight encoder architectures.
+    fusion_weights: per retrieval task (``"text_to_audio"`` ...) the score-fusion weights chosen on the
+        validation split (``fusion_weights_from_eval``); stored as ``manifest.extra["fusion_weights"]``.
+    generation_steps: K of the generation sampler (raw-space samples for a generator), or None: not exported.
+    """
+
+    steps: int | None = None
+    bridge_mode: str | None = None
+    encoders: str | os.PathLike | None = "tiny"
+    roberta_dir: str | os.PathLike | None = None
+    expect_preset: str | None = None
+    guidance: bool = True
+    fp16: bool = True
+    check: bool = False
+    overwrite: bool = False
+    opset: int | None = None
+    encoder_seed: int = 0
+    fusion_weights: dict[str, dict[str, float]] | None = None
+    generation_steps: int | None = None   # also export the generation sampler (export/generation.py) with K steps
+
+
+def plan_export(checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions()) -> ExportPlan:
+    """Validate the options, load the checkpoint and encoders and list the jobs."""
+    o = options
+    steps, overwrite = o.steps, o.overwrite
     out, ckpt = Path(out), Path(checkpoint)
     _check_out_dir(out, overwrite)
     if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
@@ -238,43 +277,44 @@ def plan_export(
 
     from diffgap.models import parse_direction
 
-    from .fused import FusedSampler
+    from .fused import FusedSampler, ProjectionHead
     from .onnx_export import DEFAULT_OPSET
 
-    model, meta = load_checkpoint(ckpt, expect_preset=expect_preset)
+    model, meta = load_checkpoint(ckpt, expect_preset=o.expect_preset)
     cfg = model.config
     _check_steps(steps, cfg.diffusion.num_train_timesteps)
     # validates K against the bridge start (source mode: K <= t0*T) before any encoder loads
-    samplers = [FusedSampler(model, d, steps, guidance=guidance, mode=bridge_mode) for d in cfg.directions]
+    samplers = [FusedSampler(model, d, steps, guidance=o.guidance, mode=o.bridge_mode) for d in cfg.directions]
 
     family = ENCODER_FAMILIES.get(tuple(sorted(cfg.modalities)))
     enc, jobs, conditions = None, [], {}
-    if encoders is not None and family == "cavp":
-        enc, source = _cavp_encoder(encoders, encoder_seed)
-        if cfg.embed_dim != enc.embed_dim:
+    if o.encoders is not None and family == "cavp":
+        enc, source = _cavp_encoder(o.encoders, o.encoder_seed)
+        if set(cfg.input_dims.values()) != {enc.embed_dim}:
             raise UserError(
-                f"checkpoint preset {cfg.name!r} takes {cfg.embed_dim}-d embeddings but the CAVP encoders output "
-                f"{enc.embed_dim}-d; pass a checkpoint trained on CAVP embeddings"
+                f"checkpoint {cfg.name!r} takes embeddings of widths {cfg.input_dims} but the CAVP encoders output "
+                f"{enc.embed_dim}-d; pass a checkpoint trained on CAVP embeddings, or --encoders none (samplers only)"
             )
         jobs, conditions = _encoder_jobs(family, enc, source)
-    elif encoders is not None:
-        enc = _clap_encoder(encoders, roberta_dir, encoder_seed, cfg)
+    elif o.encoders is not None:
+        enc = _clap_encoder(o.encoders, o.roberta_dir, o.encoder_seed, cfg)
         family = "clap"
         jobs, conditions = _encoder_jobs(family, enc, enc.info()["source"])
-    if generation_steps is not None:
-        # the generation sampler (raw-space K-step samples, the generator's condition) of the first direction
-        # (audio_given_text / audio_given_video); export/generation.py
+    if o.generation_steps is not None:
+        # the generation sampler (raw-space K-step samples, a generator's condition) of the first
+        # direction (audio_given_text / audio_given_video)
         from .generation import GenerationSampler
 
-        samplers.append(GenerationSampler(model, cfg.directions[0], generation_steps, guidance=guidance,
+        samplers.append(GenerationSampler(model, cfg.directions[0], o.generation_steps, guidance=o.guidance,
                                           encoder=meta.get("encoder")))
     for s in samplers:
         _, source_modality = parse_direction(s.direction)
         jobs.append(_sampler_job(s, conditions.get(source_modality)))
+    jobs += [_head_job(ProjectionHead(model, m), conditions.get(m)) for m in cfg.modalities]
     return ExportPlan(
         checkpoint=ckpt, out=out, overwrite=overwrite, config=cfg, checkpoint_meta=meta,
         checkpoint_sha256=sha256_file(ckpt / WEIGHTS), family=family, encoder=enc, jobs=jobs,
-        opset=DEFAULT_OPSET if opset is None else int(opset), fp16=fp16, check=check, fusion_weights=fusion_weights,
+        opset=DEFAULT_OPSET if o.opset is None else int(o.opset), fp16=o.fp16, check=o.check, fusion_weights=o.fusion_weights,
     )
 
 
@@ -298,6 +338,7 @@ def run_export(plan: ExportPlan, on_table: Callable[[str], Any] | None = None) -
         "diffgap.checkpoint_sha256": plan.checkpoint_sha256,
         "diffgap.package_version": __version__,
         "diffgap.embed_dim": str(cfg.embed_dim),
+        "diffgap.embed_dims": _json(cfg.input_dims),
     }
     models: dict[str, ModelEntry] = {}
     lint: dict[str, dict] = {}
@@ -329,7 +370,7 @@ def run_export(plan: ExportPlan, on_table: Callable[[str], Any] | None = None) -
                     "re-export with --verbose and report the table", table,
                 )
         man = Manifest(
-            root=tmp, preset=cfg.name, embed_dim=cfg.embed_dim, models=models,
+            root=tmp, preset=cfg.name, embed_dim=cfg.embed_dim, embed_dims=cfg.input_dims, models=models,
             checkpoint_sha256=plan.checkpoint_sha256, package_version=__version__, assets=assets,
             extra={
                 "exporter": {"torch": torch.__version__, "opset": plan.opset, "onnx_exporter": "torchscript (dynamo=False)",
@@ -361,7 +402,7 @@ def _export_job(job: ExportJob, tmp: Path, common_meta: dict, plan: ExportPlan, 
         "diffgap.model": io.name,
         **{f"diffgap.{k}": v if isinstance(v, str) else _json(v) for k, v in job.meta.items()},
     }
-    if job.fp16_kind == "denoiser":
+    if job.check_kind == "denoiser":  # the fused samplers (a head alone has no K)
         gmeta["diffgap.K"] = str(job.module.steps)
         gmeta["diffgap.schedule"] = plan.config.diffusion.schedule
     t0 = time.time()

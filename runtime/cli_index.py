@@ -3,13 +3,13 @@ build a gallery index directory (streamed in chunks; an interrupted build resume
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
+from typing import Any
+
+from diffgap.core.audio import AUDIO_SUFFIXES
+from diffgap.core.names import BACKENDS, PRECISIONS
 
 HELP = "build a gallery search index (audio embeddings + ids, gallery-side bridged embeddings) from an export"
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,10 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "storage (flat|fp16|sq8|pq), pq_m, train_size; milvus uri, collection, index_type (FLAT|IVF_FLAT|HNSW), "
                         "nlist, m, ef_construction; any engine's per-query defaults ef_search, nprobe, refine")
     p.add_argument("--chunk-size", type=int, default=4096, help="gallery rows bridged per step (default 4096)")
-    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     p.add_argument("--no-captions", action="store_true", help="index only the audio side of --npz")
-    p.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "ort-trt", "tensorrt"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed for the gallery-side bridging (default 0)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the export's)")
 
@@ -52,39 +52,49 @@ def parse_params(items: list[str]) -> dict[str, object]:
     return out
 
 
-class _Progress:
-    """One refreshed stderr line per stage: rows done, rate, time left."""
+class StageBars:
+    """The ``progress(stage, done, total)`` callback of the index build as one progress bar per stage
+    (rows done, rate, time left) on stderr."""
 
     def __init__(self) -> None:
-        self.t0: dict[str, float] = {}
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        t = time.perf_counter()
-        t0 = self.t0.setdefault(stage, t)
-        rate = done / max(t - t0, 1e-9)
-        eta = f", {(total - done) / rate:.0f} s left" if t > t0 and done < total else ""
-        print(f"\r{stage}: {done}/{total} ({100 * done / total:.0f}%{eta})   ", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        from diffgap.core.progress import progress_bar
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = progress_bar(total=total, desc=stage, unit="row")
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 def _audio_files(d: Path) -> list[Path]:
+    from diffgap.core.errors import UserError
+
     if not d.is_dir():
-        raise FileNotFoundError(f"--audio-dir {d} is not a directory")
+        raise NotADirectoryError(f"--audio-dir {d} is not a directory")
     files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {d}")
+        raise UserError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {d}")
     return files
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffgap.core.errors import UserError
-
+    progress = None if args.quiet else StageBars()
     try:
-        return _run(args)
-    except (ImportError, RuntimeError) as e:  # the chosen backend cannot run here: say so, no fallback
-        raise UserError(str(e)) from e
+        return _run(args, progress)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, progress: StageBars | None) -> int:
     import numpy as np
 
     from diffgap.core.errors import UserError
@@ -97,16 +107,16 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-    man = Manifest.load(args.export_dir, verify=True)
     if args.chunk_size < 1:
         raise UserError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    man = Manifest.load(args.export_dir, verify=True)
     common = dict(backend=args.backend, precision=args.precision, seed=args.seed, guidance_scale=args.guidance_scale,
                   engine=args.engine, engine_params=parse_params(args.param), chunk_size=args.chunk_size,
-                  progress=None if args.quiet else _Progress())
+                  progress=progress)
     if args.npz:
         from diffgap.core.data import load_pairs
 
-        pairs = load_pairs(args.npz, embed_dim=man.embed_dim, require=("audio",))
+        pairs = load_pairs(args.npz, embed_dim={m: man.input_dim(m) for m in ("audio", "text")}, require=("audio",))
         text = None if args.no_captions else pairs.embeddings.get("text")
         captions = None if text is None else pairs.captions
         if text is not None and captions is None:
@@ -131,10 +141,12 @@ def _run(args: argparse.Namespace) -> int:
                         skipped.append(str(e))
                 if waves:
                     embs.append(a2t.encode(np.concatenate(waves)))
+                if progress is not None:
+                    progress("encode audio", min(i + chunk, len(files)), len(files))
         for s in skipped:
             print(f"skipped {s}")
         if not ids:
-            raise ValueError(f"none of the audio files under {root} could be decoded")
+            raise UserError(f"none of the audio files under {root} could be decoded (reasons above)")
         build_index(man, out, audio=np.concatenate(embs), ids=ids, **common)
     print(f"wrote {GalleryIndex.load(out).describe()}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from diffgap.core.names import BACKENDS, PRECISIONS
+
 HELP = "search a gallery index with text (-> audio ids) or with audio files (--audio, -> captions)"
 
 
@@ -14,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, metavar="INDEX", help="index directory written by `diffgap index`")
     p.add_argument("--export", metavar="DIR", help="export directory (default: the one the index was built from)")
     p.add_argument("-k", type=int, default=5, help="results per query (default 5)")
-    p.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "ort-trt", "tensorrt"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ef-search", type=int, default=None, help="faiss-hnsw / milvus HNSW: candidates explored per query")
@@ -39,11 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if not export:
         raise UserError("the index records no export directory; pass --export DIR")
     results = []
-    try:
-        search = AudioSearch(index, export, args.backend, args.precision, seed=args.seed,
-                             engine_options={} if args.milvus_uri is None else {"uri": args.milvus_uri})
-    except (ImportError, RuntimeError) as e:  # the chosen backend cannot run here: say so, no fallback
-        raise UserError(str(e)) from e
+    search = AudioSearch(index, export, args.backend, args.precision, seed=args.seed,
+                         engine_options={} if args.milvus_uri is None else {"uri": args.milvus_uri})
     knobs = {"ef_search": args.ef_search, "nprobe": args.nprobe, "refine": args.refine}
     with search as s:
         if args.queries:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from diffgap.core.errors import MissingDependency
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "`pip install -e .[gpu]` (cuda-python 13.x; `.[gpu-trt10]` for cuda-python 12.x on CUDA 12 drivers)"
@@ -36,7 +38,7 @@ def import_cudart() -> Any:
             try:
                 from cuda import cudart  # cuda-python < 12.6 layout
             except ImportError as e:
-                raise ImportError(f"CUDA-graph mode needs cuda-python: {INSTALL_HINT}, or pass cuda_graph=False") from e
+                raise MissingDependency(f"CUDA-graph mode needs cuda-python: {INSTALL_HINT}, or pass cuda_graph=False") from e
         _CUDART = cudart
     return _CUDART
 

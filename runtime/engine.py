@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
 from diffgap.core.iospec import IOSpec
 from diffgap.core.manifest import Manifest
@@ -61,9 +62,9 @@ class BuildSettings:
 
     def __post_init__(self) -> None:
         if self.opt_level not in OPT_LEVELS:
-            raise ValueError(f"builder optimisation level must be in 0..5, got {self.opt_level}")
+            raise UserError(f"builder optimisation level must be in 0..5, got {self.opt_level}")
         if self.workspace_mib is not None and self.workspace_mib < 1:
-            raise ValueError(f"workspace must be >= 1 MiB, got {self.workspace_mib}")
+            raise UserError(f"workspace must be >= 1 MiB, got {self.workspace_mib}")
 
 
 def cache_key(onnx_sha256: str, host: HostInfo, io: IOSpec, precision: str, settings: BuildSettings) -> dict[str, Any]:
@@ -149,7 +150,7 @@ class EngineMeta:
                 created=d.get("created", ""), extra=dict(d.get("extra", {})),
             )
         except (KeyError, TypeError) as e:
-            raise ValueError(f"engine metadata {p} is malformed ({e!r}); rebuild with `diffgap build-engines`") from e
+            raise UserError(f"engine metadata {p} is malformed ({e!r}); rebuild with `diffgap build-engines`") from e
 
     def check_file(self, plan: str | Path) -> None:
         """The plan on disk is the one this sidecar describes (catches truncation and replacement)."""
@@ -157,11 +158,11 @@ class EngineMeta:
         if not plan.is_file():
             raise FileNotFoundError(f"TensorRT engine {plan} not found; build it with `diffgap build-engines`")
         if plan.stat().st_size != self.engine_bytes or sha256_file(plan) != self.engine_sha256:
-            raise ValueError(f"{plan} does not match the sha256 in {self.sidecar(plan).name} (truncated or replaced); rebuild with `diffgap build-engines`")
+            raise UserError(f"{plan} does not match the sha256 in {self.sidecar(plan).name} (truncated or replaced); rebuild with `diffgap build-engines`")
 
     def check_host(self, host: HostInfo, plan: str | Path = "") -> None:
         if self.host != host:
-            raise ValueError(
+            raise UserError(
                 f"engine {plan or self.model} was built for {self.host.describe()} but this host is "
                 f"{host.describe()}; TensorRT engines are not portable: run `diffgap build-engines`"
             )
@@ -182,7 +183,7 @@ def onnx_sha256(man: Manifest, model: str, precision: str) -> str:
     rel = man.model(model).file(precision)
     rec = man.files.get(rel)
     if rec is None:
-        raise ValueError(f"{rel} is not hashed in {man.root}/manifest.json; re-run `diffgap export`")
+        raise UserError(f"{rel} is not hashed in {man.root}/manifest.json; re-run `diffgap export`")
     return rec["sha256"]
 
 
@@ -218,7 +219,7 @@ def find_engine(
     meta.check_host(host, plan)
     want_sha = onnx_sha256(man, model, precision)
     if meta.key.get("onnx_sha256") != want_sha:
-        raise ValueError(f"engine {plan} was built from another version of {meta.onnx_file} (export changed); run `diffgap build-engines {man.root}`")
+        raise UserError(f"engine {plan} was built from another version of {meta.onnx_file} (export changed); run `diffgap build-engines {man.root}`")
     return plan
 
 
@@ -364,7 +365,7 @@ def build_engines(
 
     Device ``device`` is made current around the builds (TensorRT builds on the current device) and
     its name and compute capability key the cache. With ``rebuild=False`` an out-of-date engine
-    raises ``ValueError`` naming the mismatch and nothing is built.
+    raises :class:`~diffgap.core.errors.UserError` (a ``ValueError``) naming the mismatch and nothing is built.
     """
     check_device_index(device)
     man = export_dir if isinstance(export_dir, Manifest) else Manifest.load(export_dir, verify=True)
@@ -373,7 +374,7 @@ def build_engines(
     refused = [d for d in decisions if d.action == "refuse"]
     if refused:
         lines = "; ".join(f"{d.model} {d.precision}: {d.reason}" for d in refused)
-        raise ValueError(f"out-of-date engines and rebuilding is off (--no-rebuild): {lines}; rerun without --no-rebuild")
+        raise UserError(f"out-of-date engines and rebuilding is off (--no-rebuild): {lines}; rerun without --no-rebuild")
     root = engine_root(man, engine_dir)
     timing = root / host.slug / TIMING_CACHE
     todo = [d for d in decisions if d.action != "reuse"]

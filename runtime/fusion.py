@@ -19,10 +19,15 @@ which keeps float32 sums well conditioned) and ::
 the fused score is exactly ``U(q) . V(g) + offset(q)`` with ``offset(q) = -U(q) . (mu - c)``:
 :func:`query_vectors` computes U and the offset from the gallery statistics of :class:`Moments`,
 so any maximum-inner-product engine ranks the gallery as ``fuse_scores`` does.
+
+A term of weight 0 adds nothing to the score, so nothing is computed or stored for it: the gallery
+vector keeps only the blocks a weighted term reads (:func:`gallery_spaces`: [h] alone, E + 2D -> D,
+where validation keeps only the heads), and a query computes only the embeddings a weighted term reads
+(:func:`query_needs`: no sampler call where both bridged terms weigh 0).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -38,16 +43,28 @@ TASKS = ("text_to_audio", "audio_to_text")
 # Equal weights: a neutral default when the export carries no validated fusion weights.
 DEFAULT_WEIGHTS = {k: 0.25 for k in SCORE_TERMS}
 SPACES = ("clap", "head", "bridged")   # the three blocks of a gallery vector V(g)
+# What each term reads: on the query side (a BridgeResult field) and on the gallery side (a block of V).
+QUERY_INPUT = {"raw": "source", "head": "projected", "query_bridge": "bridged", "gallery_bridge": "projected"}
+GALLERY_SPACE = {"raw": "clap", "head": "head", "query_bridge": "head", "gallery_bridge": "bridged"}
 _EPS = 1e-12                           # the floor diffgap.core.retrieval.standardize_rows puts under a std dev
 
 
 def fusion_weights(man: Manifest, weights: Mapping[str, float] | None = None, task: str = "text_to_audio") -> dict[str, float]:
-    """The four fusion weights for ``task``: ``weights`` if given, else the export's, else the default."""
+    """The four fusion weights for ``task``: ``weights`` if given, else the export's, else the default.
+
+    Where the two modalities' embeddings differ in width the raw term (their cosine) does not exist:
+    the default gives it weight 0, and a weight for it is refused.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+    source, _, target = task.partition("_to_")
+    same_width = man.input_dim(source) == man.input_dim(target)
     if weights is None:
-        stored = man.extra.get("fusion_weights", DEFAULT_WEIGHTS)
-        weights = stored.get(task, DEFAULT_WEIGHTS) if any(t in stored for t in TASKS) else stored
+        stored = man.extra.get("fusion_weights")
+        if stored is None:
+            weights = DEFAULT_WEIGHTS if same_width else {**DEFAULT_WEIGHTS, "raw": 0.0}
+        else:
+            weights = stored.get(task, DEFAULT_WEIGHTS) if any(t in stored for t in TASKS) else stored
     w: dict[str, float] = {}
     for k, v in dict(weights).items():
         term = k if k in SCORE_TERMS else EVAL_TERM_NAMES.get(k)
@@ -57,7 +74,21 @@ def fusion_weights(man: Manifest, weights: Mapping[str, float] | None = None, ta
     w = {k: w.get(k, 0.0) for k in SCORE_TERMS}
     if not any(w.values()) or any(not np.isfinite(v) for v in w.values()):
         raise ValueError(f"fusion weights must be finite and not all zero, got {w}")
+    if w["raw"] and not same_width:
+        raise ValueError(f"fusion weight raw={w['raw']} for {task}, but {source} ({man.input_dim(source)}-d) and {target} "
+                         f"({man.input_dim(target)}-d) embeddings have no cosine; give raw weight 0")
     return w
+
+
+def query_needs(weights: Mapping[str, float]) -> frozenset[str]:
+    """The ``BridgeResult`` fields (``source``, ``projected``, ``bridged``) a query needs under ``weights``."""
+    return frozenset(QUERY_INPUT[t] for t in SCORE_TERMS if float(weights.get(t, 0.0)))
+
+
+def gallery_spaces(weights: Mapping[str, float]) -> tuple[str, ...]:
+    """The blocks of :data:`SPACES` the gallery vectors need under ``weights``, in order."""
+    used = {GALLERY_SPACE[t] for t in SCORE_TERMS if float(weights.get(t, 0.0))}
+    return tuple(s for s in SPACES if s in used)
 
 
 def fuse_scores(query: Any, gallery_clap: np.ndarray, gallery_head: np.ndarray, gallery_bridged: np.ndarray,
@@ -101,20 +132,27 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(scores, idx, axis=1)
 
 
-def gallery_block(clap: np.ndarray, head: np.ndarray, bridged: np.ndarray) -> np.ndarray:
-    """Unshifted gallery vectors [x, h, b] (n, E + 2D) float32, each part L2-normalised (as cosine does)."""
-    return np.concatenate([l2n(np.asarray(a, np.float32)) for a in (clap, head, bridged)], axis=1).astype(np.float32, copy=False)
+def gallery_block(clap: np.ndarray | None, head: np.ndarray | None, bridged: np.ndarray | None,
+                  spaces: Sequence[str] = SPACES) -> np.ndarray:
+    """Unshifted gallery vectors (n, sum of the kept widths) float32: the blocks of ``spaces`` of
+    [x, h, b] (all three: E + 2D), each L2-normalised (as cosine does); the others may be None."""
+    parts = dict(zip(SPACES, (clap, head, bridged)))
+    return np.concatenate([l2n(np.asarray(parts[s], np.float32)) for s in spaces], axis=1).astype(np.float32, copy=False)
 
 
 class Moments:
     """Streaming mean and covariance of each block of the shifted gallery vectors V = [x, h, b] - c.
 
     Sums are float64; each chunk's Gram matrix is one float32 sgemm of already-shifted (so small,
-    well-conditioned) values, added in float64. ``dims``: the block widths (E, D, D).
+    well-conditioned) values, added in float64. ``dims``: the block widths (E, D, D); ``spaces``: the
+    blocks kept (:func:`gallery_spaces`), ``dims`` being theirs.
     """
 
-    def __init__(self, dims: tuple[int, ...]) -> None:
+    def __init__(self, dims: tuple[int, ...], spaces: Sequence[str] = SPACES) -> None:
         self.dims = tuple(int(d) for d in dims)
+        self.spaces = tuple(spaces)
+        if len(self.spaces) != len(self.dims) or not set(self.spaces) <= set(SPACES):
+            raise ValueError(f"Moments: spaces {self.spaces} must be blocks of {SPACES}, one per width in {self.dims}")
         self.n = 0
         self.s1 = np.zeros(sum(self.dims), np.float64)
         self.s2 = [np.zeros((d, d), np.float64) for d in self.dims]
@@ -133,41 +171,52 @@ class Moments:
         return {"n": np.array(self.n, np.int64), "s1": self.s1, **{f"s2_{i}": a for i, a in enumerate(self.s2)}}
 
     @classmethod
-    def from_arrays(cls, dims: tuple[int, ...], arrays: Mapping[str, np.ndarray]) -> "Moments":
-        m = cls(dims)
+    def from_arrays(cls, dims: tuple[int, ...], arrays: Mapping[str, np.ndarray], spaces: Sequence[str] = SPACES) -> "Moments":
+        m = cls(dims, spaces)
         m.n, m.s1 = int(arrays["n"]), np.asarray(arrays["s1"], np.float64)
         m.s2 = [np.asarray(arrays[f"s2_{i}"], np.float64) for i in range(len(dims))]
         return m
 
     def stats(self) -> dict[str, np.ndarray]:
-        """``mean`` (E + 2D,) of the shifted vectors (mu - c) and ``cov_<space>`` (d, d) per block (float64)."""
+        """``mean`` (sum of dims,) of the shifted vectors (mu - c) and ``cov_<space>`` (d, d) per block (float64)."""
         if self.n == 0:
             raise ValueError("no gallery vectors were accumulated")
         mean = self.s1 / self.n
         out = {"mean": mean}
-        for name, acc, m in zip(SPACES, self.s2, self._blocks(mean[None, :])):
+        for name, acc, m in zip(self.spaces, self.s2, self._blocks(mean[None, :])):
             out[f"cov_{name}"] = acc / self.n - m.T @ m
         return out
 
 
-def query_vectors(query: Any, stats: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(U (Q, E + 2D) float32, offset (Q,) float32) with ``fused = U . V + offset`` (see the module docstring).
+def query_vectors(query: Any, stats: Mapping[str, np.ndarray], weights: Mapping[str, float],
+                  spaces: Sequence[str] = SPACES) -> tuple[np.ndarray, np.ndarray]:
+    """(U (Q, sum of the kept widths) float32, offset (Q,) float32) with ``fused = U . V + offset``
+    (see the module docstring).
 
-    ``query``: a ``BridgeResult``; ``stats``: :meth:`Moments.stats` of the gallery side searched.
+    ``query``: a ``BridgeResult`` (fields no weighted term reads may be None); ``stats``:
+    :meth:`Moments.stats` of the gallery side searched; ``spaces``: the blocks its vectors keep.
     """
-    x, h, b = (l2n(np.asarray(a, np.float64)) for a in (query.source, query.projected, query.bridged))
+    missing = [s for s in gallery_spaces(weights) if s not in spaces]
+    if missing:
+        raise ValueError(f"the fusion weights {dict(weights)} read the gallery's {missing} block(s), which this index "
+                         "left out (those terms had weight 0 when it was built); rebuild the index with these weights")
+    q = len(next(a for a in (query.source, query.projected, query.bridged) if a is not None))
 
-    def scale(term: str, a: np.ndarray, space: str) -> np.ndarray:
+    def scaled(term: str, field: str, space: str) -> np.ndarray | None:  # w / std * a, or None at weight 0
         w = float(weights.get(term, 0.0))
         if not w:
-            return np.zeros(len(a))
+            return None
+        a = l2n(np.asarray(getattr(query, field), np.float64))
         var = np.einsum("qi,ij,qj->q", a, stats[f"cov_{space}"], a)
-        return w / np.maximum(np.sqrt(np.maximum(var, 0.0)), _EPS)
+        return (w / np.maximum(np.sqrt(np.maximum(var, 0.0)), _EPS))[:, None] * a
 
-    u = np.concatenate([
-        scale("raw", x, "clap")[:, None] * x,
-        scale("head", h, "head")[:, None] * h + scale("query_bridge", b, "head")[:, None] * b,
-        scale("gallery_bridge", h, "bridged")[:, None] * h,
-    ], axis=1)
+    terms = {"clap": [scaled("raw", "source", "clap")],
+             "head": [scaled("head", "projected", "head"), scaled("query_bridge", "bridged", "head")],
+             "bridged": [scaled("gallery_bridge", "projected", "bridged")]}
+    blocks = []
+    for s in spaces:
+        used = [t for t in terms[s] if t is not None]
+        blocks.append(sum(used) if used else np.zeros((q, stats[f"cov_{s}"].shape[0])))
+    u = np.concatenate(blocks, axis=1)
     offset = -(u @ stats["mean"])
     return u.astype(np.float32), offset.astype(np.float32)

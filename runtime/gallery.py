@@ -5,7 +5,8 @@ Layout (``diffgap-index/2``)::
     INDEX/manifest.json          model identity, seed, fusion weights at build time, engine + parameters,
                                  per side: counts, block dims, files with their sizes (stats: sha256)
     INDEX/<side>_ids.npy         (N,) unicode ids, memory-mapped          side: "audio", and "text" with captions
-    INDEX/<side>_vectors.npy     (N, E + 2D) float32 shifted gallery vectors V (see diffgap.runtime.fusion)
+    INDEX/<side>_vectors.npy     (N, E + 2D) float32 shifted gallery vectors V (see diffgap.runtime.fusion);
+                                 only the blocks a weighted term reads (manifest: per side "spaces")
     INDEX/<side>_stats.npz       shift c, mean of V, one covariance per block (float64)
     INDEX/text_captions.npy      (M,) caption strings
     INDEX/<side>.<engine files>  what the engine built (a FAISS index file; Milvus keeps its own storage)
@@ -26,9 +27,11 @@ import numpy as np
 from diffgap.core.errors import UserError
 from diffgap.core.fsutil import read_versioned_json, sha256_file
 from diffgap.core.manifest import Manifest
+from diffgap.core.names import MANIFEST
+
+from .fusion import SPACES
 
 INDEX_FORMAT = "diffgap-index/2"
-MANIFEST = "manifest.json"
 SIDES = ("audio", "text")
 
 
@@ -53,8 +56,9 @@ def side_files(side: str) -> dict[str, str]:
 
 @dataclass
 class GallerySide:
-    """One searchable side of an index: ``ids (N,)``, ``vectors (N, E + 2D)`` (memory-mapped) and the
-    gallery statistics (:meth:`diffgap.runtime.fusion.Moments.stats` plus ``shift``)."""
+    """One searchable side of an index: ``ids (N,)``, ``vectors (N, E + 2D)`` (memory-mapped; only the
+    blocks of :attr:`spaces`) and the gallery statistics (:meth:`diffgap.runtime.fusion.Moments.stats`
+    plus ``shift``)."""
 
     name: str
     root: Path
@@ -70,14 +74,23 @@ class GallerySide:
         return int(self.ids.shape[0])
 
     @property
-    def blocks(self) -> tuple[int, int, int]:
-        return tuple(self.info["blocks"])  # type: ignore[return-value]
+    def blocks(self) -> tuple[int, ...]:
+        """The widths of the kept blocks, one per :attr:`spaces` entry."""
+        return tuple(int(b) for b in self.info["blocks"])
 
-    def raw(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The unit gallery embeddings (x, h, b) the vectors were made from (in memory: small galleries)."""
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        """The blocks of ``("clap", "head", "bridged")`` the vectors keep (indexes written before
+        blocks could be left out keep all three)."""
+        return tuple(self.info.get("spaces", SPACES))
+
+    def raw(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The unit gallery embeddings (x, h, b) the vectors were made from, None for a block left out
+        (in memory: small galleries)."""
         v = np.asarray(self.vectors, np.float64) + self.stats["shift"]
-        e, d, _ = self.blocks
-        return v[:, :e], v[:, e:e + d], v[:, e + d:]
+        cuts = np.cumsum((0,) + self.blocks)
+        kept = {s: v[:, a:b] for s, a, b in zip(self.spaces, cuts[:-1], cuts[1:])}
+        return kept.get("clap"), kept.get("head"), kept.get("bridged")
 
 
 class GalleryIndex:

@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from diffgap.core.errors import BackendUnavailable
+
 log = logging.getLogger(__name__)
 
 # Preload order: each library before those that need it (TensorRT's own Windows loader uses the same
@@ -52,7 +54,8 @@ def preload_tensorrt_libs(package: str = TRT_LIBS_PACKAGE) -> list[Path]:
     """Load pip's TensorRT libraries by path with ``RTLD_GLOBAL``; returns what was loaded (once per process).
 
     Nothing to do (``[]``) without the package. A package without ``libnvinfer`` is a broken install
-    and raises ``RuntimeError``; so does a library that fails to load (``OSError`` from the loader).
+    and raises :class:`~diffgap.core.errors.BackendUnavailable` (a ``RuntimeError``); so does a library
+    that fails to load (``OSError`` from the loader).
     """
     with _lock:
         key = f"trt:{package}"
@@ -65,12 +68,12 @@ def preload_tensorrt_libs(package: str = TRT_LIBS_PACKAGE) -> list[Path]:
                 found = sorted(folder.glob(f"{stem}.*"), key=lambda p: len(p.name))
                 if not found:
                     if stem == TRT_LIBS_ORDER[0]:
-                        raise RuntimeError(f"{folder} (pip's {package}) has no {stem}.*: reinstall TensorRT (`pip install -e .[gpu]`)")
+                        raise BackendUnavailable(f"{folder} (pip's {package}) has no {stem}.*: reinstall TensorRT (`pip install -e .[gpu]`)")
                     continue
                 try:
                     ctypes.CDLL(str(found[0]), mode=ctypes.RTLD_GLOBAL)
                 except OSError as e:
-                    raise RuntimeError(f"could not load {found[0]} ({e}); check the NVIDIA driver and that one CUDA major is installed") from e
+                    raise BackendUnavailable(f"could not load {found[0]} ({e}); check the NVIDIA driver and that one CUDA major is installed") from e
                 loaded.append(found[0])
             log.debug("preloaded TensorRT libraries %s", [p.name for p in loaded])
         _done[key] = loaded

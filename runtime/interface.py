@@ -13,9 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from diffgap.core.iospec import IOSpec, TensorSpec
-
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+from diffgap.core.names import BACKENDS, PRECISIONS  # noqa: F401  (the runtime's names for them)
 
 
 def check_backend(backend: str, precision: str = "fp32") -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from diffgap.core.iospec import ROLE_BRIDGED, ROLE_CONDITION, ROLE_GUIDANCE, ROLE_NOISE, ROLE_PROJECTED
 from diffgap.core.manifest import Manifest
-from diffgap.core.names import encoder_name, sampler_name
+from diffgap.core.names import encoder_name, head_name, sampler_name
 
 # The scoring names stay importable from here (they live in .fusion).
 from .fusion import DEFAULT_WEIGHTS, EVAL_TERM_NAMES, SCORE_TERMS, TASKS, fuse_scores, fusion_weights, top_k  # noqa: F401
@@ -92,11 +92,15 @@ def _batches(n: int, size: int) -> Iterable[slice]:
 class BridgeResult:
     """``source``: the CLAP embeddings (B, E) as bridged (encoder outputs are L2-normalised);
     ``projected``: their L2-normalised head-space embeddings (B, D); ``bridged``: the sampler's
-    L2-normalised target-modality embeddings (B, D). All float32."""
+    L2-normalised target-modality embeddings (B, D). All float32; :meth:`Bridge.embed` leaves the
+    fields it was not asked for None."""
 
-    source: np.ndarray
-    projected: np.ndarray
-    bridged: np.ndarray
+    source: np.ndarray | None      # None only where a caller (the Triton search) was not sent it
+    projected: np.ndarray | None
+    bridged: np.ndarray | None
+
+
+EMBEDDINGS = ("source", "projected", "bridged")   # BridgeResult's fields, what Bridge.embed may be asked for
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,18 +134,42 @@ class Bridge(abc.ABC):
             # (the ``no-spin`` rows of ``python -m benchmarks --only knobs`` compare the two settings).
             session_options = {"spin_wait": False, **session_options}
         self._session_options = session_options
-        self.sampler: Session = open_model(
-            self.manifest, sampler_name(self.source, self.target), backend, precision, verify=verify, **session_options
-        )
-        io = self.sampler.io
+        # The sampler and the head are opened on first use: a caller that needs neither (fusion weights
+        # with both bridged terms at 0 read only the head, or only the raw embedding) never loads them.
+        self._sampler: Session | None = None
+        self._head: Session | None = None
+        io = self.manifest.model(sampler_name(self.source, self.target)).io
         # io.role raises a one-line "re-export" error for exports without (or with incomplete) roles.
         self._condition, self._noise = io.role(SAMPLER_CONDITION), io.role(SAMPLER_NOISE)
         self._bridged, self._projected = io.role(SAMPLER_BRIDGED), io.role(SAMPLER_PROJECTED)
         self.embed_dim = self._condition.feature_shape[0]   # E
         self.head_dim = self._noise.feature_shape[0]        # D
-        if self.embed_dim != self.manifest.embed_dim:
-            raise ValueError(f"{io.name}: condition dim {self.embed_dim} != export embed_dim {self.manifest.embed_dim}; re-export")
+        if self.embed_dim != self.manifest.input_dim(self.source):
+            raise ValueError(f"{io.name}: condition dim {self.embed_dim} != the export's {self.source} width "
+                             f"{self.manifest.input_dim(self.source)}; re-export")
         self._encoder: Session | None = None
+
+    def _open(self, name: str) -> Session:
+        return open_model(self.manifest, name, self.backend, self.precision, verify=self._verify, **self._session_options)
+
+    @property
+    def sampler(self) -> Session:
+        """The fused sampler ``diffgap_<source>_to_<target>``, opened on first use."""
+        if self._sampler is None:
+            self._sampler = self._open(sampler_name(self.source, self.target))
+        return self._sampler
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the export holds the source's head alone (exports before it existed do not)."""
+        return head_name(self.source) in self.manifest.models
+
+    @property
+    def head(self) -> Session:
+        """The source modality's contrastive head alone (``<source>_head``), opened on first use."""
+        if self._head is None:
+            self._head = self._open(head_name(self.source))
+        return self._head
 
     @property
     def encoder(self) -> Session:
@@ -184,6 +212,36 @@ class Bridge(abc.ABC):
             projected[sl] = out[self._projected.name]
         return BridgeResult(source=cond, projected=projected, bridged=bridged)
 
+    def project(self, condition: np.ndarray) -> np.ndarray:
+        """Embeddings ``condition (B, E)`` -> their L2-normalised head-space embeddings (B, D), with the
+        head alone (no sampler call). The sampler's ``projected`` output is the same function."""
+        cond = check_embeddings("condition", condition, self.embed_dim)
+        io = self.head.io
+        c, p = io.role(SAMPLER_CONDITION).name, io.role(SAMPLER_PROJECTED).name
+        out = np.empty((cond.shape[0], self.head_dim), np.float32)
+        for sl in _batches(cond.shape[0], io.max_batch):
+            out[sl] = self.head.infer({c: cond[sl]})[p]
+        return out
+
+    def embed(self, condition: np.ndarray, needs: Iterable[str] = EMBEDDINGS, seed: int | Sequence[int] | None = None,
+              guidance_scale: float | None = None) -> BridgeResult:
+        """What ``needs`` lists of :data:`EMBEDDINGS`, computed at the least cost; the other fields are None.
+
+        ``bridged`` runs the sampler (which gives ``projected`` too); ``projected`` alone runs the head
+        (the sampler where the export has no head model); ``source`` alone runs nothing.
+        (:func:`diffgap.runtime.fusion.query_needs` says what a set of fusion weights needs.)
+        """
+        needs = set(needs)
+        if needs - set(EMBEDDINGS):
+            raise ValueError(f"unknown embeddings {sorted(needs - set(EMBEDDINGS))}; ask for some of {EMBEDDINGS}")
+        if "bridged" in needs or ("projected" in needs and not self.has_head):
+            r = self.bridge_embeddings(condition, seed=seed, guidance_scale=guidance_scale)
+            return BridgeResult(r.source, r.projected, r.bridged if "bridged" in needs else None)
+        cond = check_embeddings("condition", condition, self.embed_dim)
+        if len(cond) == 0:
+            raise ValueError("no inputs to embed")
+        return BridgeResult(cond, self.project(cond) if "projected" in needs else None, None)
+
     @abc.abstractmethod
     def encode(self, inputs: Any) -> np.ndarray:
         """Raw inputs -> CLAP embeddings (B, E) float32 (one implementation per source modality)."""
@@ -199,9 +257,9 @@ class Bridge(abc.ABC):
         return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
 
     def close(self) -> None:
-        self.sampler.close()
-        if self._encoder is not None:
-            self._encoder.close()
+        for s in (self._sampler, self._head, self._encoder):
+            if s is not None:
+                s.close()
 
     def __enter__(self) -> "Bridge":
         return self

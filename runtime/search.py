@@ -13,7 +13,7 @@ import numpy as np
 
 from diffgap.core.manifest import Manifest
 
-from .fusion import fusion_weights, query_vectors
+from .fusion import fusion_weights, gallery_spaces, query_needs, query_vectors
 from .gallery import GalleryIndex, SearchError
 from .pipeline import DEFAULT_SEED, AudioToTextBridge, BridgeResult, TextToAudioBridge
 from .search_engines import open_engine
@@ -43,16 +43,32 @@ class GallerySearcher:
         """(rows (Q, k) int64, fused scores (Q, k) float32), best first. ``knobs``: ``ef_search``,
         ``nprobe``, ``refine`` where the engine takes them (None = the index's default)."""
         k = self.check_k(k)
-        d = (query.source.shape[1], query.projected.shape[1], query.bridged.shape[1])
-        if d != self.side.blocks:
-            raise SearchError(f"query dims {d} do not match the index's {self.side.blocks}; use the export the index was built with")
-        u, offset = query_vectors(query, self.side.stats, self.weights)
+        u, offset = self.query_vectors(query)
         rows, scores = self.engine.search(u, k, **knobs)
         return rows, (scores + offset[:, None]).astype(np.float32)
 
+    @property
+    def needs(self) -> frozenset[str]:
+        """The query embeddings this side's weights read (:func:`~diffgap.runtime.fusion.query_needs`)."""
+        return query_needs(self.weights)
+
+    def query_vectors(self, query: BridgeResult) -> tuple[np.ndarray, np.ndarray]:
+        """(U (Q, index width), offset (Q,)) of ``query`` against this side (see :mod:`.fusion`)."""
+        fields = {"clap": "source", "head": "projected", "bridged": "projected"}
+        read = gallery_spaces(self.weights)  # a block no weighted term reads is multiplied by 0
+        for space, width in zip(self.side.spaces, self.side.blocks):
+            a = getattr(query, fields[space])
+            if space in read and a is not None and a.shape[1] != width:
+                raise SearchError(f"query {fields[space]} embeddings are {a.shape[1]}-d, the index's {space} block is {width}-d; "
+                                  "use the export the index was built with")
+        try:
+            return query_vectors(query, self.side.stats, self.weights, self.side.spaces)
+        except ValueError as e:
+            raise SearchError(f"index {self.index.path}: {e}") from None
+
     def scores(self, query: BridgeResult) -> np.ndarray:
         """Fused scores against every gallery item (Q, N), read straight off the vectors."""
-        u, offset = query_vectors(query, self.side.stats, self.weights)
+        u, offset = self.query_vectors(query)
         return (u @ np.asarray(self.side.vectors).T + offset[:, None]).astype(np.float32)
 
     def close(self) -> None:
@@ -107,16 +123,22 @@ class AudioSearch:
             self._a2t = AudioToTextBridge(self.manifest, **self._opts)
         return self._a2t
 
+    def _embed(self, bridge: TextToAudioBridge | AudioToTextBridge, side: str, x: np.ndarray,
+               seed: int | Sequence[int] | None) -> BridgeResult:
+        """The query embeddings the side's weights read, and no more (no sampler call where both bridged
+        terms weigh 0)."""
+        return bridge.embed(x, self.searcher(side).needs, seed=seed)
+
     # -- text -> audio ----------------------------------------------------------------------
     def score_text_embeddings(self, text: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
         """CLAP text embeddings (Q, E) -> fused scores against every gallery audio (Q, N)."""
-        return self.searcher("audio").scores(self.t2a.bridge_embeddings(text, seed=seed))
+        return self.searcher("audio").scores(self._embed(self.t2a, "audio", text, seed))
 
     def search_embeddings(self, text: np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None, **knobs: Any) -> tuple[np.ndarray, np.ndarray]:
         """CLAP text embeddings (Q, E) -> (ids (Q, k), scores (Q, k)), best first."""
         s = self.searcher("audio")
         s.check_k(k)
-        rows, scores = s.search(self.t2a.bridge_embeddings(text, seed=seed), k, **knobs)
+        rows, scores = s.search(self._embed(self.t2a, "audio", text, seed), k, **knobs)
         return np.asarray(s.side.ids[rows.ravel()]).reshape(rows.shape), scores
 
     def search(self, texts: Sequence[str], k: int = 10, seed: int | Sequence[int] | None = None, **knobs: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -126,14 +148,14 @@ class AudioSearch:
 
     # -- audio -> captions ------------------------------------------------------------------
     def score_audio_embeddings(self, audio: np.ndarray, seed: int | Sequence[int] | None = None) -> np.ndarray:
-        return self.searcher("text").scores(self.a2t.bridge_embeddings(audio, seed=seed))
+        return self.searcher("text").scores(self._embed(self.a2t, "text", audio, seed))
 
     def search_captions_embeddings(self, audio: np.ndarray, k: int = 10, seed: int | Sequence[int] | None = None,
                                    **knobs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CLAP audio embeddings -> (caption ids, captions, scores), each (Q, k)."""
         s = self.searcher("text")
         s.check_k(k)
-        rows, scores = s.search(self.a2t.bridge_embeddings(audio, seed=seed), k, **knobs)
+        rows, scores = s.search(self._embed(self.a2t, "text", audio, seed), k, **knobs)
         flat = rows.ravel()
         return (np.asarray(s.side.ids[flat]).reshape(rows.shape), np.asarray(s.side.captions[flat]).reshape(rows.shape), scores)
 

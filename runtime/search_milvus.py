@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .gallery import GallerySide, SearchError
-from .search_engines import Progress, SearchEngine
+from .search_base import Progress, SearchEngine
 
 log = logging.getLogger(__name__)
 

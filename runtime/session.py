@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffgap.core.errors import BackendUnavailable, MissingDependency, UserError
 from diffgap.core.fsutil import sha256_file
 from diffgap.core.iospec import IOSpec, TensorSpec
 from diffgap.core.manifest import Manifest
@@ -75,9 +76,9 @@ def _ort_load_error(e: Exception, path: Path, backend: str) -> Exception:
     text = str(e).strip()
     first = (text.splitlines()[0] if text else kind)[:400]
     if kind == _ORT_NOT_ONNX:
-        return ValueError(f"{path} is not an ONNX model or is truncated (onnxruntime: {first}); re-export it with `diffgap export`")
+        return UserError(f"{path} is not an ONNX model or is truncated (onnxruntime: {first}); re-export it with `diffgap export`")
     if kind == _ORT_BAD_GRAPH:
-        return ValueError(f"{path} is an ONNX file whose graph onnxruntime rejects (onnxruntime: {first}); re-export it with `diffgap export`")
+        return UserError(f"{path} is an ONNX file whose graph onnxruntime rejects (onnxruntime: {first}); re-export it with `diffgap export`")
     return RuntimeError(f"onnxruntime could not create a {backend!r} session for {path} ({kind}: {first})")
 
 
@@ -88,7 +89,7 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:  # pragma: no cover - the runtime extra is missing
-        raise ImportError("onnxruntime is not installed; `pip install diffgap[runtime]` (or [gpu] on a GPU host)") from e
+        raise MissingDependency("onnxruntime is not installed; `pip install diffgap[runtime]` (or [gpu] on a GPU host)") from e
     return ort
 
 
@@ -136,7 +137,8 @@ class OrtSession(Session):
     """An onnxruntime ``InferenceSession`` behind the common interface.
 
     ``backend`` picks the execution provider; if that provider cannot be created on this machine
-    (ORT itself would quietly fall back to CPU) the constructor raises ``RuntimeError``.
+    (ORT itself would quietly fall back to CPU) the constructor raises
+    :class:`~diffgap.core.errors.BackendUnavailable` (a ``RuntimeError``).
     ``provider_options`` go to that provider; ``device`` (a CUDA device index) to every GPU provider
     of the backend (:func:`ort_providers`).
     """
@@ -164,7 +166,7 @@ class OrtSession(Session):
         self.backend = backend
         wanted = _ORT_PROVIDERS[backend][0]
         if wanted not in ort.get_available_providers():
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"backend {backend!r} needs onnxruntime's {wanted}, which this onnxruntime build lacks "
                 f"(has {ort.get_available_providers()}); install onnxruntime-gpu or choose backend='ort-cpu'"
             )
@@ -198,7 +200,7 @@ class OrtSession(Session):
         active = self._sess.get_providers()
         if wanted not in active:
             # ORT drops an EP whose libraries/driver/GPU are missing and carries on with CPU.
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"backend {backend!r}: onnxruntime could not initialise {wanted} on this machine (active "
                 f"providers: {active}; check the CUDA/cuDNN/TensorRT libraries and that a GPU is visible), "
                 f"or choose backend='ort-cpu'"
@@ -304,9 +306,9 @@ def verify_export_file(man: Manifest, rel: str) -> None:
         raise FileNotFoundError(f"{p} (listed in {man.root}/manifest.json) is missing; re-run `diffgap export`")
     rec = man.files.get(rel)
     if rec is None:
-        raise ValueError(f"{rel} is not hashed in {man.root}/manifest.json; re-run `diffgap export`")
+        raise UserError(f"{rel} is not hashed in {man.root}/manifest.json; re-run `diffgap export`")
     if p.stat().st_size != rec.get("bytes", p.stat().st_size) or sha256_file(p) != rec["sha256"]:
-        raise ValueError(f"{p} does not match its sha256 in manifest.json (truncated or replaced); re-run `diffgap export`")
+        raise UserError(f"{p} does not match its sha256 in manifest.json (truncated or replaced); re-run `diffgap export`")
 
 
 def open_model(

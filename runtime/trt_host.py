@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from diffgap.core.errors import UserError
+from diffgap.core.errors import BackendUnavailable, MissingDependency, UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def parse_version(v: str) -> tuple[int, ...]:
 def check_trt_version(v: str) -> tuple[int, ...]:
     ver = parse_version(v)
     if ver[:2] < MIN_TRT:
-        raise RuntimeError(
+        raise BackendUnavailable(
             f"TensorRT {v} is too old: diffgap builds strongly typed FP16 engines, which needs TensorRT "
             f">= {MIN_TRT[0]}.{MIN_TRT[1]}; `pip install 'tensorrt>=10.12'`"
         )
@@ -75,7 +75,7 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependency(
             "backend 'tensorrt' needs the tensorrt package (GPU hosts only): `pip install -e .[gpu]`"
         ) from e
     check_trt_version(trt.__version__)
@@ -86,7 +86,7 @@ def import_pycuda() -> Any:
     try:
         import pycuda.driver as cuda
     except ImportError as e:
-        raise ImportError("backend 'tensorrt' needs pycuda (GPU hosts only): `pip install -e .[gpu]`") from e
+        raise MissingDependency("backend 'tensorrt' needs pycuda (GPU hosts only): `pip install -e .[gpu]`") from e
     return cuda
 
 
@@ -123,7 +123,7 @@ class HostInfo:
             major, minor = dev.compute_capability()
             return cls(trt_version=trt.__version__, gpu_name=dev.name(), compute_capability=f"{major}.{minor}")
         except cuda.Error as e:
-            raise RuntimeError(f"CUDA is not usable on this machine ({e}); TensorRT engines need an NVIDIA GPU") from e
+            raise BackendUnavailable(f"CUDA is not usable on this machine ({e}); TensorRT engines need an NVIDIA GPU") from e
 
     @property
     def slug(self) -> str:
@@ -147,7 +147,7 @@ def _device(cuda: Any, device: int) -> Any:
     cuda.init()
     n = cuda.Device.count()
     if device >= n:
-        raise RuntimeError(f"no CUDA device {device} visible ({n} found; CUDA_VISIBLE_DEVICES renumbers them from 0)")
+        raise BackendUnavailable(f"no CUDA device {device} visible ({n} found; CUDA_VISIBLE_DEVICES renumbers them from 0)")
     return cuda.Device(device)
 
 
@@ -165,7 +165,7 @@ def device_context(device: int = 0) -> Iterator[Any]:
         ctx = dev.retain_primary_context()
         ctx.push()
     except cuda.Error as e:
-        raise RuntimeError(f"CUDA device {device} is not usable ({e})") from e
+        raise BackendUnavailable(f"CUDA device {device} is not usable ({e})") from e
     try:
         yield dev
     finally:

@@ -14,6 +14,7 @@ import torch
 
 import cavp_fixtures
 from diffgap.core.errors import UserError
+from diffgap.core.names import head_name
 from diffgap.encoders.cavp import CavpEncoder
 from diffgap.export import check as chk
 from diffgap.export.cli import export_all
@@ -21,7 +22,8 @@ from diffgap.export.fused import FusedSampler
 from diffgap.core.manifest import Manifest
 from diffgap.runtime import AudioToVideoBridge, VideoToAudioBridge, make_noise
 
-MODELS = {"cavp_video_encoder", "cavp_audio_encoder", "diffgap_video_to_audio", "diffgap_audio_to_video"}
+MODELS = {"cavp_video_encoder", "cavp_audio_encoder", "diffgap_video_to_audio", "diffgap_audio_to_video",
+          head_name("video"), head_name("audio")}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_parity_fp16_bounds_and_lint(exported):
         assert row["fp16_bound"] == bound and row["fp16_min_cos"] >= bound, name
     # the samplers' FP16 figure is real FP16 arithmetic (reference evaluator)
     assert par["models"]["diffgap_video_to_audio"]["fp16_measure"] == chk.MEASURE_FP16_REF
-    assert len(res.lint) == 8 and all(rep["ok"] for rep in res.lint.values())
+    assert len(res.lint) == 2 * len(MODELS) and all(rep["ok"] for rep in res.lint.values())
     assert "cavp_video_encoder" in res.table and "diffgap_audio_to_video" in res.table
 
 
@@ -192,5 +194,5 @@ def test_encoder_choice_errors(exported, tmp_path):
 def test_samplers_only_export_has_no_encoders(exported, tmp_path):
     ckpt, _ = exported
     res = export_all(ckpt, tmp_path / "s", steps=1, encoders=None, fp16=False)
-    assert set(res.manifest.models) == {"diffgap_video_to_audio", "diffgap_audio_to_video"}
+    assert set(res.manifest.models) == {"diffgap_video_to_audio", "diffgap_audio_to_video", head_name("video"), head_name("audio")}
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["extra"]["encoder_family"] == "cavp"

@@ -55,3 +55,88 @@ def test_other_exceptions_propagate_with_traceback(failing_command, exc):
         cli.main(["fail"])
     with pytest.raises(type(exc)):
         cli.main(["-v", "fail"])
+
+
+# -- the runtime commands (index, search, build-engines) keep the same contract ------------------
+@pytest.fixture(scope="module")
+def export_and_pairs(tmp_path_factory):
+    """A small real export (onnxruntime graphs) and a paired-embedding file to index."""
+    import numpy as np
+    import runtime_graphs as rg
+
+    from diffgap.core.data import save_pairs
+
+    root = tmp_path_factory.mktemp("cli_errors")
+    man = rg.make_export(root / "export", sampler_max_batch=8)
+    rng = np.random.default_rng(0)
+    audio, text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.standard_normal((2, 12, rg.E)).astype(np.float32))
+    ids = np.array([f"clip{i}" for i in range(12)])
+    npz = save_pairs(root / "pairs.npz", ids=ids, audio=audio, text=text, captions=np.array([f"caption {i}" for i in ids]))
+    return man, npz
+
+
+def _index_args(man, npz, out):
+    return ["index", str(man.root), "--npz", str(npz), "--out", str(out), "--quiet"]
+
+
+def _one_line(err: str, command: str) -> str:
+    assert err.count("\n") == 1 and err.startswith(f"diffgap {command}: error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture()
+def break_onnxruntime(monkeypatch):
+    """Call it to make onnxruntime raise from inside every run, as its own RuntimeException does: a
+    failure of the library or the machine, not of anything the user typed."""
+    import onnxruntime
+
+    def run(self, *a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated kernel failure")
+
+    return lambda: monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
+
+
+def test_index_internal_failure_keeps_its_traceback(export_and_pairs, tmp_path, break_onnxruntime):
+    man, npz = export_and_pairs
+    break_onnxruntime()
+    with pytest.raises(RuntimeError, match="simulated kernel failure"):
+        cli.main(_index_args(man, npz, tmp_path / "gallery"))
+
+
+def test_search_internal_failure_keeps_its_traceback(export_and_pairs, tmp_path, break_onnxruntime):
+    man, npz = export_and_pairs
+    assert cli.main(_index_args(man, npz, tmp_path / "gallery")) == 0
+    break_onnxruntime()
+    with pytest.raises(RuntimeError, match="simulated kernel failure"):
+        cli.main(["search", "a dog barks", "--index", str(tmp_path / "gallery")])
+
+
+def test_runtime_user_mistakes_stay_one_line(export_and_pairs, tmp_path, capsys):
+    man, npz = export_and_pairs
+    out = tmp_path / "gallery"
+    assert cli.main(_index_args(man, npz, out)) == 0
+    capsys.readouterr()
+    assert cli.main(_index_args(man, npz, out)) == 2  # the output exists
+    assert "pass --overwrite" in _one_line(capsys.readouterr().err, "index")
+    assert cli.main(["index", str(man.root), "--audio-dir", str(tmp_path), "--out", str(tmp_path / "g2")]) == 2
+    assert "no audio files" in _one_line(capsys.readouterr().err, "index")
+    assert cli.main(["search", "--audio", str(tmp_path / "missing.wav"), "--index", str(out)]) == 2
+    assert "missing.wav: missing" in _one_line(capsys.readouterr().err, "search")
+    (tmp_path / "notes.txt").write_text("not audio")
+    assert cli.main(["search", "--audio", str(tmp_path / "notes.txt"), "--index", str(out)]) == 2
+    assert "notes.txt: not-audio" in _one_line(capsys.readouterr().err, "search")
+    assert cli.main(["build-engines", str(man.root), "--models", "no_such_model"]) == 2
+    assert "no_such_model" in _one_line(capsys.readouterr().err, "build-engines")
+
+
+def test_a_backend_this_host_lacks_is_one_line(export_and_pairs, tmp_path, capsys):
+    """Choosing TensorRT on a host without it is a choice the user can change: one line, exit 2."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed on this host, so choosing it is no mistake here")
+    man, npz = export_and_pairs
+    assert cli.main(["build-engines", str(man.root)]) == 2
+    assert "pip install" in _one_line(capsys.readouterr().err, "build-engines")
+    assert cli.main([*_index_args(man, npz, tmp_path / "gallery"), "--backend", "tensorrt"]) == 2
+    assert "tensorrt" in _one_line(capsys.readouterr().err, "index")

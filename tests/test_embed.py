@@ -165,7 +165,7 @@ def test_cli_embed(clotho, tmp_path, capsys):
 
 
 def test_demo_embed(tmp_path):
-    from diffgap.encoders.clap import demo_embed
+    from diffgap.encoders.clap_demo import demo_embed
 
     r = demo_embed(tmp_path / "demo")
     assert r["n_pairs"] == 5 and r["embed_dim"] == 512 and r["unit_norm"]

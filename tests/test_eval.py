@@ -143,7 +143,7 @@ def test_eval_cli_refuses_mismatched_data(trained, tmp_path, capsys):
                audio=rng.standard_normal((4, 16)))
     rc = cli_main(["eval", "--checkpoint", str(trained / "ck"), "--data", str(tmp_path / "v.npz"),
                    "--val", str(tmp_path / "v.npz")])
-    assert rc == 2 and "expected 512" in capsys.readouterr().err
+    assert rc == 2 and "has embedding dim 16, but the model takes 512-d" in capsys.readouterr().err
     rc = cli_main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(tmp_path / "v.npz"),
                    "--val", str(tmp_path / "v.npz")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -29,10 +29,12 @@ from diffgap.export.onnx_export import META_IOSPEC, read_metadata  # noqa: E402
 from diffgap.core.fsutil import sha256_file  # noqa: E402
 from diffgap.core.iospec import IOSpec  # noqa: E402
 from diffgap.core.manifest import Manifest  # noqa: E402
+from diffgap.core.names import head_name  # noqa: E402
 
 from test_export_fused import randomized_model  # noqa: E402
 
-EXPECTED = ("clap_text_encoder", "clap_audio_encoder", "diffgap_text_to_audio", "diffgap_audio_to_text")
+EXPECTED = ("clap_text_encoder", "clap_audio_encoder", "diffgap_text_to_audio", "diffgap_audio_to_text",
+            head_name("text"), head_name("audio"))
 
 
 @pytest.fixture(scope="session")
@@ -268,7 +270,7 @@ def test_samplers_only_export_via_cli(tiny_checkpoint, tmp_path, capsys):
                    "--bridge-mode", "noise", "--no-guidance-input"])
     assert rc == 0, capsys.readouterr().err
     man = Manifest.load(out, verify=True)
-    assert set(man.models) == {"diffgap_text_to_audio", "diffgap_audio_to_text"}
+    assert set(man.models) == {"diffgap_text_to_audio", "diffgap_audio_to_text", head_name("text"), head_name("audio")}
     m = man.model("diffgap_audio_to_text")
     assert m.io.input_names == ["condition", "noise"] and m.meta["bridge_mode"] == "noise" and m.meta["steps"] == 3
-    assert "exported 2 models" in capsys.readouterr().out
+    assert "exported 4 models" in capsys.readouterr().out

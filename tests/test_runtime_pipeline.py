@@ -14,6 +14,7 @@ import pytest
 import runtime_graphs as rg
 from diffgap.core.iospec import ROLE_PROJECTED, ROLES
 from diffgap.core.manifest import Manifest
+from diffgap.runtime.session import open_model
 from diffgap.runtime.pipeline import (
     DEFAULT_WEIGHTS,
     AudioSearch,
@@ -158,8 +159,10 @@ def test_sampler_without_the_projected_output_is_refused(export, tmp_path):
         TextToAudioBridge(root)
     del io["meta"][ROLES][ROLE_PROJECTED]  # a self-consistent declaration that no longer matches the graph
     (root / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="graph outputs .* differ from the declared"):
+    with pytest.raises(ValueError, match="no tensor plays role 'projected'.*re-export"):
         TextToAudioBridge(root)
+    with pytest.raises(ValueError, match="graph outputs .* differ from the declared"):
+        open_model(Manifest.load(root), "diffgap_text_to_audio")
 
 
 def test_export_without_roles_is_refused(export, tmp_path):

@@ -68,3 +68,36 @@ def test_schedule_needs_val(data, tmp_path, capsys):
     rc = cli_main(["train", "--data", str(data / "train.npz"), "--out", str(tmp_path / "ck"), "--preset", "clap-tiny",
                    "--schedule", "joint", "--no-progress"])
     assert rc == 2 and "--val" in capsys.readouterr().err
+
+
+def _pairs(kind: str, n: int, seed: int):
+    """(text, audio) 32-d unit embeddings of shared 8-d factors s: audio from s linearly ("linear"), or
+    from |s| ("fold": no linear map of the text recovers |s|, a nonlinear one does)."""
+    from diffgap.core.data import Pairs
+
+    rng = np.random.default_rng(seed)
+    gen = np.random.default_rng(0)  # the maps: the same for every split
+    A, B = gen.standard_normal((32, 8)), gen.standard_normal((32, 8))
+    s = rng.standard_normal((n, 8))
+    src = np.abs(s) - np.sqrt(2 / np.pi) if kind == "fold" else s
+    t, a = s @ A.T + 0.1 * rng.standard_normal((n, 32)), src @ B.T + 0.1 * rng.standard_normal((n, 32))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return Pairs({"text": unit(t), "audio": unit(a)}, np.arange(n).astype(str))
+
+
+@pytest.mark.parametrize("kind, expected", [("fold", 64), ("linear", 0)])
+def test_validation_keeps_mlp_heads_only_where_they_gain(kind, expected):
+    """Heads with a residual MLP are kept when the modalities are related nonlinearly, linear heads
+    when a linear map suffices (the MLP's gain there is within validation noise)."""
+    from diffgap.config import get_preset
+    from diffgap.train_val import train_validated
+
+    cfg = get_preset("clap-tiny").replace(embed_dim=32, **{"heads.hidden": 0, "train.head_mlp_hidden": 64,
+                                                           "train.schedule": "two-stage"})
+    model, rec = train_validated(cfg, _pairs(kind, 1500, 1), _pairs(kind, 300, 2), progress=False)
+    heads = rec["heads"]
+    assert set(heads["candidates"]) == {"linear", "mlp-64"}
+    assert heads["hidden"] == expected == model.config.heads.hidden, heads["why"]
+    assert (model.heads.heads["text"].mlp is not None) == (expected > 0)
+    lo = heads["comparisons"]["mlp-64"]["val_gain_ci"][0]
+    assert (lo > 0) == (expected > 0)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffgap.core.names import PRECISIONS
+
 HELP = "write a Triton model repository (encoders, samplers, tokenizer, ensembles) for an export dir"
 
 
@@ -23,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-trt-cache-dir", default=None, metavar="DIR",
                    help="gpu flavour with onnxruntime_onnx: an existing folder inside the server under which each model's "
                         "TensorRT engine cache gets its own folder diffgap_ort_trt_<model> (default: /tmp)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="gpu flavour: which graphs/engines (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16", help="gpu flavour: which graphs/engines (default: %(default)s)")
     p.add_argument("--engine-dir", help="gpu flavour: engine cache of `diffgap build-engines` (default: EXPORT_DIR/engines)")
     p.add_argument("--default-seed", type=int, default=None, help="sampler seed when a request sends none (default: the runtime's)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (default: %(default)s)")

@@ -259,6 +259,8 @@ class TritonPythonModel:
     def _feeds_search(self, request) -> dict[str, np.ndarray]:
         feeds = {}
         for role in ("clap", "projected", "bridged"):
+            if role not in self.tensors:  # a term of weight 0 reads it: the ensemble does not compute it
+                continue
             x = _input(request, self.tensors[role])
             if not np.isfinite(x).all():
                 raise _BadRequest(f"{self.tensors[role]} contains NaN/Inf; clean the input")
@@ -268,7 +270,7 @@ class TritonPythonModel:
     def _run_search(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from diffgap.runtime import BridgeResult
 
-        q = BridgeResult(source=feeds["clap"], projected=feeds["projected"], bridged=feeds["bridged"])
+        q = BridgeResult(source=feeds.get("clap"), projected=feeds.get("projected"), bridged=feeds.get("bridged"))
         rows, best = self.searcher.search(q, self.k, **self.knobs)
         ids = np.asarray(self.searcher.side.ids[rows.ravel()]).reshape(rows.shape)
         return {self.tensors["ids"]: np.char.encode(ids.astype(str), "utf-8").astype(object), self.tensors["scores"]: best}

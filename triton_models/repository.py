@@ -63,7 +63,7 @@ from diffgap.core.errors import UserError
 from diffgap.core.fsutil import atomic_dir, atomic_write_json
 from diffgap.core.iospec import IOSpec, triton_dtype
 from diffgap.core.manifest import Manifest
-from diffgap.core.names import embedding_ensemble_name, encoder_name, noise_model_name, sampler_name
+from diffgap.core.names import PRECISIONS, embedding_ensemble_name, encoder_name, head_name, noise_model_name, sampler_name
 # The sampler tensors' roles (keys of the IOSpec's meta["roles"]): tensors are looked up by role in
 # the manifest's IOSpec (IOSpec.role), never by a retyped name.
 from diffgap.runtime.pipeline import (
@@ -178,8 +178,8 @@ class RepoOptions:
             raise ValueError(f"unknown flavour {self.flavor!r}; use one of {', '.join(FLAVORS)}")
         if self.gpu_platform not in GPU_PLATFORMS:
             raise ValueError(f"unknown gpu platform {self.gpu_platform!r}; use one of {', '.join(GPU_PLATFORMS)}")
-        if self.precision not in ("fp16", "fp32"):
-            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.default_seed < 0:
@@ -333,18 +333,15 @@ class _Planner:
         k = min(self.opts.top_k, n)
         if k < self.opts.top_k:
             log.warning("top-k %d > gallery size %d; serving k=%d", self.opts.top_k, n, k)
-        clap = enc.outputs[0]
-        tensors = {
-            "clap": OUTPUTS["clap"], "projected": OUTPUTS["projected"], "bridged": OUTPUTS["bridged"],
-            "ids": SEARCH_IDS, "scores": SEARCH_SCORES,
-        }
+        specs = {"clap": enc.outputs[0], "projected": io.role(SAMPLER_PROJECTED), "bridged": io.role(SAMPLER_BRIDGED)}
+        roles = self._search_roles()  # only the query embeddings a weighted term reads
+        tensors = {**{r: OUTPUTS[r] for r in roles}, "ids": SEARCH_IDS, "scores": SEARCH_SCORES}
         engine = index.engine["name"]
         spec = {"k": k, "weights": fusion_weights(self.man), "tensors": tensors, "gallery_size": n, "engine": engine}
         uri = index.meta["sides"]["audio"].get("engine_params", {}).get("uri", "") if engine == "milvus" else ""
         md = self._python(
             SEARCH, io,
-            [tensor_config(clap, OUTPUTS["clap"]), tensor_config(io.role(SAMPLER_PROJECTED), OUTPUTS["projected"]),
-             tensor_config(io.role(SAMPLER_BRIDGED), OUTPUTS["bridged"])],
+            [tensor_config(specs[r], OUTPUTS[r]) for r in roles],
             [string_tensor(SEARCH_IDS, [k]), {"name": SEARCH_SCORES, "data_type": Enum(triton_dtype("float32")), "dims": [k]}],
             io.max_batch, "search", files={"index": Path(index_path), "search.json": json.dumps(spec, indent=2, sort_keys=True)},
             milvus_uri=uri, **{knob: "" for knob in KNOBS},
@@ -410,14 +407,46 @@ class _Planner:
         }
         return ModelDir(name, cfg, {})
 
+    def _search_roles(self) -> list[str]:
+        """The query embeddings the search reads (``clap``, ``projected``, ``bridged``): those of the
+        export's text -> audio fusion terms of non-zero weight."""
+        from diffgap.runtime.fusion import fusion_weights, query_needs
+
+        needs = query_needs(fusion_weights(self.man))
+        return [r for r, field in (("clap", "source"), ("projected", "projected"), ("bridged", "bridged")) if field in needs]
+
+    def _search_skips_sampler(self) -> bool:
+        """No query-side bridged term (weight 0) and the text head exported: the search ensemble runs the
+        head in place of the noise model and the sampler."""
+        return "bridged" not in self._search_roles() and head_name("text") in self.man.models
+
+    def _front_head(self) -> tuple[list, list, dict[str, str], list[str]]:
+        """Steps text -> tokenizer -> encoder -> the text head alone (no noise, no sampler)."""
+        enc_name, hd_name = encoder_name("text", self.family), head_name("text")
+        enc, hd = self.io(enc_name), self.io(hd_name)
+        tok = {t.name: f"{TOKENIZER}.{t.name}" for t in enc.inputs}
+        steps = [_step(TOKENIZER, {TEXT: TEXT}, tok), _step(enc_name, tok, {enc.outputs[0].name: self.outputs["clap"]}),
+                 _step(hd_name, {hd.role(SAMPLER_CONDITION).name: self.outputs["clap"]},
+                       {hd.role(SAMPLER_PROJECTED).name: self.outputs["projected"]})]
+        return [string_tensor(TEXT, [1])], steps, {}, [TOKENIZER, enc_name, hd_name]
+
     def search_ensemble(self) -> ModelDir:
+        if self._search_skips_sampler():
+            inputs, steps, _, models = self._front_head()
+            roles = self._search_roles()
+            steps.append(_step(SEARCH, {OUTPUTS[r]: OUTPUTS[r] for r in roles}, {SEARCH_IDS: SEARCH_IDS, SEARCH_SCORES: SEARCH_SCORES}))
+            cfg = {
+                "name": SEARCH_ENSEMBLE, "platform": "ensemble", "max_batch_size": self._max_batch([*models, SEARCH]),
+                "input": inputs, "output": self.models[SEARCH].config["output"], "ensemble_scheduling": {"step": steps},
+            }
+            return ModelDir(SEARCH_ENSEMBLE, cfg, {})
         inputs, steps, specs, models = self._front("text", "audio")
         # The index was built with the sampler's default guidance: the search exposes no guidance input.
         opt = {t.name for t in self.io(sampler_name("text", "audio")).inputs if t.optional}
         inputs = [i for i in inputs if i["name"] not in opt]
         for s in steps:
             s["input_map"] = [m for m in s["input_map"] if m["value"] not in opt]
-        steps.append(_step(SEARCH, {OUTPUTS[r]: OUTPUTS[r] for r in ("clap", "projected", "bridged")},
+        steps.append(_step(SEARCH, {OUTPUTS[r]: OUTPUTS[r] for r in self._search_roles()},
                            {SEARCH_IDS: SEARCH_IDS, SEARCH_SCORES: SEARCH_SCORES}))
         search_out = self.models[SEARCH].config["output"]
         cfg = {
@@ -435,6 +464,8 @@ class _Planner:
             composing += [self.exported(sampler_name(s, t)), self.noise(s, t)]
         if self.opts.index is not None:
             composing.append(self.search(Path(self.opts.index)))
+            if self._search_skips_sampler():
+                composing.append(self.exported(head_name("text")))
         self.models.update((md.name, md) for md in composing)
         ensembles = [self.embedding_ensemble(s, t) for s, t in directions]
         if self.opts.index is not None:

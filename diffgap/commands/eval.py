@@ -40,14 +40,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.checkpoint)
     mods = model.config.modalities
-    test = load_pairs(args.data, embed_dim=model.config.embed_dim, require=mods)
-    val = load_pairs(args.val, embed_dim=model.config.embed_dim, require=mods)
+    test = load_pairs(args.data, embed_dim=model.config.input_dims, require=mods)
+    val = load_pairs(args.val, embed_dim=model.config.input_dims, require=mods)
     train = None
     if not args.no_controls:
         path = args.train or meta.get("data")
         if path is None or not Path(path).exists():
             raise UserError(f"the control rows need the training split: the checkpoint records {path!r}, which is missing; pass --train TRAIN.npz or --no-controls")
-        train = load_pairs(path, embed_dim=model.config.embed_dim, require=mods)
+        train = load_pairs(path, embed_dim=model.config.input_dims, require=mods)
     ecfg = EvalConfig(bridge_steps=args.bridge_steps, source_steps=args.source_steps, noise_steps=args.noise_steps, noise_samples=args.noise_samples,
                       guidance_scale=args.guidance_scale, n_boot=args.bootstrap, seed=args.seed)
     res = evaluate(model, test, val, ecfg, train=train)

@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["auto", "two-stage", "joint"],
                    help="with --val: 'two-stage' (heads, then denoisers on the frozen space), 'joint' (one loss), or "
                         "'auto' (train both, keep the better on validation; the preset's default)")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"model preset (default {DEFAULT_PRESET})")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"model preset: the architecture's sizes (default {DEFAULT_PRESET}); each modality's input width "
+                        "comes from --data (384, 512, 768, ...; the two may differ)")
     p.add_argument("--steps", type=int, help="override the preset's training steps (without --val)")
     p.add_argument("--batch-size", type=int, help="override the per-process batch size (heads InfoNCE; the denoisers train on the first min(this, preset denoiser_batch_size) rows)")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
@@ -48,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
     if args.schedule is not None:
         cfg = cfg.replace(**{"train.schedule": args.schedule})
     dist_info = init_distributed()
-    data = load_pairs(args.data, embed_dim=cfg.embed_dim, require=cfg.modalities)
+    data = load_pairs(args.data, require=cfg.modalities)
+    cfg = adapt_input_dims(cfg, data)
     if args.val is not None:
         return _run_validated(args, cfg, data, dist_info.world)
+    if len(data) < cfg.train.batch_size:
+        raise UserError(f"training data {args.data} has {len(data)} pairs, fewer than batch size {cfg.train.batch_size}; lower --batch-size")
     if args.schedule is not None:
         raise UserError("--schedule needs --val (the schedules are chosen and stopped on the validation split); add --val VAL.npz")
     res = train(cfg, data, out=args.out, resume=args.resume, progress=not args.no_progress,
@@ -65,6 +70,16 @@ def run(args: argparse.Namespace) -> int:
         print("final losses: " + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "lr")))
         print(f"checkpoint: {res.checkpoint}")
     return 0
+
+
+def adapt_input_dims(cfg, data):
+    """``cfg`` with each modality's input width taken from ``data`` (the preset sets only the sizes)."""
+    have = {m: data.dims[m] for m in cfg.modalities}
+    if have == cfg.input_dims:
+        return cfg
+    print(f"input widths from {data.path}: " + ", ".join(f"{m} {e}" for m, e in have.items())
+          + f" (preset {cfg.name} sets the sizes: head dim {cfg.heads.dim}, denoiser width {cfg.denoiser.hidden})")
+    return cfg.with_input_dims(have)
 
 
 def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
@@ -82,7 +97,7 @@ def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
             raise UserError(f"{flag} does not combine with --val (the budget comes from early stopping and the run is not resumable); drop {flag} or --val")
     if world > 1:
         raise UserError("--val training runs in one process; launch without torchrun or drop --val")
-    val = load_pairs(args.val, embed_dim=cfg.embed_dim, require=cfg.modalities)
+    val = load_pairs(args.val, embed_dim=cfg.input_dims, require=cfg.modalities)
     if len(data) < cfg.train.batch_size:
         raise UserError(f"training data {args.data} has {len(data)} pairs, fewer than batch size {cfg.train.batch_size}; lower --batch-size")
     t0 = time.perf_counter()

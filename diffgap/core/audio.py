@@ -22,7 +22,7 @@ which makes embeddings irreproducible. diffgap's documented deterministic policy
   clip's end (laion-clap ``CLAP.audio_infer``'s tiling); the encoder averages the chunks'
   L2-normalised embeddings and re-normalises.
 
-Decoding errors are :class:`AudioError` (a ``ValueError``) with a ``kind`` from :data:`AUDIO_ERRORS`.
+Decoding errors are :class:`AudioError` (a ``UserError``, so a ``ValueError``) with a ``kind`` from :data:`AUDIO_ERRORS`.
 """
 from __future__ import annotations
 
@@ -31,9 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 SAMPLE_RATE = 48000      # laion-clap audio_cfg.sample_rate
 CLIP_SAMPLES = 480000    # laion-clap audio_cfg.clip_samples (10 s at 48 kHz)
 LONG_CLIP_POLICIES = ("center", "start", "chunks")
+# File suffixes a folder scan treats as audio: the containers libsndfile (soundfile) decodes.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 
 # The listed decoding errors: kind -> what it means (and the fix, in the raised message).
 AUDIO_ERRORS: dict[str, str] = {
@@ -50,8 +54,9 @@ _AUDIO_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b"caff", b"
                 b"\xff\xf3", b"\xff\xf2", b"\xff\xfa")
 
 
-class AudioError(ValueError):
-    """A file that cannot become a CLAP input; ``kind`` is one of :data:`AUDIO_ERRORS`."""
+class AudioError(UserError):
+    """A file that cannot become a CLAP input; ``kind`` is one of :data:`AUDIO_ERRORS`. A file the user
+    named, so a :class:`~diffgap.core.errors.UserError` (and so a ``ValueError``)."""
 
     def __init__(self, kind: str, path: str | os.PathLike, detail: str = "") -> None:
         if kind not in AUDIO_ERRORS:

@@ -2,15 +2,15 @@
 
 An ``.npz`` holds one split of paired embeddings, row i of every array describing the same item:
 
-    audio     (N, E) float  CLAP/CAVP audio embeddings
-    text      (N, E) float  CLAP text embeddings                 } at least two modality arrays
-    video     (N, E) float  CAVP video embeddings (optional)     }
+    audio     (N, E_audio) float  audio embeddings (CLAP/CAVP or any encoder)
+    text      (N, E_text)  float  text embeddings                 } at least two modality arrays
+    video     (N, E_video) float  video embeddings (optional)     }
     ids       (N,)   str    unique item ids
     captions  (N,)   str    the caption each text row encodes (optional)
     encoder   ()     str    JSON identity of the encoder that made the embeddings (optional; written by
                             ``diffgap embed --hf-clap``, recorded in checkpoints, checked by ``diffgap generate``)
 
-Floats may be stored as float16/32/64 and are loaded as float32. ``load_pairs`` refuses anything
+Each modality has its own width E (384, 512, 768, ...; they may differ). Floats may be stored as float16/32/64 and are loaded as float32. ``load_pairs`` refuses anything
 else with a one-line error that names the array (and, for NaN/Inf, the first bad row).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -31,7 +32,7 @@ OTHER_KEYS = ("ids", "captions", "encoder")
 
 @dataclass
 class Pairs:
-    """One split of paired embeddings. ``embeddings[m]``: (N, E) float32 for each modality m."""
+    """One split of paired embeddings. ``embeddings[m]``: (N, E_m) float32 for each modality m."""
 
     embeddings: dict[str, np.ndarray]
     ids: np.ndarray                         # (N,) str
@@ -44,8 +45,17 @@ class Pairs:
         return len(self.ids)
 
     @property
+    def dims(self) -> dict[str, int]:
+        """``{modality: E}``, the width of each modality's embeddings."""
+        return {m: int(v.shape[1]) for m, v in self.embeddings.items()}
+
+    @property
     def embed_dim(self) -> int:
-        return next(iter(self.embeddings.values())).shape[1]
+        """The common width of every modality (a ``ValueError`` where they differ: use :attr:`dims`)."""
+        widths = set(self.dims.values())
+        if len(widths) != 1:
+            raise ValueError(f"{self.path or 'pairs'} has modalities of different widths {self.dims}; use Pairs.dims")
+        return widths.pop()
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -71,10 +81,14 @@ def _check_finite(name: str, x: np.ndarray, path: str) -> None:
 
 
 def validate_arrays(
-    arrays: dict[str, np.ndarray], path: str = "pairs", embed_dim: int | None = None,
+    arrays: dict[str, np.ndarray], path: str = "pairs", embed_dim: int | Mapping[str, int] | None = None,
     require: tuple[str, ...] = (),
 ) -> Pairs:
-    """Check a dict of arrays against the format; return a :class:`Pairs` (float32 embeddings)."""
+    """Check a dict of arrays against the format; return a :class:`Pairs` (float32 embeddings).
+
+    ``embed_dim``: the width every modality must have, or ``{modality: width}`` (a model's input
+    widths; modalities it does not name are free), or None (each modality's own).
+    """
     mods = {k: arrays[k] for k in MODALITY_KEYS if k in arrays}
     if len(mods) < 2:
         raise UserError(f"{path}: needs at least two of {MODALITY_KEYS} arrays, found {sorted(arrays)}; write it with `diffgap embed` or diffgap.core.data.save_pairs")
@@ -82,17 +96,16 @@ def validate_arrays(
         if r not in mods:
             raise UserError(f"{path}: array {r!r} is required here but missing (it has {sorted(mods)})")
     n = None
-    dim = embed_dim
     out: dict[str, np.ndarray] = {}
     for name, x in mods.items():
         if x.ndim != 2:
             raise UserError(f"{path}: array {name!r} must have rank 2 (N, E), got shape {x.shape}")
         if x.dtype.kind != "f":
             raise UserError(f"{path}: array {name!r} has dtype {x.dtype}, expected float16/32/64 embeddings")
-        if dim is None:
-            dim = x.shape[1]
-        if x.shape[1] != dim:
-            raise UserError(f"{path}: array {name!r} has embedding dim {x.shape[1]}, expected {dim}")
+        dim = embed_dim.get(name) if isinstance(embed_dim, Mapping) else embed_dim
+        if dim is not None and x.shape[1] != dim:
+            raise UserError(f"{path}: array {name!r} has embedding dim {x.shape[1]}, but the model takes {dim}-d {name} "
+                            "embeddings; pass data embedded by the encoder the model was trained on")
         if n is None:
             n = x.shape[0]
         if x.shape[0] != n:
@@ -132,7 +145,7 @@ def validate_arrays(
     return Pairs(out, ids, captions, path, encoder=encoder)
 
 
-def load_pairs(path: str | Path, embed_dim: int | None = None, require: tuple[str, ...] = ()) -> Pairs:
+def load_pairs(path: str | Path, embed_dim: int | Mapping[str, int] | None = None, require: tuple[str, ...] = ()) -> Pairs:
     """Load and validate a paired-embedding ``.npz`` (see module docstring)."""
     path = Path(path)
     if not path.exists():

@@ -43,7 +43,8 @@ ROLE_ATTENTION_MASK = "attention_mask"  # optional input (B, L) int64: 1 on real
 # Triton max_batch_size/preferred sizes and the runtime's chunking all read them from the IOSpec.
 # Encoders: the CLAP text tower is cheap per row (77 tokens); an audio row is a 10 s 48 kHz clip
 # (480,000 samples through HTS-AT); a CAVP video row is 16 frames of 224 x 224 through a 3-D ResNet-50.
-# The fused samplers work on (B, 512) vectors, so their batch is bounded by the gallery queries, not memory.
+# The fused samplers (and the heads alone) work on (B, E) and (B, D) vectors, so their batch is bounded by
+# the gallery queries, not memory.
 BatchProfile = tuple[int, int, int]
 DEFAULT_BATCH_PROFILE: BatchProfile = (1, 8, 64)
 BATCH_PROFILES: dict[str, BatchProfile] = {

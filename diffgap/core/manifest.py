@@ -7,7 +7,8 @@ Layout (``format: diffgap-export/1``)::
       "package_version": "0.1.0",
       "preset": "clap-512",                 # DiffGAP preset of the source checkpoint
       "checkpoint_sha256": "...",
-      "embed_dim": 512,                      # CLAP-space dim (encoder outputs, sampler conditions)
+      "embed_dim": 512,                      # input width E (encoder outputs, sampler conditions)
+      "embed_dims": {"text": 512, "audio": 512},  # E per modality (absent in older exports: embed_dim)
       "models": {
         "<model name>": {
           "io": {IOSpec.to_dict()},          # the one I/O declaration
@@ -25,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .fsutil import atomic_write_json, read_versioned_json, sha256_file
 from .iospec import IOSpec
+from .names import MANIFEST
 
 FORMAT = "diffgap-export/1"
-MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class ModelEntry:
 
     def file(self, precision: str) -> str:
         if precision not in self.files:
-            raise ValueError(
+            raise UserError(
                 f"model {self.io.name!r} has no {precision} file (has {sorted(self.files)}); re-export it"
             )
         return self.files[precision]
@@ -58,6 +59,11 @@ class Manifest:
     assets: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    embed_dims: dict[str, int] = field(default_factory=dict)   # {modality: E}; empty: embed_dim for every modality
+
+    def input_dim(self, modality: str) -> int:
+        """E of ``modality``: the width of its embeddings (its encoder's output, its sampler's condition)."""
+        return int(self.embed_dims.get(modality, self.embed_dim))
 
     def model(self, name: str) -> ModelEntry:
         if name not in self.models:
@@ -79,6 +85,7 @@ class Manifest:
             "preset": self.preset,
             "checkpoint_sha256": self.checkpoint_sha256,
             "embed_dim": self.embed_dim,
+            **({"embed_dims": dict(self.embed_dims)} if self.embed_dims else {}),
             "models": {
                 k: {"io": m.io.to_dict(), "files": dict(m.files), "meta": dict(m.meta)}
                 for k, m in self.models.items()
@@ -109,7 +116,7 @@ class Manifest:
             if not p.exists():
                 raise FileNotFoundError(f"export file {p} listed in {MANIFEST} is missing; re-run `diffgap export`")
             if sha256_file(p) != rec["sha256"]:
-                raise ValueError(f"export file {p} does not match its sha256 in {MANIFEST} (truncated or replaced); re-export")
+                raise UserError(f"export file {p} does not match its sha256 in {MANIFEST} (truncated or replaced); re-export")
 
     @classmethod
     def load(cls, root: str | Path, verify: bool = False) -> "Manifest":
@@ -126,6 +133,7 @@ class Manifest:
             root=root, preset=d.get("preset", ""), embed_dim=int(d["embed_dim"]), models=models,
             checkpoint_sha256=d.get("checkpoint_sha256", ""), package_version=d.get("package_version", ""),
             assets=dict(d.get("assets", {})), files=dict(d.get("files", {})), extra=dict(d.get("extra", {})),
+            embed_dims={str(m): int(e) for m, e in d.get("embed_dims", {}).items()},
         )
         if verify:
             man.verify()

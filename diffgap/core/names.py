@@ -9,6 +9,15 @@ from __future__ import annotations
 
 FAMILIES = ("clap", "cavp")
 
+# The file naming an export's models (diffgap.core.manifest) and a gallery index's arrays
+# (diffgap.runtime.gallery), each at the root of its directory.
+MANIFEST = "manifest.json"
+
+# Graph precisions an export ships (``<name>.onnx`` fp32, ``<name>.fp16.onnx``) and engines are built in.
+PRECISIONS = ("fp32", "fp16")
+# Runtime backends (diffgap.runtime.session): onnxruntime CPU / CUDA / TensorRT EP, or TensorRT itself.
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+
 # ONNX metadata_props keys written by diffgap.export and read by diffgap.runtime.
 META_IO_SPEC = "diffgap.io_spec"     # IOSpec.to_dict() as json
 META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own precision
@@ -42,6 +51,12 @@ def parse_sampler_name(name: str) -> tuple[str, str]:
         raise ValueError(f"{name!r} is not a fused sampler export name ({SAMPLER_PREFIX}<source>_to_<target>)")
     source, _, target = name[len(SAMPLER_PREFIX):].partition("_to_")
     return source, target
+
+
+def head_name(modality: str) -> str:
+    """Export name of ``modality``'s contrastive head alone (embedding -> head space): ``text_head``.
+    What a query or gallery item needs where the fusion weights give the bridged terms weight 0."""
+    return f"{modality}_head"
 
 
 def noise_model_name(source: str, target: str) -> str:

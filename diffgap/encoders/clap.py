@@ -10,7 +10,8 @@ Three ways to get a laion-clap ``CLAP`` model (always the package's own classes,
 
 Both embed through the exportable modules of :mod:`diffgap.encoders.clap_modules`, so eager
 embeddings and ONNX graphs share one path. The laion-clap internals this needs are patched, scoped,
-in :mod:`diffgap.encoders.laion_clap_patch`. This module re-exports the names users import from it.
+in :mod:`diffgap.encoders.laion_clap_patch`. This module re-exports the names users import from it
+(the demo's encoder step is :func:`diffgap.encoders.clap_demo.demo_embed`).
 """
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ from diffgap.core import audio as daudio
 from diffgap.core.tokenizer import CONTEXT_LENGTH, ClipBPETokenizer
 
 from .clap_arch import ARCHS, ClapArch, build_clap_model, get_arch, model_cfg
-from .clap_checkpoint import load_clap_checkpoint, save_checkpoint
+from .clap_checkpoint import load_clap_checkpoint, write_clap_checkpoint
 from .clap_modules import (
     CLIP_SAMPLES, EMBED_DIM, SAMPLE_RATE, ClapAudioEncoderModule, ClapTextEncoderModule, audio_io_spec, text_io_spec,
 )
 
 __all__ = [
     "ARCHS", "CLIP_SAMPLES", "CONTEXT_LENGTH", "EMBED_DIM", "SAMPLE_RATE", "ClapArch", "ClapAudioEncoderModule",
-    "ClapEncoder", "ClapTextEncoderModule", "audio_io_spec", "build_clap_model", "demo_embed", "get_arch",
+    "ClapEncoder", "ClapTextEncoderModule", "audio_io_spec", "build_clap_model", "get_arch",
     "load_clap_checkpoint", "model_cfg", "save_checkpoint", "text_io_spec",
 ]
 
@@ -133,8 +134,7 @@ class ClapEncoder:
                 "tokenizer": self.tokenizer.kind, "embed_dim": EMBED_DIM}
 
 
-def demo_embed(out_dir: str | os.PathLike, arch: str = "tiny", seed: int = 0) -> dict[str, Any]:
-    """See :func:`diffgap.encoders.clap_demo.demo_embed`."""
-    from .clap_demo import demo_embed as run
-
-    return run(out_dir, arch, seed)
+def save_checkpoint(encoder: ClapEncoder, path: str | os.PathLike) -> Path:
+    """Write ``encoder``'s weights as a LAION-CLAP-style checkpoint (+ its named arch), atomically;
+    :meth:`ClapEncoder.from_checkpoint` reads it back."""
+    return write_clap_checkpoint(encoder.model, encoder.arch, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,10 +18,6 @@ from torch import nn
 from diffgap.core.errors import UserError
 
 from .clap_arch import ClapArch, build_clap_model
-
-if TYPE_CHECKING:
-    from .clap import ClapEncoder
-
 
 _ROBERTA_FILES_HELP = (
     "roberta-base's config.json and tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
@@ -122,12 +117,12 @@ def _check_state_dict(model: nn.Module, sd: dict, path: Path, arch: ClapArch) ->
         raise UserError(f"{path} does not match CLAP {arch.amodel}+{arch.tmodel}: first unexpected key {extra[0]!r}")
 
 
-def save_checkpoint(encoder: "ClapEncoder", path: str | os.PathLike) -> Path:
-    """Write ``encoder``'s weights as a LAION-CLAP-style checkpoint (+ its named arch), atomically."""
+def write_clap_checkpoint(model: nn.Module, arch: ClapArch, path: str | os.PathLike) -> Path:
+    """Write ``model``'s weights as a LAION-CLAP-style checkpoint (+ its named ``arch``), atomically."""
     from diffgap.core.fsutil import atomic_path
 
     path = Path(path)
-    payload = {"state_dict": encoder.model.state_dict(), "diffgap_clap_arch": dataclasses.asdict(encoder.arch)}
+    payload = {"state_dict": model.state_dict(), "diffgap_clap_arch": dataclasses.asdict(arch)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path

@@ -13,7 +13,8 @@ Inputs (any of):
 
 Every unique audio file and caption is embedded once. Work is cut into fixed chunks written as
 shard files (atomically) under ``.<out>.embed-parts/`` next to the output, with a fingerprint of the
-inputs and encoder; a rerun after an interruption skips finished shards. Only when every shard is
+inputs and encoder (a :class:`diffgap.core.jobs.WorkDir`); a rerun after an interruption skips
+finished shards. Only when every shard is
 done is the ``.npz`` written (atomically, by ``diffgap.core.data.save_pairs``) and the shard folder
 removed -- so there is never a half-written ``.npz``. Files that fail to decode, rows without audio
 and empty captions are skipped and reported with the reason (also in ``<out>.skipped.tsv``).
@@ -21,23 +22,21 @@ and empty captions are skipped and reported with the reason (also in ``<out>.ski
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from diffgap.core.audio import AUDIO_SUFFIXES
 from diffgap.core.errors import UserError
-from diffgap.core.fsutil import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from diffgap.core.fsutil import atomic_write_text, sha256_file
+from diffgap.core.jobs import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
 CLOTHO_COLUMNS = ("file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5")
 
@@ -174,21 +173,6 @@ def _chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _save_shard(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-
-def _fingerprint(plan: Plan, encoder_id: dict, batch_size: int, long_clip: str) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"encoder": encoder_id, "batch": batch_size, "long_clip": long_clip,
-                         "root": str(plan.audio_root.resolve())}, sort_keys=True).encode())
-    for p in plan.pairs:
-        h.update(f"{p.id}\0{p.audio}\0{p.caption}\n".encode())
-    return h.hexdigest()
-
-
 def encoder_identity(encoder) -> dict:
     """What makes embeddings reproducible: the arch, and the checkpoint's content hash if any."""
     ident = {"arch": encoder.info()["arch"], "source": encoder.source}
@@ -196,6 +180,86 @@ def encoder_identity(encoder) -> dict:
     if src.is_file():
         ident["sha256"] = sha256_file(src)
     return ident
+
+
+def _check_output(out: Path, batch_size: int, overwrite: bool) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if out.suffix != ".npz":
+        raise UserError(f"output {out} must end in .npz")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"output folder {out.parent} is not writable; choose another --out")
+
+
+@dataclass
+class _Shards:
+    """The plan cut into shards: ``audio_<k>.npz`` (``batch_size`` files) and ``text_<k>.npz`` (captions)."""
+
+    audio: list[Sequence[str]]
+    text: list[Sequence[str]]
+
+    @classmethod
+    def of(cls, plan: Plan, batch_size: int) -> "_Shards":
+        return cls(_chunks(plan.audio_files, batch_size), _chunks(plan.captions, max(batch_size, 64)))
+
+    @property
+    def names(self) -> list[str]:
+        return [f"audio_{k:06d}.npz" for k in range(len(self.audio))] + [f"text_{k:06d}.npz" for k in range(len(self.text))]
+
+    def chunk(self, name: str) -> tuple[str, Sequence[str]]:
+        kind, k = name[: -len(".npz")].split("_")
+        return kind, (self.audio if kind == "audio" else self.text)[int(k)]
+
+
+def _embed_audio(plan: Plan, encoder, files: Sequence[str], batch_size: int, long_clip: str) -> Mapping[str, np.ndarray]:
+    """One audio shard: the decoded files' embeddings (keys, emb) and the failures (failed, reasons)."""
+    from diffgap.core import audio as daudio
+
+    ok, clips, failed, reasons = [], [], [], []
+    for rel in files:
+        try:
+            clips.append(daudio.load_clips(plan.audio_root / rel, long_clip))
+            ok.append(rel)
+        except daudio.AudioError as e:
+            failed.append(rel)
+            reasons.append(f"{e.kind}: {daudio.AUDIO_ERRORS[e.kind]}")
+    width = int(encoder.info()["embed_dim"])
+    emb = encoder.encode_clip_groups(clips, batch_size) if clips else np.zeros((0, width), np.float32)
+    return {"keys": np.array(ok, dtype=str), "emb": emb, "failed": np.array(failed, dtype=str), "reasons": np.array(reasons, dtype=str)}
+
+
+def _assemble(work: WorkDir, shards: _Shards) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+    """(audio file -> embedding, caption -> embedding, failed audio file -> reason) from the shards."""
+    audio, text, failed = {}, {}, {}
+    for name in shards.names:
+        with np.load(work.file(name)) as z:
+            (audio if name.startswith("audio") else text).update(zip(z["keys"].tolist(), z["emb"]))
+            if "failed" in z.files:
+                failed.update(zip(z["failed"].tolist(), z["reasons"].tolist()))
+    return audio, text, failed
+
+
+def _write_pairs(out: Path, plan: Plan, audio: dict[str, np.ndarray], text: dict[str, np.ndarray],
+                 skipped: list[tuple[str, str]], encoder_id: dict | None = None) -> None:
+    """The rows whose audio decoded, as one ``.npz``; the skipped items beside it (``<out>.skipped.tsv``)."""
+    from diffgap.core.data import save_pairs
+
+    rows = [p for p in plan.pairs if p.audio in audio]
+    if not rows:
+        raise UserError(f"none of the {len(plan.audio_files)} audio files could be decoded; see the reasons above "
+                        f"(first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "no rows to write")
+    save_pairs(out, ids=[p.id for p in rows], audio=np.stack([audio[p.audio] for p in rows]),
+               text=np.stack([text[p.caption] for p in rows]), captions=[p.caption for p in rows],
+               encoder=encoder_id)
+    report = out.with_name(out.stem + ".skipped.tsv")
+    if skipped:
+        atomic_write_text(report, "".join(f"{i}\t{r}\n" for i, r in skipped))
+    elif report.exists():
+        report.unlink()
 
 
 def embed_plan(
@@ -213,108 +277,44 @@ def embed_plan(
     Resumable (see the module docstring). Returns ``(out, skipped)``; ``skipped`` lists
     ``(item, reason)`` for everything left out. ``on_shard`` is called after each shard is written.
     """
-    from diffgap.core import audio as daudio
-    from diffgap.core.data import save_pairs
-
     out = Path(out)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if out.suffix != ".npz":
-        raise UserError(f"output {out} must end in .npz")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"output folder {out.parent} is not writable; choose another --out")
+    _check_output(out, batch_size, overwrite)
     if not plan.pairs:
         reasons = "; ".join(f"{i}: {r}" for i, r in plan.skipped[:3])
         raise UserError(f"nothing to embed: no (audio, caption) pairs found ({reasons or 'empty input'})")
+    settings = {"encoder": encoder_identity(encoder), "batch": batch_size, "long_clip": long_clip,
+                "root": str(plan.audio_root.resolve())}
+    work = WorkDir(out, "embed-parts", fingerprint(settings, lines=(f"{p.id}\0{p.audio}\0{p.caption}" for p in plan.pairs)))
+    if work.open() == "discarded":
+        log.info("discarding stale shards in %s (inputs or encoder changed)", work.path)
+    shards = _Shards.of(plan, batch_size)
 
-    parts = out.parent / f".{out.name}.embed-parts"
-    fp = _fingerprint(plan, encoder_identity(encoder), batch_size, long_clip)
-    state = parts / "state.json"
-    if parts.exists():
-        old = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
-        if old != fp:
-            log.info("discarding stale shards in %s (inputs or encoder changed)", parts)
-            shutil.rmtree(parts)
-    if not parts.exists():
-        parts.mkdir()
-        atomic_write_json(state, {"fingerprint": fp, "out": str(out)})
-
-    audio_chunks = _chunks(plan.audio_files, batch_size)
-    text_chunks = _chunks(plan.captions, max(batch_size, 64))
-    jobs = [("audio", k, c) for k, c in enumerate(audio_chunks)] + [("text", k, c) for k, c in enumerate(text_chunks)]
-    todo = [j for j in jobs if not (parts / f"{j[0]}_{j[1]:06d}.npz").exists()]
-    if len(todo) < len(jobs):
-        log.info("resuming: %d of %d shards already done in %s", len(jobs) - len(todo), len(jobs), parts)
+    def make(name: str) -> Mapping[str, np.ndarray]:
+        kind, chunk = shards.chunk(name)
+        if kind == "audio":
+            return _embed_audio(plan, encoder, chunk, batch_size, long_clip)
+        return {"keys": np.array(list(chunk), dtype=str), "emb": encoder.encode_text(list(chunk), batch_size=max(batch_size, 64))}
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from diffgap.core.progress import progress_bar
 
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", desc=f"embed -> {out.name}")
+        bar = progress_bar(total=len(shards.names), initial=work.done(shards.names), unit="shard", desc=f"embed -> {out.name}")
+
+    def done(name: str) -> None:
+        if bar is not None:
+            bar.update(1)
+        if on_shard is not None:
+            on_shard(name)
+
     try:
-        for kind, k, chunk in todo:
-            shard = parts / f"{kind}_{k:06d}.npz"
-            if kind == "audio":
-                ok, clips, failed, reasons = [], [], [], []
-                for rel in chunk:
-                    try:
-                        clips.append(daudio.load_clips(plan.audio_root / rel, long_clip))
-                        ok.append(rel)
-                    except daudio.AudioError as e:
-                        failed.append(rel)
-                        reasons.append(f"{e.kind}: {daudio.AUDIO_ERRORS[e.kind]}")
-                emb = encoder.encode_clip_groups(clips, batch_size) if clips else np.zeros((0, getattr(encoder, "embed_dim", 512)), np.float32)
-                _save_shard(shard, keys=np.array(ok, dtype=str), emb=emb,
-                            failed=np.array(failed, dtype=str), reasons=np.array(reasons, dtype=str))
-            else:
-                emb = encoder.encode_text(list(chunk), batch_size=max(batch_size, 64))
-                _save_shard(shard, keys=np.array(list(chunk), dtype=str), emb=emb)
-            if bar is not None:
-                bar.update(1)
-            if on_shard is not None:
-                on_shard(shard.name)
-    except KeyboardInterrupt:
-        done = sum(1 for j in jobs if (parts / f"{j[0]}_{j[1]:06d}.npz").exists())
-        log.warning("interrupted: %d of %d shards kept in %s; rerun the same command to resume", done, len(jobs), parts)
-        raise
+        work.run_shards(shards.names, make, on_shard=done)
     finally:
         if bar is not None:
             bar.close()
-
-    # assemble
-    audio_emb: dict[str, np.ndarray] = {}
-    skipped = list(plan.skipped)
-    failed_files: dict[str, str] = {}
-    for k in range(len(audio_chunks)):
-        with np.load(parts / f"audio_{k:06d}.npz") as z:
-            audio_emb.update(zip(z["keys"].tolist(), z["emb"]))
-            failed_files.update(zip(z["failed"].tolist(), z["reasons"].tolist()))
-    text_emb: dict[str, np.ndarray] = {}
-    for k in range(len(text_chunks)):
-        with np.load(parts / f"text_{k:06d}.npz") as z:
-            text_emb.update(zip(z["keys"].tolist(), z["emb"]))
-    for rel, reason in sorted(failed_files.items()):
-        skipped.append((rel, reason))
-    rows = [p for p in plan.pairs if p.audio in audio_emb]
-    if not rows:
-        raise UserError(f"none of the {len(plan.audio_files)} audio files could be decoded; see the reasons above "
-                         f"(first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "no rows to write")
-    save_pairs(
-        out,
-        ids=[p.id for p in rows],
-        audio=np.stack([audio_emb[p.audio] for p in rows]),
-        text=np.stack([text_emb[p.caption] for p in rows]),
-        captions=[p.caption for p in rows],
-        encoder=encoder.identity() if hasattr(encoder, "identity") else None,
-    )
-    report = out.with_name(out.stem + ".skipped.tsv")
-    if skipped:
-        atomic_write_text(report, "".join(f"{i}\t{r}\n" for i, r in skipped))
-    elif report.exists():
-        report.unlink()
-    shutil.rmtree(parts, ignore_errors=True)
+    audio, text, failed = _assemble(work, shards)
+    skipped = list(plan.skipped) + sorted(failed.items())
+    _write_pairs(out, plan, audio, text, skipped,
+                 encoder.identity() if hasattr(encoder, "identity") else None)  # e.g. the transformers CLAP fingerprint
+    work.remove()
     return out, skipped
