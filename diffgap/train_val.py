@@ -20,8 +20,7 @@ Schedules (``train.schedule``):
 
 Heads (both schedules): the config's heads (``heads.hidden``, linear by default) and, when
 ``train.head_mlp_hidden`` > 0, heads with a residual MLP of that width are each trained alone from the
-same seeded start (stage 1 above; a warm start from the trained linear heads sits on the linear
-solution and early stopping ends it before the MLP moves). The MLP heads are kept only if their
+same seeded start (stage 1 above). The MLP heads are kept only if their
 validation head R@1 is higher with a paired bootstrap 95% interval above zero (both directions'
 queries pooled; ties and noise keep the simpler heads). The two-stage schedule continues from the kept heads; the joint one starts from scratch with
 their architecture. The candidates' figures and the reason are in ``meta.validation.heads``.
