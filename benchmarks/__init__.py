@@ -25,10 +25,13 @@ Groups (``--only``):
 * ``lean``      -- fusion weights with both bridged terms at 0: index bytes and query latency with
   the zero-weight terms skipped (head-only queries, D-wide index) and computed (sampler per query,
   E + 2D-wide index), same run, same scores; N = 100k (2k with ``--quick``).
+* ``generation`` -- the bridge's cost against one generation: the fused raw-space generation sampler
+  (K as shipped) vs the denoising loop of an AudioLDM-small-size UNet (published config, random
+  weights, the pipeline's shipped steps and guidance), same run, same machine.
 
 Outputs (written atomically): ``<out>/<host>-<date>.json``, ``<out>/<host>-<date>.md`` and PNG plots
 ``<out>/<host>-<date>-*.png``. Weights are random (an untrained model of the preset): timings do not
 depend on the weight values.
 """
 SCHEMA = "diffgap-bench/1"
-GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "lean")
+GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "lean", "generation")

@@ -182,6 +182,10 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
             from . import lean
 
             res["lean"] = lean.run(ctx, args.lean_size)
+        if "generation" in groups:
+            from . import generation
+
+            res["generation"] = generation.run(ctx)
         if "triton" in groups:
             from . import serving
 

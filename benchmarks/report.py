@@ -207,7 +207,7 @@ def _table(header: list[str], body: list[list[str]]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     """The report: machine and method, then one section per measured group, the goals last."""
-    from . import lean, search
+    from . import generation, lean, search
 
     out = _md_header(res)
     out += _md_roofline(res.get("roofline", {}))
@@ -223,6 +223,7 @@ def markdown(res: dict[str, Any]) -> str:
     out += _md_knobs(res)
     out += search.markdown(res.get("search"))
     out += lean.markdown(res.get("lean"))
+    out += generation.markdown(res.get("generation"))
     out += _md_goals(goal_rows(res))
     out += [f"- {n}" for n in res.get("notes", [])]
     out.append("")
@@ -368,11 +369,12 @@ def _md_goals(goals: list[dict[str, Any]]) -> list[str]:
 
 # ---- plots --------------------------------------------------------------------------------------
 def plots(res: dict[str, Any], stem: Path) -> list[Path]:
-    """PNG plots next to ``stem``: denoiser latency, the roofline, one per Triton run, the search engines."""
+    """PNG plots next to ``stem``: denoiser latency, the roofline, one per Triton run, the search engines,
+    the bridge against one generation."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import lean, search
+    from . import generation, lean, search
 
     written: list[Path] = []
 
@@ -398,6 +400,8 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
         written.append(stem.with_name(f"{stem.name}-search.png"))
     if lean.plot(res.get("lean") or {}, stem.with_name(f"{stem.name}-lean.png")):
         written.append(stem.with_name(f"{stem.name}-lean.png"))
+    if generation.plot(res.get("generation"), stem.with_name(f"{stem.name}-generation.png")):
+        written.append(stem.with_name(f"{stem.name}-generation.png"))
     return written
 
 

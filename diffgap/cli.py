@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "embed": "diffgap.commands.embed",
     "train": "diffgap.commands.train",
     "eval": "diffgap.commands.eval",
+    "generate": "diffgap.commands.generate",
     "export": "diffgap.export.cli",
     "build-engines": "diffgap.runtime.cli_build_engines",
     "index": "diffgap.runtime.cli_index",

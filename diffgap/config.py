@@ -39,6 +39,11 @@ class HeadsConfig:
     # `diffgap synth` and on two differently built benchmarks, so the nonlinear part of the model is
     # the denoisers' conditional-mean branch instead.
     hidden: int = 0
+    # Raw-space model: the heads stay the identity (never trained), so head space is the frozen encoder's
+    # own space and the denoisers sample there. Needs dim == embed_dim and hidden == 0. The alternative to
+    # mapping a trained model's samples back through its heads (diffgap.generation.HeadInverse); the
+    # raw-space prior table of `diffgap eval` measures either checkpoint.
+    identity: bool = False
     init_temperature: float = 0.07  # CLIP's initial InfoNCE temperature (Radford et al. 2021)
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100 to keep training stable
 
@@ -168,6 +173,9 @@ class DiffGAPConfig:
             raise ValueError(f"preset {self.name!r}: embed_dims names {unknown}, not one of its modalities {self.modalities}")
         if min(self.embed_dim, *self.embed_dims.values(), self.heads.dim, self.denoiser.hidden, self.denoiser.depth) < 1:
             raise ValueError(f"preset {self.name!r}: dims and depth must be positive")
+        if self.heads.identity and (self.heads.hidden != 0 or any(self.embed_dims.get(m, self.embed_dim) != self.heads.dim
+                                                                    for m in self.modalities)):
+            raise ValueError(f"preset {self.name!r}: identity heads need heads.dim == every embedding width and heads.hidden == 0")
 
     def input_dim(self, modality: str) -> int:
         """E of ``modality``: the width of its frozen embeddings (the model's input)."""
@@ -255,10 +263,20 @@ PRESETS["clap-tiny"] = DiffGAPConfig(
                       val_every=10, patience=2, head_val_every=10, head_patience=2, max_head_steps=400,
                       max_denoiser_steps=300, head_mlp_hidden=0),
 )
+# Generation tests: clap-tiny's denoisers with square linear heads, which generation inverts exactly
+# (diffgap.generation.HeadInverse).
+PRESETS["clap-tiny-gen"] = PRESETS["clap-tiny"].replace(name="clap-tiny-gen", **{"heads.dim": 512, "heads.hidden": 0})
+# Raw-space models (heads.identity): clap-512's denoisers sampling directly in the raw CLAP space a
+# generator is conditioned in. Trained with the two-stage schedule (the heads stage is skipped).
+_RAW = {"heads.identity": True, "train.schedule": "two-stage", "train.head_mlp_hidden": 0}
+PRESETS["clap-512-raw"] = PRESETS["clap-512"].replace(name="clap-512-raw", **_RAW)
+PRESETS["clap-tiny-raw"] = PRESETS["clap-tiny-gen"].replace(name="clap-tiny-raw", **_RAW)
 # Video <-> audio in the 512-d CAVP space (Diff-Foley's Stage-1 encoders, diffgap/encoders/cavp.py):
 # the CLAP presets' architecture unchanged; directions audio_given_video and video_given_audio.
 PRESETS["cavp-512"] = PRESETS["clap-512"].replace(name="cavp-512", modalities=["video", "audio"])
 PRESETS["cavp-tiny"] = PRESETS["clap-tiny"].replace(name="cavp-tiny", modalities=["video", "audio"])
+PRESETS["cavp-tiny-gen"] = PRESETS["clap-tiny-gen"].replace(name="cavp-tiny-gen", modalities=["video", "audio"])
+PRESETS["cavp-512-raw"] = PRESETS["clap-512-raw"].replace(name="cavp-512-raw", modalities=["video", "audio"])
 
 
 def get_preset(name: str) -> DiffGAPConfig:

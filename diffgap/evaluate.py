@@ -313,6 +313,9 @@ def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalCon
     result["sanity"] = sample_sanity(emb["test"], model)
     if ctl is not None:
         result["prior"] = ec.prior_table(model, ctl, emb["test"], cemb["test"], emb["val"])
+        from .generation_eval import raw_prior_table
+
+        result["raw_prior"] = raw_prior_table(model, ctl, emb["test"], cemb["test"], emb["val"], seed=ecfg.seed)
     result["bridge_seconds_per_1000_queries"] = {f"{m} {d}": v for (m, d), v in emb["test"]["ms_per_query"].items()}
     result["eval_seconds"] = time.perf_counter() - t_start
     return result
@@ -352,6 +355,10 @@ def format_report(res: dict[str, Any]) -> str:
         from .eval_controls import format_prior
 
         lines.append(format_prior(res["prior"]))
+    if "raw_prior" in res:
+        from .generation_eval import format_raw_prior
+
+        lines.append(format_raw_prior(res["raw_prior"]))
     lines.append("\nBridge cost (seconds per 1,000 queries, this machine, all samples):")
     for k, v in res["bridge_seconds_per_1000_queries"].items():
         lines.append(f"  {k:<28}{v:8.2f}")

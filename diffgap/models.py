@@ -280,6 +280,8 @@ class DiffGAP(nn.Module):
         self.config = config
         D = config.heads.dim
         self.heads = ContrastiveHeads(config.input_dims, config.heads)
+        if config.heads.identity:  # raw-space model: the heads stay the identity map (config.HeadsConfig.identity)
+            self.heads.requires_grad_(False)
         self.schedule = NoiseSchedule.from_config(config.diffusion)
         self.denoisers = nn.ModuleDict({d: ConditionalDenoiser(D, config.denoiser) for d in config.directions})
         for m in config.modalities:

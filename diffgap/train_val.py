@@ -224,8 +224,12 @@ def train_heads(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress
     for p in model.denoisers.parameters():
         p.requires_grad_(False)
     ema = copy.deepcopy(model)
-    st = run_stage("heads", model, ema, list(model.heads.parameters()), tcfg, head_loss,
-                   lambda m: val_fn(m, bridge=False), "head_r1", tcfg.max_head_steps, progress)
+    if cfg.heads.identity:  # raw-space model: no heads stage (the heads stay the identity)
+        st = StageResult("heads", 0, 0, val_fn(model.eval(), bridge=False), 0, 0.0)
+        model.train()
+    else:
+        st = run_stage("heads", model, ema, list(model.heads.parameters()), tcfg, head_loss,
+                       lambda m: val_fn(m, bridge=False), "head_r1", tcfg.max_head_steps, progress)
     for p in model.denoisers.parameters():
         p.requires_grad_(True)
     return HeadsStart(model, gen, idx, st)
@@ -331,6 +335,8 @@ def train_validated(cfg: DiffGAPConfig, data: Pairs, val: Pairs, progress: bool 
         return validate(model, V, noise, bridge)
 
     schedules = ["two-stage", "joint"] if tcfg.schedule == "auto" else [tcfg.schedule]
+    if cfg.heads.identity:  # nothing to train jointly with the heads frozen
+        schedules = ["two-stage"]
     cfg, start, heads_record = select_heads(cfg, X, V, val_fn, progress)
     runs: dict[str, tuple[DiffGAP, dict[str, StageResult]]] = {}
     for s in schedules:

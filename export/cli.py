@@ -39,6 +39,7 @@ import os
 from pathlib import Path
 
 from diffgap.core.errors import UserError
+from diffgap.core.generation import GEN_STEPS
 
 from .provenance import check_export_args
 
@@ -76,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion-weights", metavar="EVAL_JSON", default=None,
                    help="`diffgap eval --json` output: store its validation-chosen fusion weights (the 'full' row of "
                         "each task) in the manifest, where the runtime's search and Triton read them")
+    p.add_argument("--generation", nargs="?", type=int, const=GEN_STEPS, default=None, metavar="K",
+                   help=f"also export the generation sampler (K-step samples in the raw CLAP/CAVP space, a generator's "
+                        f"condition) with K steps (default {GEN_STEPS}); needs linear square heads (clap-512, cavp-512)")
+    p.add_argument("--generator", metavar="DIR", default=None,
+                   help="with --generation: also export this local diffusers AudioLDM/MusicLDM folder's CLAP text tower and "
+                        "tokenizer (the text encoder of the Triton generation repository, `diffgap triton-repo --generation`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
 
 
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.generator and args.generation is None:
+        raise UserError("--generator exports the generator's text encoder for generation serving: add --generation")
     check_export_args(args)  # fusion weights must have been chosen for this export's bridge settings
     res = export_all(
         args.checkpoint, args.out, steps=args.steps, bridge_mode=args.bridge_mode,
@@ -119,8 +128,13 @@ def _run(args: argparse.Namespace) -> int:
         expect_preset=args.preset, guidance=not args.no_guidance_input, check=args.check,
         overwrite=args.overwrite, on_table=print,
         fusion_weights=fusion_weights_from_eval(args.fusion_weights) if args.fusion_weights else None,
+        generation_steps=args.generation,
     )
     man = res.manifest
+    if args.generator:
+        from .generator_text import add_generator_text_encoder
+
+        man = add_generator_text_encoder(res.out, args.generator, fp16=True)
     print(f"exported {len(man.models)} models ({', '.join(sorted(man.models))}) to {res.out} in {res.seconds:.0f} s")
     for name, rep in sorted(res.lint.items()):
         warn = f", {len(rep['warnings'])} warning(s)" if rep["warnings"] else ""

@@ -245,6 +245,7 @@ class ExportOptions:
     encoder_seed: seed of the random-weight encoder architectures.
     fusion_weights: per retrieval task (``"text_to_audio"`` ...) the score-fusion weights chosen on the
         validation split (``fusion_weights_from_eval``); stored as ``manifest.extra["fusion_weights"]``.
+    generation_steps: K of the generation sampler (raw-space samples for a generator), or None: not exported.
     """
 
     steps: int | None = None
@@ -259,6 +260,7 @@ class ExportOptions:
     opset: int | None = None
     encoder_seed: int = 0
     fusion_weights: dict[str, dict[str, float]] | None = None
+    generation_steps: int | None = None   # also export the generation sampler (export/generation.py) with K steps
 
 
 def plan_export(checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions()) -> ExportPlan:
@@ -298,6 +300,13 @@ def plan_export(checkpoint: str | os.PathLike, out: str | os.PathLike, options: 
         enc = _clap_encoder(o.encoders, o.roberta_dir, o.encoder_seed, cfg)
         family = "clap"
         jobs, conditions = _encoder_jobs(family, enc, enc.info()["source"])
+    if o.generation_steps is not None:
+        # the generation sampler (raw-space K-step samples, a generator's condition) of the first
+        # direction (audio_given_text / audio_given_video)
+        from .generation import GenerationSampler
+
+        samplers.append(GenerationSampler(model, cfg.directions[0], o.generation_steps, guidance=o.guidance,
+                                          encoder=meta.get("encoder")))
     for s in samplers:
         _, source_modality = parse_direction(s.direction)
         jobs.append(_sampler_job(s, conditions.get(source_modality)))

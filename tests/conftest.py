@@ -16,6 +16,7 @@ OPTIONAL_PACKAGES = {
     "torch": "train", "torchvision": "train", "laion_clap": "train", "safetensors": "train", "tqdm": "train",
     "av": "train", "onnx": "export", "onnxscript": "export", "onnxslim": "export", "modelopt": "export",
     "pytriton": "serving", "tritonclient": "serving", "matplotlib": "bench", "psutil": "bench",
+    "diffusers": "generate", "transformers": "generate",
 }
 
 

@@ -5,7 +5,9 @@ exactly as a user would run it:
     diffgap train --data train.npz --val val.npz --out ck      (no other flags)
     diffgap eval --checkpoint ck --data test.npz --val val.npz
 
-and the script prints raw / heads / linear adapter / full R@1 both directions and full - linear adapter.
+and the script prints raw / heads / linear adapter / full R@1 both directions and full - linear adapter, then
+the raw-space generative-prior table (the generator's condition: Frechet, k-NN precision/recall, cosine to
+the partner, diversity, and whether the goal is met).
 
 Usage: python tests/robustness_bench.py OUT_DIR [NAME ...]   (names: tanh, linear, relu-noisy)
 """
@@ -96,6 +98,10 @@ def main() -> int:
             print(f"{name:<11}{task:<13} raw {r['raw']['R@1']:5.1f}  heads {r['heads']['R@1']:5.1f}  linear adapter "
                   f"{r['linear adapter']['R@1']:5.1f}  regression bridge {r['regression bridge']['R@1']:5.1f}  full {r['full']['R@1']:5.1f}  "
                   f"full - linear adapter {c['delta_R@1']:+.1f} [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]", flush=True)
+        if "raw_prior" in res:  # the raw-space generative-prior table (diffgap.generation_eval), as diffgap eval prints it
+            from diffgap.generation_eval import format_raw_prior
+
+            print(f"{name}: " + format_raw_prior(res["raw_prior"]).lstrip("\n"), flush=True)
     return 0
 
 

@@ -148,3 +148,15 @@ def test_bad_arguments_exit_2(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (argv, proc.stderr)
         assert "error" in proc.stderr
+
+
+def test_generation_group(quick):
+    """The bridge-vs-generation group ran both sides in the same run and reports the bridge's share."""
+    out, res, _ = quick
+    gen = res["generation"]
+    assert gen["unet_parameters"] > 0 and gen["config_source"]
+    assert {r["name"] for r in gen["rows"] if r["status"] == "ok"} >= {"generator-denoising-loop", "bridge-sampler"}
+    share = gen["summary"]["ort-cpu"]["share_of_generation"]
+    assert 0.0 < share < 1.0
+    assert "## Bridge cost against one generation" in Path(res["files"]["markdown"]).read_text()
+    assert any(p.endswith("-generation.png") for p in res["files"]["plots"])

@@ -33,10 +33,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="portable flavour: onnxruntime threads per model instance (default: 0 = one per core)")
     p.add_argument("--queue-delay-us", type=int, default=None,
                    help="dynamic batching window in microseconds (default: 0 portable, 100 gpu)")
+    g = p.add_argument_group("generation (the export needs `diffgap export --generation --generator GENERATOR_DIR`)")
+    g.add_argument("--generation", action="store_true",
+                   help="write the generation repository instead: text_to_audio_condition (caption -> N raw-space condition "
+                        "samples), and with --generator the text_to_audio_waveform ensemble")
+    g.add_argument("--generator", metavar="DIR", help="local diffusers AudioLDM/MusicLDM folder served as the audio_generator "
+                                                      "model (torch; named in its config.pbtxt, not copied)")
+    g.add_argument("--samples", type=int, default=1, help="samples per caption when a request sends none (default: %(default)s)")
+    g.add_argument("--inference-steps", type=int, help="the generator's denoising steps (default: the pipeline's)")
+    g.add_argument("--audio-length", type=float, metavar="SECONDS", help="generated audio length (default: the pipeline's)")
+    g.add_argument("--generator-guidance", type=float, help="the generator's guidance scale (default: the pipeline's)")
+    g.add_argument("--generator-device", help="torch device of the generator (default: cpu portable, cuda gpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffgap.core.errors import UserError
+
     from .repository import build_repository, read_repository_info
 
     opts = dict(
@@ -49,7 +62,19 @@ def run(args: argparse.Namespace) -> int:
         opts["ort_trt_cache_dir"] = args.ort_trt_cache_dir
     if args.default_seed is not None:
         opts["default_seed"] = args.default_seed
-    out = build_repository(args.export_dir, args.out, overwrite=args.overwrite, **opts)
+    if args.generation:
+        from .generation import build_generation_repository
+
+        if args.index:
+            raise UserError("--index belongs to the retrieval repository; drop it with --generation")
+        opts.pop("index"), opts.pop("top_k")
+        gen = dict(samples=args.samples, generator=args.generator, num_inference_steps=args.inference_steps,
+                   audio_length_in_s=args.audio_length, generator_guidance=args.generator_guidance, device=args.generator_device)
+        out = build_generation_repository(args.export_dir, args.out, overwrite=args.overwrite, **opts, **gen)
+    else:
+        if args.generator:
+            raise UserError("--generator serves a generator in the generation repository: add --generation")
+        out = build_repository(args.export_dir, args.out, overwrite=args.overwrite, **opts)
     info = read_repository_info(out)
     print(f"wrote {info['flavor']} Triton repository {out} ({len(info['models'])} models)")
     for name in info["models"]:

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="tiny", choices=ARCH_CHOICES,
                    help="offline CLAP architecture with random weights (ignored with --checkpoint; default tiny)")
     p.add_argument("--checkpoint", metavar="PT", help="a LAION-CLAP checkpoint (e.g. 630k-audioset-best.pt)")
+    p.add_argument("--hf-clap", metavar="DIR", help="embed with a local transformers CLAP instead of laion-clap: a ClapModel "
+                   "folder (save_pretrained), or a diffusers AudioLDM/MusicLDM folder (its text tower; audio needs a full "
+                   "ClapModel, which MusicLDM has). The .npz records the CLAP's fingerprint for `diffgap generate`")
     p.add_argument("--roberta-dir", metavar="DIR", help="folder with roberta-base config.json + tokenizer files "
                    "(default: the local Hugging Face cache)")
     p.add_argument("--seed", type=int, default=0, help="weight seed for --arch (default 0)")
@@ -44,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.captions and not args.audio_dir:
         raise UserError("give --captions CSV and/or --audio-dir DIR")
     plan = plan_from_csv(args.captions, args.audio_dir) if args.captions else plan_from_folder(args.audio_dir)
-    encoder = ClapEncoder.load(arch=args.arch, checkpoint=args.checkpoint, roberta_dir=args.roberta_dir, seed=args.seed)
+    if args.hf_clap:
+        from diffgap.encoders.hf_clap import HFClapEncoder
+
+        if args.checkpoint:
+            raise UserError("--hf-clap and --checkpoint name two different CLAPs; pass one")
+        encoder = HFClapEncoder.load(args.hf_clap)
+    else:
+        encoder = ClapEncoder.load(arch=args.arch, checkpoint=args.checkpoint, roberta_dir=args.roberta_dir, seed=args.seed)
     out, skipped = embed_plan(plan, encoder, args.out, batch_size=args.batch_size, long_clip=args.long_clip,
                               progress=not args.no_progress, overwrite=args.overwrite)
     for item, reason in skipped:

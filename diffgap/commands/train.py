@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.schedule is not None:
         raise UserError("--schedule needs --val (the schedules are chosen and stopped on the validation split); add --val VAL.npz")
     res = train(cfg, data, out=args.out, resume=args.resume, progress=not args.no_progress,
-                save_every=args.save_every, dist_info=dist_info, extra_meta={"data": str(args.data)},
+                save_every=args.save_every, dist_info=dist_info, extra_meta={"data": str(args.data), **_encoder_meta(data)},
                 stop_after=args.stop_after)
     if dist_info.main:
         counts = res.model.parameter_counts()
@@ -106,7 +106,7 @@ def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
     chosen = record["candidates"][record["chosen"]]
     steps = sum(st["steps_run"] for st in chosen["stages"].values())
     meta = {"data": str(args.data), "val": str(args.val), "step": steps, "train_seconds": round(seconds, 2),
-            "parameters": model.parameter_counts(), "world_size": 1, "validation": record}
+            "parameters": model.parameter_counts(), "world_size": 1, "validation": record, **_encoder_meta(data)}
     ckpt = save_checkpoint(args.out, model, meta)
     counts = model.parameter_counts()
     print(f"trained {cfg.name} with validation on {record['n_val_pairs']} pairs of {args.val} in {seconds:.0f} s; "
@@ -119,3 +119,10 @@ def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
     print(f"chosen: {record['chosen']} -- {record['why']}")
     print(f"checkpoint: {ckpt}")
     return 0
+
+
+def _encoder_meta(data) -> dict:
+    """The embedding encoder's identity (``diffgap embed --hf-clap``), which ``diffgap generate`` checks."""
+    from diffgap.core.names import META_ENCODER
+
+    return {META_ENCODER: data.encoder} if getattr(data, "encoder", None) else {}

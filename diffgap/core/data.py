@@ -7,12 +7,15 @@ An ``.npz`` holds one split of paired embeddings, row i of every array describin
     video     (N, E_video) float  video embeddings (optional)     }
     ids       (N,)   str    unique item ids
     captions  (N,)   str    the caption each text row encodes (optional)
+    encoder   ()     str    JSON identity of the encoder that made the embeddings (optional; written by
+                            ``diffgap embed --hf-clap``, recorded in checkpoints, checked by ``diffgap generate``)
 
 Each modality has its own width E (384, 512, 768, ...; they may differ). Floats may be stored as float16/32/64 and are loaded as float32. ``load_pairs`` refuses anything
 else with a one-line error that names the array (and, for NaN/Inf, the first bad row).
 """
 from __future__ import annotations
 
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from .errors import UserError
 from .fsutil import atomic_path
 
 MODALITY_KEYS = ("audio", "text", "video")
-OTHER_KEYS = ("ids", "captions")
+OTHER_KEYS = ("ids", "captions", "encoder")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Pairs:
     captions: np.ndarray | None = None      # (N,) str
     path: str = ""
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    encoder: dict | None = None             # identity of the encoder that made the embeddings
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -130,7 +134,15 @@ def validate_arrays(
         if captions.dtype.kind not in "US":
             raise UserError(f"{path}: array 'captions' has dtype {captions.dtype}, expected strings")
         captions = captions.astype(str)
-    return Pairs(out, ids, captions, path)
+    encoder = None
+    if "encoder" in arrays:
+        try:
+            encoder = json.loads(str(arrays["encoder"]))
+        except ValueError:
+            raise UserError(f"{path}: array 'encoder' is not a JSON string; rewrite the file with `diffgap embed`") from None
+        if not isinstance(encoder, dict):
+            raise UserError(f"{path}: array 'encoder' must hold a JSON object; rewrite the file with `diffgap embed`")
+    return Pairs(out, ids, captions, path, encoder=encoder)
 
 
 def load_pairs(path: str | Path, embed_dim: int | Mapping[str, int] | None = None, require: tuple[str, ...] = ()) -> Pairs:
@@ -158,6 +170,7 @@ def save_pairs(
     text: np.ndarray | None = None,
     video: np.ndarray | None = None,
     captions: np.ndarray | list | None = None,
+    encoder: dict | None = None,
 ) -> Path:
     """Validate, then write the ``.npz`` atomically (float32 embeddings, unicode ids/captions)."""
     path = Path(path)
@@ -167,8 +180,12 @@ def save_pairs(
             arrays[k] = np.asarray(v)
     if captions is not None:
         arrays["captions"] = np.asarray(captions).astype(str)
+    if encoder is not None:
+        arrays["encoder"] = np.asarray(json.dumps(encoder, sort_keys=True))
     pairs = validate_arrays(arrays, str(path))
     payload = {**pairs.embeddings, "ids": pairs.ids}
+    if encoder is not None:
+        payload["encoder"] = arrays["encoder"]
     if pairs.captions is not None:
         payload["captions"] = pairs.captions
     with atomic_path(path) as tmp:

@@ -30,6 +30,9 @@ ROLE_NOISE = "noise"            # input (B, D): initial Gaussian noise
 ROLE_GUIDANCE = "guidance_scale"  # optional input (B, 1): classifier-free guidance scale
 ROLE_BRIDGED = "bridged"        # output (B, D): bridged L2-normalised target head-space embedding
 ROLE_PROJECTED = "projected"    # output (B, D): the condition's own L2-normalised head-space embedding
+# The generation sampler's output (export/generation.py): a bridged sample mapped back to the raw
+# CLAP/CAVP space the generator is conditioned in.
+ROLE_RAW_SAMPLE = "raw_sample"  # output (B, E): unit-norm target embedding in the frozen encoder's space
 
 # The text encoder's roles (diffgap.encoders declares which tensor plays each; the tokenizer's
 # output is keyed by them).

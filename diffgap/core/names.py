@@ -24,6 +24,10 @@ META_GRAPH_PRECISION = "diffgap.precision"  # "fp32" | "fp16": the graph's own p
 
 SAMPLER_PREFIX = "diffgap_"
 
+# Checkpoint meta key (and embeddings .npz array) holding the identity of the frozen encoder the
+# embeddings came from (``diffgap embed --hf-clap``); ``diffgap generate`` checks it.
+META_ENCODER = "encoder"
+
 # Bridge samples per query (and per gallery item) in the runtime, Triton and the ``full`` row of
 # ``diffgap eval`` that chooses their fusion weights: one draw from the item's seeded noise.
 RUNTIME_SAMPLES = 1
@@ -63,3 +67,23 @@ def noise_model_name(source: str, target: str) -> str:
 def embedding_ensemble_name(source: str, target: str) -> str:
     """Triton ensemble joining ``source``'s encoder and the sampler: ``text_to_audio_embedding``."""
     return f"{source}_to_{target}_embedding"
+
+
+# ---- generation: the raw-space conditioning sampler of CLAP-conditioned generators ----------------
+# Not under SAMPLER_PREFIX: parse_sampler_name reads every ``diffgap_*`` model as a retrieval sampler.
+def condition_sampler_name(source: str, target: str) -> str:
+    """Export name of the fused K-step sampler whose output is a *raw-space* (CLAP/CAVP) target
+    embedding, the generator's condition: ``text_to_audio_condition_sampler``."""
+    return f"{source}_to_{target}_condition_sampler"
+
+
+def condition_ensemble_name(source: str, target: str) -> str:
+    """Triton ensemble: ``source``'s encoder -> N seeded condition samples: ``text_to_audio_condition``."""
+    return f"{source}_to_{target}_condition"
+
+
+# The generator's own CLAP text tower as an exported graph (``export/generator_text.py``), and the
+# manifest asset key of its tokenizer folder: the text encoder of the generation ensembles, so a
+# served caption is embedded exactly as the generator (and ``diffgap generate``) embeds it.
+GENERATOR_TEXT_ENCODER = "generator_text_encoder"
+GENERATOR_TOKENIZER_ASSET = "generator_tokenizer"

@@ -323,7 +323,71 @@ class RobertaTokenizer(_Tokenizer):
         return cls(p.parent if p.is_file() else p, context_length)
 
 
-TOKENIZERS: Mapping[str, type[_Tokenizer]] = {ClipBPETokenizer.kind: ClipBPETokenizer, RobertaTokenizer.kind: RobertaTokenizer}
+class HFTokenizer(_Tokenizer):
+    """A ``transformers`` tokenizer folder (``save_pretrained``: ``tokenizer.json`` + ``tokenizer_config.json``)
+    run on the ``tokenizers`` library, torch-free: the text tower of a diffusers generator's CLAP.
+
+    Tokenises exactly as ``AutoTokenizer.from_pretrained(folder)(texts, padding="max_length",
+    max_length=model_max_length, truncation=True)`` -- how the AudioLDM / MusicLDM pipelines prompt
+    their CLAP -- with the saved pipeline's own normaliser, pre-tokeniser and post-processor, and no
+    text cleaning of its own. The vocabulary is whatever the generator ships (no size floor).
+    """
+
+    kind = "hf"
+    FILES = ("tokenizer.json", "tokenizer_config.json")
+
+    def __init__(self, directory: str | os.PathLike, context_length: int | None = None) -> None:
+        import json
+
+        tk = _tokenizers()
+        d = Path(directory)
+        self.directory = d
+        if not (d / "tokenizer.json").is_file():
+            raise UserError(
+                f"no tokenizer.json in {d}: re-save the generator's tokenizer with transformers "
+                "(AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) to write it"
+            )
+        cfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").is_file() else {}
+        tok = tk.Tokenizer.from_file(str(d / "tokenizer.json"))
+        length = int(context_length if context_length is not None else cfg.get("model_max_length", CONTEXT_LENGTH))
+        pad = cfg.get("pad_token", "<pad>")
+        pad = pad.get("content", "<pad>") if isinstance(pad, dict) else pad
+        pad_id = tok.token_to_id(pad)
+        if pad_id is None:
+            raise UserError(f"tokenizer in {d} lacks its pad token {pad!r}; wrong files")
+        tok.enable_truncation(max_length=length)
+        tok.enable_padding(length=length, pad_id=pad_id, pad_token=pad)
+        self._tok = tok
+        self.context_length = length
+        self.vocab_size = tok.get_vocab_size()
+
+    def encode_roles(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        texts = _as_list(texts)
+        enc = self._tok.encode_batch(texts)
+        shape = (len(texts), self.context_length)
+        return {
+            ROLE_TOKEN_IDS: np.array([e.ids for e in enc], dtype=np.int64).reshape(shape),
+            ROLE_ATTENTION_MASK: np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(shape),
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Copy the tokenizer files into ``directory`` (created); returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in self.FILES:
+            if (self.directory / name).is_file():
+                shutil.copyfile(self.directory / name, directory / name)
+        return directory
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, context_length: int | None = None) -> "HFTokenizer":
+        p = Path(path)
+        return cls(p.parent if p.is_file() else p, context_length)
+
+
+TOKENIZERS: Mapping[str, type[_Tokenizer]] = {
+    ClipBPETokenizer.kind: ClipBPETokenizer, RobertaTokenizer.kind: RobertaTokenizer, HFTokenizer.kind: HFTokenizer,
+}
 
 
 def load_tokenizer(kind: str, directory: str | os.PathLike | None = None, context_length: int = CONTEXT_LENGTH):
@@ -334,6 +398,10 @@ def load_tokenizer(kind: str, directory: str | os.PathLike | None = None, contex
         if directory is None:
             raise ValueError("a RoBERTa tokenizer needs a directory holding tokenizer.json")
         return RobertaTokenizer.from_file(directory, context_length)
+    if kind == HFTokenizer.kind:
+        if directory is None:
+            raise ValueError("a transformers tokenizer needs its folder (tokenizer.json + tokenizer_config.json)")
+        return HFTokenizer.from_file(directory, context_length)
     raise UserError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}; re-export")
 
 

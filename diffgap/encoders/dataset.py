@@ -244,7 +244,7 @@ def _assemble(work: WorkDir, shards: _Shards) -> tuple[dict[str, np.ndarray], di
 
 
 def _write_pairs(out: Path, plan: Plan, audio: dict[str, np.ndarray], text: dict[str, np.ndarray],
-                 skipped: list[tuple[str, str]]) -> None:
+                 skipped: list[tuple[str, str]], encoder_id: dict | None = None) -> None:
     """The rows whose audio decoded, as one ``.npz``; the skipped items beside it (``<out>.skipped.tsv``)."""
     from diffgap.core.data import save_pairs
 
@@ -253,7 +253,8 @@ def _write_pairs(out: Path, plan: Plan, audio: dict[str, np.ndarray], text: dict
         raise UserError(f"none of the {len(plan.audio_files)} audio files could be decoded; see the reasons above "
                         f"(first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "no rows to write")
     save_pairs(out, ids=[p.id for p in rows], audio=np.stack([audio[p.audio] for p in rows]),
-               text=np.stack([text[p.caption] for p in rows]), captions=[p.caption for p in rows])
+               text=np.stack([text[p.caption] for p in rows]), captions=[p.caption for p in rows],
+               encoder=encoder_id)
     report = out.with_name(out.stem + ".skipped.tsv")
     if skipped:
         atomic_write_text(report, "".join(f"{i}\t{r}\n" for i, r in skipped))
@@ -313,6 +314,7 @@ def embed_plan(
             bar.close()
     audio, text, failed = _assemble(work, shards)
     skipped = list(plan.skipped) + sorted(failed.items())
-    _write_pairs(out, plan, audio, text, skipped)
+    _write_pairs(out, plan, audio, text, skipped,
+                 encoder.identity() if hasattr(encoder, "identity") else None)  # e.g. the transformers CLAP fingerprint
     work.remove()
     return out, skipped
