@@ -140,3 +140,19 @@ def test_a_backend_this_host_lacks_is_one_line(export_and_pairs, tmp_path, capsy
     assert "pip install" in _one_line(capsys.readouterr().err, "build-engines")
     assert cli.main([*_index_args(man, npz, tmp_path / "gallery"), "--backend", "tensorrt"]) == 2
     assert "tensorrt" in _one_line(capsys.readouterr().err, "index")
+
+
+def test_negative_head_mlp_width_is_a_one_line_error(tmp_path, capsys):
+    import numpy as np
+
+    from diffgap.core.data import save_pairs
+
+    rng = np.random.default_rng(0)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    data = tmp_path / "d.npz"
+    save_pairs(data, audio=unit(rng.standard_normal((80, 512))), text=unit(rng.standard_normal((80, 512))),
+               ids=[str(i) for i in range(80)])
+    rc = cli.main(["train", "--data", str(data), "--val", str(data), "--out", str(tmp_path / "ck"),
+                   "--preset", "clap-tiny", "--head-mlp-hidden", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--head-mlp-hidden must be >= 0" in err[0]

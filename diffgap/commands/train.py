@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the training state saved in --out")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     p.add_argument("--stop-after", type=int, help="stop this run after N steps with a resumable checkpoint (continue with --resume)")
+    p.add_argument("--head-mlp-hidden", type=int, metavar="N",
+                   help="with --val: width of the MLP-heads candidate validation compares with linear heads "
+                        "(0: linear heads only; default: the preset's train.head_mlp_hidden)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -42,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.head_mlp_hidden is not None and args.head_mlp_hidden < 0:
+        raise UserError(f"--head-mlp-hidden must be >= 0 (0: linear heads only), got {args.head_mlp_hidden}")
     cfg = get_preset(args.preset)
     for key, attr in (("train.steps", "steps"), ("train.batch_size", "batch_size"), ("train.lr", "lr"),
-                      ("train.seed", "seed"), ("diffusion.prediction", "prediction")):
+                      ("train.seed", "seed"), ("diffusion.prediction", "prediction"),
+                      ("train.head_mlp_hidden", "head_mlp_hidden")):
         if getattr(args, attr) is not None:
             cfg = cfg.replace(**{key: getattr(args, attr)})
     if args.schedule is not None:
