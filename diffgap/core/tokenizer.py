@@ -31,7 +31,7 @@ import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -251,6 +251,17 @@ class ClipBPETokenizer(_Tokenizer):
         return {ROLE_TOKEN_IDS: ids, ROLE_ATTENTION_MASK: mask}
 
 
+
+def _padded_roles(tok: Any, texts: list[str], context_length: int) -> dict[str, np.ndarray]:
+    """Token ids and attention mask (B, context_length) int64 from a ``tokenizers.Tokenizer`` that pads
+    and truncates to ``context_length`` itself."""
+    enc = tok.encode_batch(texts)
+    shape = (len(texts), context_length)
+    return {
+        ROLE_TOKEN_IDS: np.array([e.ids for e in enc], dtype=np.int64).reshape(shape),
+        ROLE_ATTENTION_MASK: np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(shape),
+    }
+
 class RobertaTokenizer(_Tokenizer):
     """RoBERTa byte-level BPE (roberta-base) via the Hugging Face ``tokenizers`` library, torch-free.
 
@@ -299,13 +310,7 @@ class RobertaTokenizer(_Tokenizer):
         self.vocab_size = len(vocab)
 
     def encode_roles(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
-        texts = _as_list(texts)
-        enc = self._tok.encode_batch(texts)
-        shape = (len(texts), self.context_length)
-        return {
-            ROLE_TOKEN_IDS: np.array([e.ids for e in enc], dtype=np.int64).reshape(shape),
-            ROLE_ATTENTION_MASK: np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(shape),
-        }
+        return _padded_roles(self._tok, _as_list(texts), self.context_length)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (the full pipeline) into ``directory``; returns its path."""
@@ -362,13 +367,7 @@ class HFTokenizer(_Tokenizer):
         self.vocab_size = tok.get_vocab_size()
 
     def encode_roles(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
-        texts = _as_list(texts)
-        enc = self._tok.encode_batch(texts)
-        shape = (len(texts), self.context_length)
-        return {
-            ROLE_TOKEN_IDS: np.array([e.ids for e in enc], dtype=np.int64).reshape(shape),
-            ROLE_ATTENTION_MASK: np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(shape),
-        }
+        return _padded_roles(self._tok, _as_list(texts), self.context_length)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Copy the tokenizer files into ``directory`` (created); returns the directory."""
