@@ -22,7 +22,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from diffgap.core.generation import caption_seeds, generation_noise, latent_seed
-from diffgap.triton_models.python_model import _CLIENT_ERRORS, _BadRequest, _input, _param, client_error, server_error
+from diffgap.triton_models.python_model import (_CLIENT_ERRORS, _BadRequest, _input, _optional_feeds, _param, client_error,
+                                                 server_error)
 from diffgap.triton_models.python_model import TritonPythonModel as _Base
 
 
@@ -65,14 +66,7 @@ class TritonPythonModel(_Base):
             raise _BadRequest(f"{b} caption(s) x {n} samples = {b * n} rows exceeds this repository's {self.max_rows}; "
                               "send fewer captions or samples per request")
         feeds = {self.condition: cond, self.seed_input: seed.reshape(b), self.samples_input: np.array(n)}
-        for t in self.optional:
-            x = _input(request, t.name)
-            if x is not None:
-                if x.shape != t.concrete(b):
-                    raise _BadRequest(f"{t.name} must be {list(t.concrete(b))} to match {self.condition}, got {list(x.shape)}")
-                if x.dtype.kind == "f" and not np.isfinite(x).all():
-                    raise _BadRequest(f"{t.name} contains NaN/Inf; send finite values")
-                feeds[t.name] = x
+        feeds.update(_optional_feeds(request, self.optional, b, self.condition))
         return feeds
 
     def _condition_noise(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

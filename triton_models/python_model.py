@@ -61,6 +61,23 @@ class _BadRequest(ValueError):
     """A client mistake found while validating one request (answered INVALID_ARG)."""
 
 
+def _optional_feeds(request, optional, b: int, condition: str) -> dict[str, np.ndarray]:
+    """The optional inputs ``request`` carries, checked for a batch of ``b`` rows of ``condition``.
+
+    Triton has checked dtype and feature dims against config.pbtxt; batch and values remain.
+    """
+    feeds = {}
+    for t in optional:
+        x = _input(request, t.name)
+        if x is not None:
+            if x.shape != t.concrete(b):
+                raise _BadRequest(f"{t.name} must be {list(t.concrete(b))} to match {condition}, got {list(x.shape)}")
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise _BadRequest(f"{t.name} contains NaN/Inf; send finite values")
+            feeds[t.name] = x
+    return feeds
+
+
 # Raised while validating a request's tensors: the request is at fault, not the server.
 _CLIENT_ERRORS = (_BadRequest, ValueError, KeyError)
 
@@ -236,15 +253,7 @@ class TritonPythonModel:
             if (seed < 0).any():
                 raise _BadRequest(f"{self.seed_input} must be non-negative")
             feeds[self.seed_input] = seed.reshape(b).astype(np.int64)
-        for t in self.optional:
-            x = _input(request, t.name)
-            if x is not None:
-                # Triton has checked dtype and feature dims against config.pbtxt; batch and values remain.
-                if x.shape != t.concrete(b):
-                    raise _BadRequest(f"{t.name} must be {list(t.concrete(b))} to match {self.condition}, got {list(x.shape)}")
-                if x.dtype.kind == "f" and not np.isfinite(x).all():
-                    raise _BadRequest(f"{t.name} contains NaN/Inf; send finite values")
-                feeds[t.name] = x
+        feeds.update(_optional_feeds(request, self.optional, b, self.condition))
         return feeds
 
     def _noise(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
