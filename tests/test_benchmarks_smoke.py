@@ -158,5 +158,5 @@ def test_generation_group(quick):
     assert {r["name"] for r in gen["rows"] if r["status"] == "ok"} >= {"generator-denoising-loop", "bridge-sampler"}
     share = gen["summary"]["ort-cpu"]["share_of_generation"]
     assert 0.0 < share < 1.0
-    assert "## Bridge cost against one generation" in Path(res["files"]["markdown"]).read_text()
+    assert "## Bridge cost against one generation" in (out / res["files"]["markdown"]).read_text()
     assert any(p.endswith("-generation.png") for p in res["files"]["plots"])
