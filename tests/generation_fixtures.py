@@ -126,3 +126,20 @@ def tiny_clap_folder(folder: Path, seed: int = 0) -> Path:
     tokenizer(folder / "_tok").save_pretrained(str(folder))
     feature_extractor().save_pretrained(str(folder))
     return folder
+
+
+def perturbed_model(seed: int = 0, preset: str = "clap-tiny-gen"):
+    """A square-heads preset with perturbed (still invertible) heads and non-trivial denoiser outputs."""
+    import torch
+
+    from diffgap.config import get_preset
+    from diffgap.models import DiffGAP
+
+    torch.manual_seed(seed)
+    m = DiffGAP(get_preset(preset))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        for head in m.heads.heads.values():
+            head.linear.bias.normal_(0.0, 0.01)
+    return m.eval()

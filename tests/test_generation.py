@@ -25,15 +25,7 @@ FAST = dict(steps=3, num_inference_steps=2, audio_length_in_s=AUDIO_S)
 
 
 def _model(seed: int = 0, preset: str = "clap-tiny-gen") -> DiffGAP:
-    """A square-heads preset with perturbed (still invertible) heads and non-trivial denoiser outputs."""
-    torch.manual_seed(seed)
-    m = DiffGAP(get_preset(preset))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        for head in m.heads.heads.values():
-            head.linear.bias.normal_(0.0, 0.01)
-    return m.eval()
+    return gf.perturbed_model(seed, preset)
 
 
 @pytest.fixture(scope="module")

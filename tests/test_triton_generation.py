@@ -57,18 +57,7 @@ CHECKOUT = Path(diffgap.__file__).resolve().parents[1]
 
 
 def _model(seed: int = 0):
-    """clap-tiny-gen with perturbed (still invertible) heads and non-trivial denoiser outputs."""
-    from diffgap.config import get_preset
-    from diffgap.models import DiffGAP
-
-    torch.manual_seed(seed)
-    m = DiffGAP(get_preset("clap-tiny-gen"))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        for head in m.heads.heads.values():
-            head.linear.bias.normal_(0.0, 0.01)
-    return m.eval()
+    return gf.perturbed_model(seed, "clap-tiny-gen")
 
 
 @pytest.fixture(scope="module")
