@@ -41,13 +41,31 @@ def _heads(model: DiffGAP, m: str, x: np.ndarray, bs: int = 4096) -> np.ndarray:
     return torch.cat([model.project(m, torch.from_numpy(np.ascontiguousarray(x[i:i + bs]))) for i in range(0, len(x), bs)]).numpy()
 
 
-def fit_controls(model: DiffGAP, train: Pairs, val: Pairs) -> dict[str, Any]:
-    """Train the linear adapter and the regression bridges; the train-split means for mean shift."""
+def heads_are_linear_adapter(model: DiffGAP) -> bool:
+    """True when the model's heads are the linear adapter itself: one linear map per modality, trained
+    with the adapter's loss, recipe and early stopping (:func:`diffgap.train_val.train_heads`)."""
+    h = model.config.heads
+    return h.hidden == 0 and not h.identity
+
+
+def fit_controls(model: DiffGAP, train: Pairs, val: Pairs, adapter_from_heads: bool = False) -> dict[str, Any]:
+    """Train the linear adapter and the regression bridges; the train-split means for mean shift.
+
+    ``adapter_from_heads``: the model's linear heads were trained on ``train`` (the checkpoint's own
+    split) and :func:`heads_are_linear_adapter` holds, so the adapter row *is* the heads: a second
+    training run of the same linear model would differ from them only by its batch order."""
     a, b = model.config.modalities
     t0 = time.perf_counter()
     tr = {m: np.asarray(train[m], np.float32) for m in (a, b)}
     va = {m: np.asarray(val[m], np.float32) for m in (a, b)}
-    adapter, ad_info = train_linear_adapter(model, tr, va)
+    if adapter_from_heads:
+        if not heads_are_linear_adapter(model):
+            raise ValueError(f"adapter_from_heads needs linear heads; this model has heads.hidden = {model.config.heads.hidden}, "
+                             f"identity = {model.config.heads.identity}")
+        adapter, ad_info = model.heads, {"source": "the model's linear heads (the same linear map, loss and early stopping, "
+                                                   "trained on this training split)"}
+    else:
+        adapter, ad_info = train_linear_adapter(model, tr, va)
     t1 = time.perf_counter()
     h_tr = {m: _heads(model, m, tr[m]) for m in (a, b)}
     h_va = {m: _heads(model, m, va[m]) for m in (a, b)}

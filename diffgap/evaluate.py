@@ -240,9 +240,11 @@ def fusion_settings(model: DiffGAP, ecfg: EvalConfig) -> dict[str, Any]:
     return {"bridge_mode": mode, "steps": int(steps), "samples": samples, "guidance_scale": float(g)}
 
 
-def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalConfig(), train: Pairs | None = None) -> dict[str, Any]:
+def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalConfig(), train: Pairs | None = None,
+             adapter_from_heads: bool = False) -> dict[str, Any]:
     """The full evaluation as a JSON-able dict (see :func:`format_report`); with ``train`` also the
-    control rows and the generative-prior table (:mod:`diffgap.eval_controls`)."""
+    control rows and the generative-prior table (:mod:`diffgap.eval_controls`). ``adapter_from_heads``:
+    the linear-adapter control is the model's own linear heads (see :func:`diffgap.eval_controls.fit_controls`)."""
     model.eval()
     a, b = model.config.modalities
     for split, p in (("test", test), ("val", val)):
@@ -261,7 +263,7 @@ def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalCon
     if train is not None:
         from . import eval_controls as ec
 
-        ctl = ec.fit_controls(model, train, val)
+        ctl = ec.fit_controls(model, train, val, adapter_from_heads)
         cemb = {s: ec.embed_controls(model, ctl, emb[s]) for s in ("val", "test")}
         row_defs = row_defs[:3] + ec.CONTROL_ROWS + row_defs[3:]
         result["controls"] = ctl["info"]
@@ -330,6 +332,8 @@ def format_report(res: dict[str, Any]) -> str:
         for name, m in tr["rows"].items():
             lo, hi = m["R@1_ci"]
             w = " ".join(f"{k}={v:.1f}" for k, v in m["weights"].items()) if len(m["weights"]) > 1 else ""
+            if name == "linear adapter" and "source" in res.get("controls", {}).get("linear adapter", {}):
+                w = "= the heads (linear heads, trained as the adapter would be)"
             fb = m.get("fallback_to_raw+heads")
             if fb:
                 lo_, hi_ = fb["val_gain_ci"]

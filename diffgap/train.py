@@ -144,19 +144,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, the temperature and the null condition (1-d tensors)."""
+    """AdamW; no weight decay on biases, the temperature and the null condition (1-d tensors).
+
+    ``fused=True``: torch's fused AdamW kernel, the same update in one pass over the parameters
+    (CPU and CUDA). The per-tensor loop torch uses by default on CPU measured 181 ms per denoiser
+    step against 157 ms fused (clap-512, 2 threads, ``python -m benchmarks --only train-step``)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.999),
+        lr=cfg.lr, betas=(0.9, 0.999), fused=True,
     )
 
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * model, all parameters in one multi-tensor op; buffers copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 

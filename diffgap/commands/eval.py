@@ -25,6 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
 
 
+def heads_trained_as_adapter(model, meta: dict, train_path: str) -> bool:
+    """Were this checkpoint's heads trained exactly as the linear-adapter control would be? Linear heads,
+    trained alone with validation-driven early stopping (the two-stage schedule's first stage), on the
+    training split the controls use. Then the adapter row reuses the heads instead of a second run."""
+    from pathlib import Path
+
+    from diffgap.eval_controls import heads_are_linear_adapter
+
+    val = meta.get("validation") or {}
+    data = meta.get("data")
+    same_split = data is not None and Path(data).resolve() == Path(train_path).resolve()
+    return heads_are_linear_adapter(model) and val.get("chosen") == "two-stage" and same_split
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -43,14 +57,16 @@ def run(args: argparse.Namespace) -> int:
     test = load_pairs(args.data, embed_dim=model.config.input_dims, require=mods)
     val = load_pairs(args.val, embed_dim=model.config.input_dims, require=mods)
     train = None
+    adapter_from_heads = False
     if not args.no_controls:
         path = args.train or meta.get("data")
         if path is None or not Path(path).exists():
             raise UserError(f"the control rows need the training split: the checkpoint records {path!r}, which is missing; pass --train TRAIN.npz or --no-controls")
         train = load_pairs(path, embed_dim=model.config.input_dims, require=mods)
+        adapter_from_heads = heads_trained_as_adapter(model, meta, path)
     ecfg = EvalConfig(bridge_steps=args.bridge_steps, source_steps=args.source_steps, noise_steps=args.noise_steps, noise_samples=args.noise_samples,
                       guidance_scale=args.guidance_scale, n_boot=args.bootstrap, seed=args.seed)
-    res = evaluate(model, test, val, ecfg, train=train)
+    res = evaluate(model, test, val, ecfg, train=train, adapter_from_heads=adapter_from_heads)
     res["checkpoint"] = str(args.checkpoint)
     res["preset"] = meta["preset"]
     res["parameters"] = model.parameter_counts()
