@@ -28,10 +28,14 @@ Groups (``--only``):
 * ``generation`` -- the bridge's cost against one generation: the fused raw-space generation sampler
   (K as shipped) vs the denoising loop of an AudioLDM-small-size UNet (published config, random
   weights, the pipeline's shipped steps and guidance), same run, same machine.
+* ``train-step`` -- one training step of the default preset (random weights and embeddings), the
+  denoisers' stage and the heads' stage, each with torch's per-tensor AdamW loop + a per-parameter
+  EMA loop against the package's fused AdamW + multi-tensor EMA, taking turns step by step: median
+  and p90 ms per step, steps/s, their ratio, the torch thread count.
 
 Outputs (written atomically): ``<out>/<host>-<date>.json``, ``<out>/<host>-<date>.md`` and PNG plots
 ``<out>/<host>-<date>-*.png``. Weights are random (an untrained model of the preset): timings do not
 depend on the weight values.
 """
 SCHEMA = "diffgap-bench/1"
-GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "lean", "generation")
+GROUPS = ("roofline", "denoiser", "encoders", "pipeline", "triton", "knobs", "search", "lean", "generation", "train-step")

@@ -186,6 +186,10 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
             from . import generation
 
             res["generation"] = generation.run(ctx)
+        if "train-step" in groups:
+            from . import train_step
+
+            res["train_step"] = train_step.run(ctx)
         if "triton" in groups:
             from . import serving
 

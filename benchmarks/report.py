@@ -207,7 +207,7 @@ def _table(header: list[str], body: list[list[str]]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     """The report: machine and method, then one section per measured group, the goals last."""
-    from . import generation, lean, search
+    from . import generation, lean, search, train_step
 
     out = _md_header(res)
     out += _md_roofline(res.get("roofline", {}))
@@ -224,6 +224,7 @@ def markdown(res: dict[str, Any]) -> str:
     out += search.markdown(res.get("search"))
     out += lean.markdown(res.get("lean"))
     out += generation.markdown(res.get("generation"))
+    out += train_step.markdown(res.get("train_step"))
     out += _md_goals(goal_rows(res))
     out += [f"- {n}" for n in res.get("notes", [])]
     out.append("")
@@ -370,11 +371,11 @@ def _md_goals(goals: list[dict[str, Any]]) -> list[str]:
 # ---- plots --------------------------------------------------------------------------------------
 def plots(res: dict[str, Any], stem: Path) -> list[Path]:
     """PNG plots next to ``stem``: denoiser latency, the roofline, one per Triton run, the search engines,
-    the bridge against one generation."""
+    the bridge against one generation, the training step."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import generation, lean, search
+    from . import generation, lean, search, train_step
 
     written: list[Path] = []
 
@@ -402,6 +403,8 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
         written.append(stem.with_name(f"{stem.name}-lean.png"))
     if generation.plot(res.get("generation"), stem.with_name(f"{stem.name}-generation.png")):
         written.append(stem.with_name(f"{stem.name}-generation.png"))
+    if train_step.plot(res.get("train_step"), stem.with_name(f"{stem.name}-train-step.png")):
+        written.append(stem.with_name(f"{stem.name}-train-step.png"))
     return written
 
 

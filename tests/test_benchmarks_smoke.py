@@ -160,3 +160,43 @@ def test_generation_group(quick):
     assert 0.0 < share < 1.0
     assert "## Bridge cost against one generation" in (out / res["files"]["markdown"]).read_text()
     assert any(p.endswith("-generation.png") for p in res["files"]["plots"])
+
+
+@pytest.fixture(scope="module")
+def train_step(tmp_path_factory):
+    """``python -m benchmarks --quick --only train-step`` on its own (seconds: no export is needed)."""
+    out = tmp_path_factory.mktemp("bench-train-step")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "train-step", "--out", str(out)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"benchmarks --only train-step failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    (path,) = out.glob("*-quick.json")
+    return out, json.loads(path.read_text())
+
+
+def test_train_step_group(train_step):
+    """Both variants stepped both stages of the default preset, in one run, and did the same updates."""
+    from diffgap.config import DEFAULT_PRESET
+
+    out, res = train_step
+    ts = res["train_step"]
+    assert ts["preset"] == DEFAULT_PRESET and ts["torch_threads"] >= 1
+    assert set(ts["variants"]) == {"foreach-off", "package"}
+    assert [r["stage"] for r in ts["rows"]] == ["denoisers", "heads"]
+    for r in ts["rows"]:
+        assert "error" not in r, r
+        assert set(r["variants"]) == {"foreach-off", "package"}
+        # taking turns: every round timed one step of each
+        assert r["variants"]["foreach-off"]["n"] == r["variants"]["package"]["n"] >= 3
+        for v in r["variants"].values():
+            assert v["p10_ms"] <= v["median_ms"] <= v["p90_ms"] and v["steps_per_s"] > 0
+            assert v["last_loss"] == v["last_loss"]  # finite, not NaN
+        assert r["ratio"] > 0 and r["paired_ratio"] > 0
+        # the optimiser moved the stage's parameters, and both implementations moved them alike: a
+        # variant that skipped its step (or stepped other parameters) leaves a difference of the
+        # size of the change itself
+        assert r["max_param_change"] > 0
+        assert r["max_param_diff"] < 1e-2 * r["max_param_change"], (r["max_param_diff"], r["max_param_change"])
+    md = (out / res["files"]["markdown"]).read_text()
+    assert "## Training step: optimiser and EMA implementations" in md and "foreach-off / package" in md
+    (png,) = [p for p in res["files"]["plots"] if p.endswith("-train-step.png")]
+    assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
