@@ -268,7 +268,7 @@ def plot(res: dict[str, Any] | None, path: Path) -> bool:
         med = np.asarray([r["variants"][v]["median_ms"] for r in rows])
         p90 = np.asarray([r["variants"][v]["p90_ms"] for r in rows])
         bars = ax.bar(x + (i - 0.5) * 0.38, med, 0.38, yerr=[np.zeros_like(med), p90 - med], capsize=3, label=v)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8, label_type="center")
     ax.set_xticks(x, [f"{r['stage']} ({r['ratio']:.2f}x)" for r in rows])
     ax.set_ylabel("ms per training step (median, bar to p90)")
     ax.set_title(f"{res['preset']} training step, {res['torch_threads']} torch threads", fontsize=10)
