@@ -205,7 +205,8 @@ def run(ctx: Any) -> dict[str, Any]:
             }
             for v, s in samples.items():
                 st = Stats.from_samples(s)
-                row["variants"][v] = {**st.to_dict(), "steps_per_s": 1e3 / st.median_ms, "last_loss": last[v]}
+                row["variants"][v] = {**st.to_dict(), "steps_per_s": 1e3 / st.median_ms, "last_loss": last[v],
+                                      "samples_ms": [round(1e3 * x, 2) for x in s]}  # in round order: stalls show
             a_, b_ = (np.asarray(samples[v]) for v in VARIANTS)
             row["ratio"] = row["variants"]["foreach-off"]["median_ms"] / row["variants"]["package"]["median_ms"]
             row["paired_ratio"] = float(np.median(a_ / b_))
