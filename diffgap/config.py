@@ -112,8 +112,9 @@ class TrainConfig:
     # Validation-driven training (``diffgap train --val``; diffgap.train_val): the step budget comes
     # from early stopping, ``steps`` above is then unused. Every ``val_every`` steps the EMA weights
     # are scored on the validation split; after ``patience`` evaluations without a new best the LR
-    # is multiplied by ``plateau_factor`` (at most ``plateau_decays`` times), and the next plateau
-    # ends the stage. The ``max_*`` caps only bound a run whose validation figure keeps improving.
+    # is multiplied by ``plateau_factor`` (at most ``plateau_decays`` times; heads:
+    # ``head_plateau_decays``), and the next plateau ends the stage. The ``max_*`` caps only bound a
+    # run whose validation figure keeps improving.
     schedule: str = "auto"          # "two-stage" | "joint" | "auto" (train both, keep the better on val)
     val_every: int = 50             # denoiser (and joint) stages: validate every 50 steps, stop after 3 x 50 without a best
     patience: int = 3
@@ -123,7 +124,13 @@ class TrainConfig:
     head_val_every: int = 100
     head_patience: int = 3
     plateau_factor: float = 0.3
-    plateau_decays: int = 1
+    # Denoiser-type stages (denoisers, joint, the regression-bridge control) stop at their first
+    # plateau: in every such stage `make demo` and the real-encoder benchmark have printed
+    # ("best at step S of N (1 lr decay(s))" with N = S + 2 x patience x val_every, e.g.
+    # benchmarks/results/realdata-20261203/train.txt), the best came before the LR decay, so the
+    # decayed phase only spent 2 x 150 steps. The heads keep one decay: in `make demo` their best came after it.
+    plateau_decays: int = 0
+    head_plateau_decays: int = 1
     # Heads-only steps are cheaper than denoiser steps (`make demo` in the README: 1,100 head steps
     # in 20 s, 1,250 denoiser steps in 98 s).
     max_head_steps: int = 6000
@@ -225,7 +232,7 @@ class DiffGAPConfig:
             if k == "denoiser":
                 v = {"mean_hidden": 0, **v}
             if k == "train":
-                v = {"terminal_t_frac": 0.0, **v}
+                v = {"terminal_t_frac": 0.0, "plateau_decays": 1, **v}
             if k in subs:
                 sub_known = {f.name for f in dataclasses.fields(subs[k])}
                 bad = sorted(set(v) - sub_known)

@@ -35,8 +35,8 @@ Criteria, all on the EMA weights and the first ``train.val_max_pairs`` validatio
 
 Validation every ``val_every`` steps (heads: ``head_val_every``). Learning rate: linear warm-up,
 then constant; after ``patience`` (heads: ``head_patience``) evaluations without a new best it
-is multiplied by ``plateau_factor`` (ReduceLROnPlateau), at most ``plateau_decays`` times; the next
-plateau ends the stage. The weights returned are those of the best evaluation, not the last.
+is multiplied by ``plateau_factor`` (ReduceLROnPlateau), at most ``plateau_decays`` times (heads:
+``head_plateau_decays``); the next plateau ends the stage. The weights returned are those of the best evaluation, not the last.
 """
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def run_stage(
     hold the best evaluation's weights."""
     from diffgap.core.progress import progress_bar
 
-    every, patience = (tcfg.head_val_every, tcfg.head_patience) if name == "heads" else (tcfg.val_every, tcfg.patience)
+    every, patience, max_decays = ((tcfg.head_val_every, tcfg.head_patience, tcfg.head_plateau_decays) if name == "heads"
+                                   else (tcfg.val_every, tcfg.patience, tcfg.plateau_decays))
     holder = torch.nn.Module()
     holder.params = torch.nn.ParameterList(params)
     opt = make_optimizer(holder, tcfg)
@@ -163,7 +164,7 @@ def run_stage(
             continue
         since += 1
         if since >= patience:
-            if decays >= tcfg.plateau_decays:
+            if decays >= max_decays:
                 break
             decays += 1
             lr_scale *= tcfg.plateau_factor

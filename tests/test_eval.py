@@ -147,3 +147,41 @@ def test_eval_cli_refuses_mismatched_data(trained, tmp_path, capsys):
     rc = cli_main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", str(tmp_path / "v.npz"),
                    "--val", str(tmp_path / "v.npz")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_linear_adapter_row_is_the_linear_heads_only_when_they_were_trained_as_the_adapter(tmp_path, capsys):
+    """Linear heads trained alone under validation (two-stage) on the controls' split *are* the linear
+    adapter: eval reuses them (the row equals the heads row). Trained elsewhere, or on another split
+    file, the adapter is trained as its own control."""
+    import shutil
+
+    from diffgap.checkpoint import load_checkpoint
+    from diffgap.commands.eval import heads_trained_as_adapter
+
+    d = tmp_path
+    synth.write(d / "data", replace(synth.SynthConfig(), n_train=800, n_val=100, n_test=100))
+    n = torch.get_num_threads()
+    rc = cli_main(["train", "--data", str(d / "data" / "train.npz"), "--val", str(d / "data" / "val.npz"),
+                   "--schedule", "two-stage", "--out", str(d / "ck"), "--preset", "clap-tiny-gen", "--no-progress", "--threads", "1"])
+    torch.set_num_threads(n)
+    assert rc == 0
+    model, meta = load_checkpoint(d / "ck")
+    assert heads_trained_as_adapter(model, meta, str(d / "data" / "train.npz"))
+    shutil.copy(d / "data" / "train.npz", d / "copy.npz")
+    assert not heads_trained_as_adapter(model, meta, str(d / "copy.npz"))
+    assert not heads_trained_as_adapter(model, {**meta, "validation": {"chosen": "joint"}}, str(d / "data" / "train.npz"))
+    common = ["--data", str(d / "data" / "test.npz"), "--val", str(d / "data" / "val.npz"), "--noise-steps", "2",
+              "--noise-samples", "2", "--bootstrap", "50", "--threads", "1"]
+    for name, extra in (("own", []), ("copy", ["--train", str(d / "copy.npz")])):
+        rc = cli_main(["eval", "--checkpoint", str(d / "ck"), "--json", str(d / f"{name}.json"), *common, *extra])
+        torch.set_num_threads(n)
+        assert rc == 0
+    out = capsys.readouterr().out
+    own, copy = (json.loads((d / f"{k}.json").read_text()) for k in ("own", "copy"))
+    assert "source" in own["controls"]["linear adapter"] and "steps_run" not in own["controls"]["linear adapter"]
+    assert "steps_run" in copy["controls"]["linear adapter"]
+    assert "= the heads" in out
+    for task in ("text->audio", "audio->text"):
+        rows = own["tasks"][task]["rows"]
+        for k in ("R@1", "R@5", "R@10", "mAP@10", "MedR"):
+            assert rows["linear adapter"][k] == rows["heads"][k]

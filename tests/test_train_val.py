@@ -101,3 +101,25 @@ def test_validation_keeps_mlp_heads_only_where_they_gain(kind, expected):
     assert (model.heads.heads["text"].mlp is not None) == (expected > 0)
     lo = heads["comparisons"]["mlp-64"]["val_gain_ci"][0]
     assert (lo > 0) == (expected > 0)
+
+
+@pytest.mark.parametrize("name, decays", [("denoisers", 0), ("heads", 1)])
+def test_a_stage_stops_after_its_allowed_lr_decays(name, decays):
+    """run_stage on a criterion that never improves after the first evaluation: the stage ends after
+    `patience` evaluations per allowed LR decay plus the final plateau; the heads and the
+    denoiser-type stages have their own number of decays."""
+    from diffgap.config import get_preset
+    from diffgap.models import DiffGAP
+    from diffgap.train_val import run_stage
+
+    cfg = get_preset("clap-tiny").replace(**{"train.plateau_decays": 0, "train.head_plateau_decays": 1})
+    tcfg = cfg.train
+    model = DiffGAP(cfg)
+    ema = DiffGAP(cfg)
+    params = list(model.heads.parameters())
+    scores = iter([1.0] + [0.0] * 100)
+    st = run_stage(name, model, ema, params, tcfg, lambda step: sum((p ** 2).sum() for p in params),
+                   lambda m: {"score": next(scores)}, "score", 10_000)
+    every, patience = (tcfg.head_val_every, tcfg.head_patience) if name == "heads" else (tcfg.val_every, tcfg.patience)
+    assert st.best_step == every and st.lr_decays == decays
+    assert st.steps == every * (1 + patience * (decays + 1))
