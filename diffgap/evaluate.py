@@ -111,14 +111,17 @@ def bridge_runs(model: DiffGAP, ecfg: EvalConfig) -> dict[str, tuple[str, int, i
             "noise": ("noise", ecfg.noise_steps, ecfg.noise_samples)}
 
 
-def embed_split(model: DiffGAP, pairs: Pairs, ecfg: EvalConfig) -> dict[str, Any]:
-    """Raw, head-space and bridged embeddings of one split (every bridge of :func:`bridge_runs`, both directions)."""
+def embed_split(model: DiffGAP, pairs: Pairs, ecfg: EvalConfig, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Raw, head-space and bridged embeddings of one split (the bridges of :func:`bridge_runs` named in
+    ``keys``, default all; both directions)."""
     a, b = model.config.modalities
     bs = ecfg.batch_size
     emb: dict[str, Any] = {"raw": {m: pairs[m] for m in (a, b)},
                            "heads": {m: _project(model, m, pairs[m], bs) for m in (a, b)},
                            "bridged": {}, "single": {}, "ms_per_query": {}}
     for key, (mode, steps, samples) in bridge_runs(model, ecfg).items():
+        if keys is not None and key not in keys:
+            continue
         for direction in model.config.directions:
             _, source = parse_direction(direction)
             mean, single, sec_per_1k = bridge_array(model, direction, pairs[source], mode, steps, samples,
@@ -133,6 +136,8 @@ def similarity_sets(emb: dict[str, Any], q: str, g: str) -> dict[str, np.ndarray
     """All (N_q, N_g) similarity matrices for queries of modality q against a gallery of g."""
     sims = {"raw": cosine(emb["raw"][q], emb["raw"][g]), "heads": cosine(emb["heads"][q], emb["heads"][g])}
     for key, suffix in (("bridge", ""), ("source", " src"), ("noise", " noise")):
+        if (key, f"{g}_given_{q}") not in emb["bridged"]:
+            continue
         # query-side: the query bridged into the gallery's modality, scored in the gallery's head space
         sims[f"q-bridge{suffix}"] = cosine(emb["bridged"][(key, f"{g}_given_{q}")], emb["heads"][g])
         # gallery-side: each gallery item bridged into the query's modality (index-time work)
@@ -254,7 +259,9 @@ def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalCon
         if have != model.config.input_dims:
             raise ValueError(f"{split} split {p.path} has widths {have}, the model takes {model.config.input_dims}")
     t_start = time.perf_counter()
-    emb = {"val": embed_split(model, val, ecfg), "test": embed_split(model, test, ecfg)}
+    # The validation split only chooses fusion weights, and only the retrieval bridge is fused: the
+    # diagnostic samplers (from the source, from noise) are single rows, bridged on the test split alone.
+    emb = {"val": embed_split(model, val, ecfg, keys=("bridge",)), "test": embed_split(model, test, ecfg)}
     result: dict[str, Any] = {"eval_config": asdict(ecfg), "n_test": len(test), "n_val": len(val),
                               "bridge_mode": model.config.diffusion.bridge_mode,
                               "fusion_settings": fusion_settings(model, ecfg), "tasks": {}}
