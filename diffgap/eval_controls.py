@@ -10,17 +10,25 @@ Similarity names added per retrieval task q->g (see :func:`control_similarities`
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .baselines import apply_regression, mean_shift, train_linear_adapter, train_regression_bridges
-from .core.data import Pairs
+from .baselines import LinearAdapter, RegressionBridge, apply_regression, mean_shift, train_linear_adapter, train_regression_bridges
+from .core.data import Pairs, load_pairs
+from .core.fsutil import atomic_write_json, sha256_file
 from .core.retrieval import cosine, l2n
-from .models import DiffGAP, parse_direction
+from .models import DiffGAP, count_parameters, parse_direction
 from .prior import frechet_distance, knn_precision_recall, prior_figures
 
 log = logging.getLogger(__name__)
@@ -48,16 +56,35 @@ def heads_are_linear_adapter(model: DiffGAP) -> bool:
     return h.hidden == 0 and not h.identity
 
 
-def fit_controls(model: DiffGAP, train: Pairs, val: Pairs, adapter_from_heads: bool = False) -> dict[str, Any]:
+def fit_controls(model: DiffGAP, train: Pairs, val: Pairs, adapter_from_heads: bool = False,
+                 cache: str | Path | None = None) -> dict[str, Any]:
     """Train the linear adapter and the regression bridges; the train-split means for mean shift.
 
     ``adapter_from_heads``: the model's linear heads were trained on ``train`` (the checkpoint's own
     split) and :func:`heads_are_linear_adapter` holds, so the adapter row *is* the heads: a second
-    training run of the same linear model would differ from them only by its batch order."""
+    training run of the same linear model would differ from them only by its batch order.
+    ``cache``: a directory written by :func:`save_controls` (``diffgap train`` fits the controls beside
+    the denoiser stage, :class:`BackgroundControls`); used when its key matches this model, these
+    splits and ``adapter_from_heads`` (:func:`controls_key`), else the controls are trained here."""
     a, b = model.config.modalities
-    t0 = time.perf_counter()
     tr = {m: np.asarray(train[m], np.float32) for m in (a, b)}
     va = {m: np.asarray(val[m], np.float32) for m in (a, b)}
+    h_tr = {m: _heads(model, m, tr[m]) for m in (a, b)}
+    nets = None
+    if cache is not None:
+        nets = load_controls(cache, model, controls_key(model, train, val, adapter_from_heads), adapter_from_heads)
+    if nets is None:
+        nets = _fit_nets(model, tr, va, h_tr, adapter_from_heads)
+    adapter, bridges, info = nets
+    return {"adapter": adapter, "bridges": bridges,
+            "raw_mean": {m: tr[m].mean(0) for m in (a, b)}, "head_mean": {m: h_tr[m].mean(0) for m in (a, b)},
+            "info": info}
+
+
+def _fit_nets(model: DiffGAP, tr: dict[str, np.ndarray], va: dict[str, np.ndarray], h_tr: dict[str, np.ndarray],
+              adapter_from_heads: bool) -> tuple[Any, dict[str, RegressionBridge], dict[str, Any]]:
+    a, b = model.config.modalities
+    t0 = time.perf_counter()
     if adapter_from_heads:
         if not heads_are_linear_adapter(model):
             raise ValueError(f"adapter_from_heads needs linear heads; this model has heads.hidden = {model.config.heads.hidden}, "
@@ -67,14 +94,157 @@ def fit_controls(model: DiffGAP, train: Pairs, val: Pairs, adapter_from_heads: b
     else:
         adapter, ad_info = train_linear_adapter(model, tr, va)
     t1 = time.perf_counter()
-    h_tr = {m: _heads(model, m, tr[m]) for m in (a, b)}
     h_va = {m: _heads(model, m, va[m]) for m in (a, b)}
     bridges, rb_info = train_regression_bridges(model, h_tr, h_va)
     ad_info["seconds"] = round(t1 - t0, 1)
     rb_info["seconds"] = round(time.perf_counter() - t1, 1)
-    return {"adapter": adapter, "bridges": bridges,
-            "raw_mean": {m: tr[m].mean(0) for m in (a, b)}, "head_mean": {m: h_tr[m].mean(0) for m in (a, b)},
-            "info": {"linear adapter": ad_info, "regression bridge": rb_info}}
+    return adapter, bridges, {"linear adapter": ad_info, "regression bridge": rb_info}
+
+
+# ---- a cache of the trained controls ---------------------------------------------------------------
+CONTROLS_FORMAT = "diffgap-controls/1"
+CONTROLS_WEIGHTS = "controls.safetensors"
+CONTROLS_JSON = "controls.json"
+
+
+def controls_key(model: DiffGAP, train: Pairs, val: Pairs, adapter_from_heads: bool) -> str:
+    """sha256 of everything the trained controls depend on: the config, the heads and head-space
+    statistics (the regression bridges are trained in that space), both split files, the adapter rule."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"config": model.config.to_dict(), "adapter_from_heads": bool(adapter_from_heads)}, sort_keys=True).encode())
+    state = {f"heads.{k}": v for k, v in model.heads.state_dict().items()}
+    state.update({k: v for k, v in model.named_buffers() if k.startswith("stats_")})
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    for p in (train, val):
+        h.update(sha256_file(p.path).encode())
+    return h.hexdigest()
+
+
+def save_controls(directory: str | Path, adapter: Any, bridges: dict[str, RegressionBridge], info: dict[str, Any], key: str) -> None:
+    """Write the trained controls to ``directory`` (weights as safetensors, the key and the training record as JSON)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"reg.{direction}.{k}": v.detach().contiguous() for direction, net in bridges.items() for k, v in net.state_dict().items()}
+    if isinstance(adapter, LinearAdapter):
+        tensors.update({f"adapter.{k}": v.detach().contiguous() for k, v in adapter.state_dict().items()})
+    save_file(tensors, str(d / CONTROLS_WEIGHTS), metadata={"format": CONTROLS_FORMAT})
+    atomic_write_json(d / CONTROLS_JSON, {"format": CONTROLS_FORMAT, "key": key, "info": info,
+                                          "sha256": sha256_file(d / CONTROLS_WEIGHTS)})
+
+
+def load_controls(directory: str | Path, model: DiffGAP, key: str,
+                  adapter_from_heads: bool) -> tuple[Any, dict[str, RegressionBridge], dict[str, Any]] | None:
+    """The controls saved in ``directory`` if its key is ``key`` (None when absent, stale or unreadable)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    try:
+        doc = json.loads((d / CONTROLS_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("format") != CONTROLS_FORMAT or doc.get("key") != key:
+        log.info("controls in %s were trained for another model or split; training them again", d)
+        return None
+    if sha256_file(d / CONTROLS_WEIGHTS) != doc.get("sha256"):
+        log.warning("%s does not match its sha256 in %s; training the controls again", d / CONTROLS_WEIGHTS, CONTROLS_JSON)
+        return None
+    tensors = load_file(str(d / CONTROLS_WEIGHTS))
+    cfg = model.config
+    target = count_parameters(model.denoiser(cfg.directions[0]))
+    bridges = {}
+    for direction in cfg.directions:
+        net = RegressionBridge.matching(cfg.heads.dim, cfg.denoiser.depth, cfg.denoiser.mlp_ratio, target)
+        net.load_state_dict({k[len(f"reg.{direction}."):]: v for k, v in tensors.items() if k.startswith(f"reg.{direction}.")})
+        bridges[direction] = net.eval()
+    if adapter_from_heads:
+        adapter = model.heads
+    else:
+        adapter = LinearAdapter(cfg.input_dims, cfg.heads.dim, cfg.heads.init_temperature)
+        adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        adapter.eval()
+    info = {name: {**rec, "cache": f"trained beside the denoiser stage by `diffgap train` ({d.name}/)"}
+            for name, rec in doc["info"].items()}
+    log.info("controls loaded from %s", d)
+    return adapter, bridges, info
+
+
+def _fit_and_save(state: dict[str, torch.Tensor], config: dict[str, Any], train_path: str, val_path: str,
+                  adapter_from_heads: bool, out: str, threads: int) -> None:
+    """Child process of :class:`BackgroundControls`: rebuild the model, fit the controls, save them."""
+    from .config import DiffGAPConfig
+
+    torch.set_num_threads(threads)
+    model = DiffGAP(DiffGAPConfig.from_dict(config))
+    model.load_state_dict(state)
+    model.eval()
+    a, b = model.config.modalities
+    train = load_pairs(train_path, embed_dim=model.config.input_dims, require=(a, b))
+    val = load_pairs(val_path, embed_dim=model.config.input_dims, require=(a, b))
+    tr = {m: np.asarray(train[m], np.float32) for m in (a, b)}
+    va = {m: np.asarray(val[m], np.float32) for m in (a, b)}
+    h_tr = {m: _heads(model, m, tr[m]) for m in (a, b)}
+    adapter, bridges, info = _fit_nets(model, tr, va, h_tr, adapter_from_heads)
+    save_controls(out, adapter, bridges, info, controls_key(model, train, val, adapter_from_heads))
+
+
+class BackgroundControls:
+    """Fit the eval controls in a child process on one core while the parent trains the denoisers.
+
+    Started once the heads are frozen (the regression bridges are trained in their space). The parent
+    gives up one of its torch threads while the child runs and takes it back when the child is done
+    (:meth:`poll`). Two processes on one thread each do more small-matrix work per second than one
+    process on two threads, and the controls end before the denoiser stage does, so they cost the
+    training little and ``diffgap eval`` none. :meth:`finish` waits for the child and moves its files
+    into the checkpoint (``<checkpoint>/controls``)."""
+
+    def __init__(self, model: DiffGAP, train_path: str, val_path: str, adapter_from_heads: bool, scratch_parent: str | Path):
+        self.threads = torch.get_num_threads()
+        self.tmp = Path(tempfile.mkdtemp(prefix=".controls.", dir=str(scratch_parent)))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ctx = multiprocessing.get_context("spawn")
+        self.proc = ctx.Process(target=_fit_and_save, daemon=True,
+                                args=(state, model.config.to_dict(), str(train_path), str(val_path), adapter_from_heads, str(self.tmp), 1))
+        self.t0 = time.perf_counter()
+        self.proc.start()
+        torch.set_num_threads(max(1, self.threads - 1))
+        self.seconds: float | None = None
+
+    def poll(self) -> None:
+        """Give the parent its threads back once the child has ended."""
+        if self.seconds is None and not self.proc.is_alive():
+            self.seconds = time.perf_counter() - self.t0
+            torch.set_num_threads(self.threads)
+
+    def finish(self, checkpoint: str | Path) -> Path | None:
+        """Wait for the child; move its controls into ``checkpoint``/controls. None if it failed."""
+        self.proc.join()
+        self.poll()
+        try:
+            if self.proc.exitcode != 0 or not (self.tmp / CONTROLS_JSON).exists():
+                log.warning("fitting the eval controls beside training failed (exit code %s); `diffgap eval` trains them itself",
+                            self.proc.exitcode)
+                return None
+            dest = Path(checkpoint) / CONTROLS_DIR
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(self.tmp, dest)
+            return dest
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def cancel(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        torch.set_num_threads(self.threads)
+
+
+CONTROLS_DIR = "controls"
 
 
 @torch.no_grad()

@@ -246,10 +246,11 @@ def fusion_settings(model: DiffGAP, ecfg: EvalConfig) -> dict[str, Any]:
 
 
 def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalConfig(), train: Pairs | None = None,
-             adapter_from_heads: bool = False) -> dict[str, Any]:
+             adapter_from_heads: bool = False, controls_cache: Any = None) -> dict[str, Any]:
     """The full evaluation as a JSON-able dict (see :func:`format_report`); with ``train`` also the
     control rows and the generative-prior table (:mod:`diffgap.eval_controls`). ``adapter_from_heads``:
-    the linear-adapter control is the model's own linear heads (see :func:`diffgap.eval_controls.fit_controls`)."""
+    the linear-adapter control is the model's own linear heads; ``controls_cache``: a directory of controls
+    ``diffgap train`` fitted (both: see :func:`diffgap.eval_controls.fit_controls`)."""
     model.eval()
     a, b = model.config.modalities
     for split, p in (("test", test), ("val", val)):
@@ -270,7 +271,7 @@ def evaluate(model: DiffGAP, test: Pairs, val: Pairs, ecfg: EvalConfig = EvalCon
     if train is not None:
         from . import eval_controls as ec
 
-        ctl = ec.fit_controls(model, train, val, adapter_from_heads)
+        ctl = ec.fit_controls(model, train, val, adapter_from_heads, cache=controls_cache)
         cemb = {s: ec.embed_controls(model, ctl, emb[s]) for s in ("val", "test")}
         row_defs = row_defs[:3] + ec.CONTROL_ROWS + row_defs[3:]
         result["controls"] = ctl["info"]

@@ -279,8 +279,13 @@ def select_heads(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], V: dict[str, to
 
 
 def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress: bool,
-                    start: HeadsStart | None = None) -> tuple[DiffGAP, dict[str, StageResult]]:
-    """Stage 1 (unless ``start`` holds its outcome), then stage 2: the denoisers on the frozen heads."""
+                    start: HeadsStart | None = None, after_heads: Callable[[DiffGAP], Any] | None = None,
+                    ) -> tuple[DiffGAP, dict[str, StageResult]]:
+    """Stage 1 (unless ``start`` holds its outcome), then stage 2: the denoisers on the frozen heads.
+
+    ``after_heads(model)`` is called once the heads are frozen and the head-space statistics set (what
+    work on the fixed space may start from, e.g. :class:`diffgap.eval_controls.BackgroundControls`);
+    an object it returns with a ``poll()`` method is polled every ``val_every`` denoiser steps."""
     tcfg = cfg.train
     a, b = cfg.modalities
     start = start or train_heads(cfg, X, val_fn, progress)
@@ -294,9 +299,12 @@ def train_two_stage(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, prog
         H = {m: torch.cat([model.project(m, X[m][i:i + 4096]) for i in range(0, len(X[m]), 4096)]) for m in (a, b)}
         model.train()
     _set_exact_stats(model, H)
+    side = after_heads(model) if after_heads is not None else None
     ema = copy.deepcopy(model)
 
     def diff_loss(step: int) -> torch.Tensor:
+        if side is not None and step % tcfg.val_every == 0:
+            side.poll()
         i = idx()
         return denoiser_loss(model, {m: H[m][i] for m in (a, b)}, gen)[0]
 
@@ -323,8 +331,10 @@ def train_joint(cfg: DiffGAPConfig, X: dict[str, torch.Tensor], val_fn, progress
     return ema.eval(), {"joint": st, "_final": dict(st.best)}
 
 
-def train_validated(cfg: DiffGAPConfig, data: Pairs, val: Pairs, progress: bool = True) -> tuple[DiffGAP, dict[str, Any]]:
-    """Train with validation-driven budgets; returns (the chosen model, ``meta.validation`` record)."""
+def train_validated(cfg: DiffGAPConfig, data: Pairs, val: Pairs, progress: bool = True,
+                    after_heads: Callable[[DiffGAP], Any] | None = None) -> tuple[DiffGAP, dict[str, Any]]:
+    """Train with validation-driven budgets; returns (the chosen model, ``meta.validation`` record).
+    ``after_heads``: see :func:`train_two_stage`."""
     tcfg = cfg.train
     a, b = cfg.modalities
     X = {m: torch.from_numpy(np.ascontiguousarray(data[m])) for m in (a, b)}
@@ -341,7 +351,7 @@ def train_validated(cfg: DiffGAPConfig, data: Pairs, val: Pairs, progress: bool 
     cfg, start, heads_record = select_heads(cfg, X, V, val_fn, progress)
     runs: dict[str, tuple[DiffGAP, dict[str, StageResult]]] = {}
     for s in schedules:
-        runs[s] = (train_two_stage(cfg, X, val_fn, progress, start) if s == "two-stage"
+        runs[s] = (train_two_stage(cfg, X, val_fn, progress, start, after_heads) if s == "two-stage"
                    else train_joint(cfg, X, val_fn, progress))
     scores = {s: runs[s][1]["_final"]["score"] for s in schedules}
     chosen = max(schedules, key=lambda s: (scores[s], s == "two-stage"))

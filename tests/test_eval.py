@@ -162,7 +162,8 @@ def test_linear_adapter_row_is_the_linear_heads_only_when_they_were_trained_as_t
     synth.write(d / "data", replace(synth.SynthConfig(), n_train=800, n_val=100, n_test=100))
     n = torch.get_num_threads()
     rc = cli_main(["train", "--data", str(d / "data" / "train.npz"), "--val", str(d / "data" / "val.npz"),
-                   "--schedule", "two-stage", "--out", str(d / "ck"), "--preset", "clap-tiny-gen", "--no-progress", "--threads", "1"])
+                   "--schedule", "two-stage", "--out", str(d / "ck"), "--preset", "clap-tiny-gen", "--no-progress",
+                   "--threads", "2"])  # two threads: one is lent to the controls' process during the denoiser stage
     torch.set_num_threads(n)
     assert rc == 0
     model, meta = load_checkpoint(d / "ck")
@@ -180,8 +181,52 @@ def test_linear_adapter_row_is_the_linear_heads_only_when_they_were_trained_as_t
     own, copy = (json.loads((d / f"{k}.json").read_text()) for k in ("own", "copy"))
     assert "source" in own["controls"]["linear adapter"] and "steps_run" not in own["controls"]["linear adapter"]
     assert "steps_run" in copy["controls"]["linear adapter"]
+    # `diffgap train` fitted the controls beside the denoiser stage; eval used them for its own split,
+    # and trained its own for the other split file (another adapter rule, so another key)
+    assert (d / "ck" / "controls" / "controls.json").exists()
+    assert "cache" in own["controls"]["regression bridge"] and "cache" not in copy["controls"]["regression bridge"]
     assert "= the heads" in out
     for task in ("text->audio", "audio->text"):
         rows = own["tasks"][task]["rows"]
         for k in ("R@1", "R@5", "R@10", "mAP@10", "MedR"):
             assert rows["linear adapter"][k] == rows["heads"][k]
+
+
+def test_cached_controls_are_the_ones_trained_and_a_stale_cache_is_refused(tmp_path):
+    """The controls saved by `diffgap train` load back equal to what was trained; a cache for other
+    heads (another key) or with a damaged weights file is not used."""
+    from diffgap.checkpoint import load_checkpoint
+    from diffgap.core.data import load_pairs
+    from diffgap.eval_controls import BackgroundControls, controls_key, fit_controls, load_controls
+
+    d = tmp_path
+    synth.write(d / "data", replace(synth.SynthConfig(), n_train=600, n_val=80, n_test=80))
+    n = torch.get_num_threads()
+    rc = cli_main(["train", "--data", str(d / "data" / "train.npz"), "--out", str(d / "ck"), "--preset", "clap-tiny",
+                   "--steps", "20", "--no-progress", "--threads", "1"])
+    torch.set_num_threads(n)
+    assert rc == 0
+    model, _ = load_checkpoint(d / "ck")
+    train, val = load_pairs(d / "data" / "train.npz"), load_pairs(d / "data" / "val.npz")
+    side = BackgroundControls(model, str(d / "data" / "train.npz"), str(d / "data" / "val.npz"), False, d)
+    dest = side.finish(d / "ck")
+    assert dest is not None and not list(d.glob(".controls.*"))
+    key = controls_key(model, train, val, False)
+    adapter, bridges, info = load_controls(dest, model, key, False)
+    ref = fit_controls(model, train, val)  # the same training, in this process
+    for direction, net in bridges.items():
+        for (k, v), (k2, v2) in zip(net.state_dict().items(), ref["bridges"][direction].state_dict().items()):
+            assert k == k2 and torch.allclose(v, v2, atol=1e-5), k
+    for (k, v), (k2, v2) in zip(adapter.state_dict().items(), ref["adapter"].state_dict().items()):
+        assert k == k2 and torch.allclose(v, v2, atol=1e-5), k
+    assert info["regression bridge"]["best_step"] == ref["info"]["regression bridge"]["best_step"]
+    # other heads: another key, the cache is not used
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(0.01)
+    assert controls_key(model, train, val, False) != key
+    assert load_controls(dest, model, controls_key(model, train, val, False), False) is None
+    # a damaged weights file is not used either
+    w = dest / "controls.safetensors"
+    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    assert load_controls(dest, model, key, False) is None

@@ -66,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         adapter_from_heads = heads_trained_as_adapter(model, meta, path)
     ecfg = EvalConfig(bridge_steps=args.bridge_steps, source_steps=args.source_steps, noise_steps=args.noise_steps, noise_samples=args.noise_samples,
                       guidance_scale=args.guidance_scale, n_boot=args.bootstrap, seed=args.seed)
-    res = evaluate(model, test, val, ecfg, train=train, adapter_from_heads=adapter_from_heads)
+    from diffgap.eval_controls import CONTROLS_DIR
+
+    res = evaluate(model, test, val, ecfg, train=train, adapter_from_heads=adapter_from_heads,
+                   controls_cache=Path(args.checkpoint) / CONTROLS_DIR)
     res["checkpoint"] = str(args.checkpoint)
     res["preset"] = meta["preset"]
     res["parameters"] = model.parameter_counts()

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0: linear heads only; default: the preset's train.head_mlp_hidden)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-eval-controls", action="store_true",
+                   help="with --val: do not fit the eval controls (linear adapter, regression bridges) in a second process "
+                        "beside the denoiser stage (default: fitted there on one core and saved in <out>/controls for `diffgap eval`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +93,8 @@ def adapt_input_dims(cfg, data):
 
 def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
     import time
+    from pathlib import Path
+    from typing import Any
 
     from diffgap.checkpoint import save_checkpoint
     from diffgap.core.data import load_pairs
@@ -107,13 +112,37 @@ def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
     if len(data) < cfg.train.batch_size:
         raise UserError(f"training data {args.data} has {len(data)} pairs, fewer than batch size {cfg.train.batch_size}; lower --batch-size")
     t0 = time.perf_counter()
-    model, record = train_validated(cfg, data, val, progress=not args.no_progress)
+    side: list[Any] = []
+
+    def after_heads(model):  # the eval controls, fitted beside the denoiser stage on a spare core
+        import torch
+
+        from diffgap.eval_controls import BackgroundControls, heads_are_linear_adapter
+
+        if args.no_eval_controls or torch.get_num_threads() < 2:
+            return None
+        # fitted for the two-stage model; if validation keeps the joint one, `diffgap eval` sees another
+        # key (other heads) and trains the controls itself
+        side.append(BackgroundControls(model, str(args.data), str(args.val), heads_are_linear_adapter(model),
+                                       Path(args.out).resolve().parent))
+        return side[-1]
+
+    try:
+        model, record = train_validated(cfg, data, val, progress=not args.no_progress, after_heads=after_heads)
+    except BaseException:
+        for s in side:
+            s.cancel()
+        raise
     seconds = time.perf_counter() - t0
     chosen = record["candidates"][record["chosen"]]
     steps = sum(st["steps_run"] for st in chosen["stages"].values())
     meta = {"data": str(args.data), "val": str(args.val), "step": steps, "train_seconds": round(seconds, 2),
             "parameters": model.parameter_counts(), "world_size": 1, "validation": record, **_encoder_meta(data)}
     ckpt = save_checkpoint(args.out, model, meta)
+    for s in side:
+        dest = s.finish(ckpt)
+        if dest is not None:
+            print(f"eval controls (linear adapter, regression bridges) fitted beside the denoiser stage in {s.seconds:.0f} s -> {dest}")
     counts = model.parameter_counts()
     print(f"trained {cfg.name} with validation on {record['n_val_pairs']} pairs of {args.val} in {seconds:.0f} s; "
           f"parameters: heads {counts['heads'] / 1e6:.2f}M, total {count_parameters(model) / 1e6:.2f}M")
