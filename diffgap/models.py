@@ -179,6 +179,12 @@ class ConditionalDenoiser(nn.Module):
         self.final = FinalLayer(H, dim)
         self.mean = ConditionMean(dim, cfg.mean_hidden, cfg.depth, cfg.mlp_ratio) if cfg.mean_hidden > 0 else None
 
+    def condition_terms(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a step computes from the condition alone: its embedding (B, H) and the conditional-mean
+        branch's output (B, D) (None without the branch). The same at every step of a sampler, which
+        computes them once per condition (:meth:`DiffGAP.bridge`) and passes them as ``terms``."""
+        return self.c_embed.mlp(cond), (self.mean(cond) if self.mean is not None else None)
+
     def forward(
         self,
         x_t: torch.Tensor,                 # (B, D) noisy target, standardised
@@ -186,16 +192,20 @@ class ConditionalDenoiser(nn.Module):
         cond: torch.Tensor,                # (B, D) source embedding, standardised
         keep: torch.Tensor | None = None,  # (B,) bool: False drops the condition (CFG training)
         unconditional: bool = False,
+        terms: tuple[torch.Tensor, torch.Tensor | None] | None = None,  # condition_terms(cond), precomputed
     ) -> torch.Tensor:
         cond = self.c_embed.substitute(cond, keep, unconditional)
-        c = self.t_embed(t) + self.c_embed.mlp(cond)  # (B, H); (1, H) t-embedding broadcasts
+        c_cond, mean = self.condition_terms(cond) if terms is None else terms
+        c = self.t_embed(t) + c_cond  # (B, H); (1, H) t-embedding broadcasts
         h = self.inp(torch.cat([x_t, cond], dim=-1) if self.cfg.concat_condition else x_t)
         for block in self.blocks:
             h = block(h, c)
         out = self.final(h, c)  # (B, D)
-        return out if self.mean is None else out + self.mean(cond)
+        return out if mean is None else out + mean
 
-    def forward_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                       terms: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                       null_terms: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The conditional and unconditional outputs for classifier-free guidance, each (B, D).
 
         Equal to ``(forward(x_t, t, cond), forward(x_t, t, cond, unconditional=True))``, computed as
@@ -208,10 +218,12 @@ class ConditionalDenoiser(nn.Module):
         B = x_t.shape[0]
         null = self.c_embed.null
         t_emb = self.t_embed(t)                                   # (1, H) or (B, H)
-        c = t_emb + self.c_embed.mlp(cond)                        # (B, H)
+        c_cond, mean = self.condition_terms(cond) if terms is None else terms
         # torch.stack, not null[None]: a view of a parameter keeps requires_grad without a grad_fn under
         # no_grad/inference_mode, which torch's module tracker (FlopCounterMode) cannot hook.
-        c_u = t_emb + self.c_embed.mlp(torch.stack([null]))     # (1, H) for a shared timestep
+        c_null, mean_u = self.condition_terms(torch.stack([null])) if null_terms is None else null_terms
+        c = t_emb + c_cond                                        # (B, H)
+        c_u = t_emb + c_null                                      # (1, H) for a shared timestep
         inp = torch.cat([x_t, cond], dim=-1) if self.cfg.concat_condition else x_t
         inp_u = torch.cat([x_t, null.expand_as(cond)], dim=-1) if self.cfg.concat_condition else x_t
         h = self.inp(torch.cat([inp, inp_u], dim=0))              # (2B, H)
@@ -222,9 +234,9 @@ class ConditionalDenoiser(nn.Module):
         for block in self.blocks:
             h = block.modulated(h, stacked(block.ada))
         out = self.final.modulated(h, stacked(self.final.ada))
-        if self.mean is None:
+        if mean is None:
             return out[:B], out[B:]
-        return out[:B] + self.mean(cond), out[B:] + self.mean(torch.stack([null]))
+        return out[:B] + mean, out[B:] + mean_u
 
 
 # ---- contrastive heads ----------------------------------------------------------------------
@@ -397,13 +409,16 @@ class DiffGAP(nn.Module):
             # (which removes the mean offset between modalities), noised to t0.
             x = self.schedule.q_sample(cond_z, start, noise)
         use_uncond = not (isinstance(g, (int, float)) and float(g) == 1.0)
+        # the condition-only parts of a step (its embedding, the conditional-mean branch), once for all K steps
+        terms = denoiser.condition_terms(cond_z)
+        null_terms = denoiser.condition_terms(torch.stack([denoiser.c_embed.null])) if use_uncond else None
         for t in sampler.timesteps:  # python ints: constants in a traced graph
             t_vec = torch.full((1,), t, dtype=torch.int64, device=x.device)
             if use_uncond:  # both guidance branches in one stacked pass
-                out, out_u = denoiser.forward_guided(x, t_vec, cond_z)
+                out, out_u = denoiser.forward_guided(x, t_vec, cond_z, terms, null_terms)
                 x0 = guided(self.schedule.to_x0(out_u, x, t), self.schedule.to_x0(out, x, t), g)
             else:
-                x0 = self.schedule.to_x0(denoiser(x, t_vec, cond_z), x, t)
+                x0 = self.schedule.to_x0(denoiser(x, t_vec, cond_z, terms=terms), x, t)
             x0 = self.renormalize(target, x0)
             var_noise = None
             if sampler.eta > 0:
