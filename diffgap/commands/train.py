@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-eval-controls", action="store_true",
                    help="with --val: do not fit the eval controls (linear adapter, regression bridges) in a second process "
-                        "beside the denoiser stage (default: fitted there on one core and saved in <out>/controls for `diffgap eval`)")
+                        "beside the denoiser stage (default, when torch has 2 or more threads: fitted there on one of them and saved in "
+                        "<out>/controls for `diffgap eval`)")
 
 
 def run(args: argparse.Namespace) -> int:
