@@ -203,6 +203,7 @@ class BackgroundControls:
 
     def __init__(self, model: DiffGAP, train_path: str, val_path: str, adapter_from_heads: bool, scratch_parent: str | Path):
         self.threads = torch.get_num_threads()
+        Path(scratch_parent).mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=".controls.", dir=str(scratch_parent)))
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ctx = multiprocessing.get_context("spawn")
