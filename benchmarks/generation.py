@@ -280,7 +280,7 @@ def plot(res: dict[str, Any] | None, path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffgap.core.fsutil import atomic_path
+    from .harness import save_png
 
     bars.append((f"generator loop ({res['generator_steps']} steps)", s["generator_loop_ms"]))
     fig, ax = plt.subplots(figsize=(7, 3))
@@ -290,7 +290,5 @@ def plot(res: dict[str, Any] | None, path) -> bool:
     ax.set_xlabel("seconds per generation (median, log scale)")
     ax.set_title("DiffGAP bridge vs an AudioLDM-small-size denoising loop, same machine")
     ax.grid(True, axis="x", which="both", alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return True

@@ -325,3 +325,14 @@ def portable(obj: Any, roots: list[tuple[str, str]]) -> Any:
         return p.rstrip("/").rsplit("/", 1)[-1] or "."
 
     return _ABSOLUTE.sub(one, obj)
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure to ``path`` as PNG (atomically, 110 dpi, tight bounding box) and close it."""
+    import matplotlib.pyplot as plt
+
+    from diffgap.core.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)

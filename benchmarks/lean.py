@@ -173,7 +173,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffgap.core.fsutil import atomic_path
+    from .harness import save_png
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     x = np.arange(len(rows))
@@ -187,7 +187,5 @@ def plot(res: dict[str, Any], path: Path) -> bool:
         a.grid(True, axis="y", alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(f"zero-weight terms skipped vs computed, N = {res['n']:,}", fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return True

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffgap.core.fsutil import atomic_path, atomic_write_text
+from diffgap.core.fsutil import atomic_write_text
 
 from .context import GOAL_ROOFLINE_BATCH, GOAL_SPEEDUP_BATCH, GOAL_STEPS
+from .harness import save_png
 
 DENOISER_BACKENDS = (
     ("torch-eager", "fp32", "eager"),
@@ -383,9 +384,7 @@ def plots(res: dict[str, Any], stem: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
         path = stem.with_name(f"{stem.name}-{suffix}.png")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        save_png(fig, path)
         written.append(path)
 
     den = _rows(res, "denoiser")

@@ -326,7 +326,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffgap.core.fsutil import atomic_path
+    from .harness import save_png
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["config"] for r in rows):
@@ -342,7 +342,5 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     ax.set_title(f"gallery search, k={res['k']}, {res['dim']}-d")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return True

@@ -261,7 +261,7 @@ def plot(res: dict[str, Any] | None, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffgap.core.fsutil import atomic_path
+    from .harness import save_png
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     x = np.arange(len(rows))
@@ -275,7 +275,5 @@ def plot(res: dict[str, Any] | None, path: Path) -> bool:
     ax.set_title(f"{res['preset']} training step, {res['torch_threads']} torch threads", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return True
