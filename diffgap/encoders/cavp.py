@@ -39,66 +39,68 @@ __all__ = [
 
 
 # ---- exportable modules --------------------------------------------------------------------------
-class CavpVideoEncoderModule(nn.Module):
-    """Export wrapper: ``frames`` (B, T, 3, H, W) float32 in [0, 1] -> ``video_embedding`` (B, E) float32."""
+class _CavpTowerModule(nn.Module):
+    """Export wrapper of one CAVP tower: its input tensor -> its L2-normalised embedding (B, E) float32."""
 
-    EXPORT_NAME = encoder_name("video", "cavp")
+    EXPORT_NAME: str
+    MODALITY: str
 
-    def __init__(self, model: CavpModel, batch: BatchProfile = BATCH_PROFILES[EXPORT_NAME]) -> None:
+    def __init__(self, model: CavpModel, batch: BatchProfile | None = None) -> None:
         super().__init__()
-        self.batch = batch
+        self.batch = BATCH_PROFILES[self.EXPORT_NAME] if batch is None else batch
         self.model = model
         self.config = model.config
         # Inference-only wrapper. Exporters restore the wrapper's *original* mode recursively after
         # tracing, so it must start in eval or BatchNorm would switch to batch statistics.
         self.eval()
+
+    def input_spec(self) -> TensorSpec:
+        raise NotImplementedError
+
+    def io_spec(self) -> IOSpec:
+        c = self.config
+        return IOSpec(
+            name=self.EXPORT_NAME,
+            inputs=(self.input_spec(),),
+            outputs=(TensorSpec(f"{self.MODALITY}_embedding", "float32", (BATCH, c.embed_dim),
+                                doc=f"L2-normalised CAVP {self.MODALITY} embedding"),),
+            min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
+            meta={"encoder": "cavp", "modality": self.MODALITY, "cavp_config": c.to_dict()},
+        )
+
+
+class CavpVideoEncoderModule(_CavpTowerModule):
+    """Export wrapper: ``frames`` (B, T, 3, H, W) float32 in [0, 1] -> ``video_embedding`` (B, E) float32."""
+
+    EXPORT_NAME = encoder_name("video", "cavp")
+    MODALITY = "video"
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model.encode_video(frames)
 
-    def io_spec(self) -> IOSpec:
+    def input_spec(self) -> TensorSpec:
         c = self.config
-        return IOSpec(
-            name=self.EXPORT_NAME,
-            inputs=(TensorSpec(
-                "frames", "float32", (BATCH, c.num_frames, 3, c.image_size, c.image_size), low=0.0, high=1.0,
-                doc=f"RGB frames at {c.fps:g} fps, {c.image_size}x{c.image_size}, values in [0, 1] (diffgap.core.video.load_frames)",
-            ),),
-            outputs=(TensorSpec("video_embedding", "float32", (BATCH, c.embed_dim), doc="L2-normalised CAVP video embedding"),),
-            min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
-            meta={"encoder": "cavp", "modality": "video", "cavp_config": c.to_dict()},
+        return TensorSpec(
+            "frames", "float32", (BATCH, c.num_frames, 3, c.image_size, c.image_size), low=0.0, high=1.0,
+            doc=f"RGB frames at {c.fps:g} fps, {c.image_size}x{c.image_size}, values in [0, 1] (diffgap.core.video.load_frames)",
         )
 
 
-class CavpAudioEncoderModule(nn.Module):
+class CavpAudioEncoderModule(_CavpTowerModule):
     """Export wrapper: ``waveform`` (B, clip_samples) float32 -> ``audio_embedding`` (B, E) float32."""
 
     EXPORT_NAME = encoder_name("audio", "cavp")
-
-    def __init__(self, model: CavpModel, batch: BatchProfile = BATCH_PROFILES[EXPORT_NAME]) -> None:
-        super().__init__()
-        self.batch = batch
-        self.model = model
-        self.config = model.config
-        # Inference-only wrapper. Exporters restore the wrapper's *original* mode recursively after
-        # tracing, so it must start in eval or BatchNorm would switch to batch statistics.
-        self.eval()
+    MODALITY = "audio"
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.model.encode_audio(waveform)
 
-    def io_spec(self) -> IOSpec:
+    def input_spec(self) -> TensorSpec:
         c = self.config
-        return IOSpec(
-            name=self.EXPORT_NAME,
-            inputs=(TensorSpec(
-                "waveform", "float32", (BATCH, c.clip_samples), low=-1.0, high=1.0,
-                doc=f"mono waveform at {c.sample_rate} Hz, {c.clip_samples} samples ({c.clip_seconds:.2f} s), "
-                    "zero-padded/cropped from the start (CavpEncoder.prepare_audio)",
-            ),),
-            outputs=(TensorSpec("audio_embedding", "float32", (BATCH, c.embed_dim), doc="L2-normalised CAVP audio embedding"),),
-            min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
-            meta={"encoder": "cavp", "modality": "audio", "cavp_config": c.to_dict()},
+        return TensorSpec(
+            "waveform", "float32", (BATCH, c.clip_samples), low=-1.0, high=1.0,
+            doc=f"mono waveform at {c.sample_rate} Hz, {c.clip_samples} samples ({c.clip_seconds:.2f} s), "
+                "zero-padded/cropped from the start (CavpEncoder.prepare_audio)",
         )
 
 
