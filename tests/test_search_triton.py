@@ -14,9 +14,8 @@ from diffgap.core.manifest import Manifest
 from diffgap.runtime import AudioSearch, AudioToTextBridge, TextToAudioBridge, build_index, fuse_scores
 from diffgap.runtime.pipeline import fusion_weights
 from diffgap.triton_models import repository as R
-from diffgap.triton_models.server import TritonServer
 
-httpclient = pytest.importorskip("tritonclient.http")
+pytest.importorskip("tritonclient.http")
 pytest.importorskip("faiss")
 
 K = 4
@@ -74,10 +73,6 @@ def test_served_faiss_search_equals_in_process(tmp_path_factory):
     assert (repo / R.SEARCH / "1" / "index" / "audio.faiss-hnsw.faiss").is_file()
     with AudioSearch(ix, export) as s:
         ref_ids, ref_scores = s.search(TEXTS, k=K)
-    with TritonServer(repo, cwd=triton_fixtures.torch_blocker(work / "notorch")) as server:
-        client = server.http_client()
-        x = httpclient.InferInput(R.TEXT, [len(TEXTS), 1], "BYTES")
-        x.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in TEXTS], dtype=object))
-        r = client.infer(R.SEARCH_ENSEMBLE, [x])
-    np.testing.assert_array_equal(r.as_numpy(R.SEARCH_IDS).astype(str), ref_ids)
-    assert np.abs(r.as_numpy(R.SEARCH_SCORES) - ref_scores).max() <= 1e-5
+    served_ids, served_scores = triton_fixtures.served_search(repo, work, TEXTS)
+    np.testing.assert_array_equal(served_ids, ref_ids)
+    assert np.abs(served_scores - ref_scores).max() <= 1e-5

@@ -15,9 +15,8 @@ from diffgap.core.names import head_name, noise_model_name, sampler_name
 from diffgap.runtime import AudioSearch, AudioToTextBridge, GalleryIndex, TextToAudioBridge, build_index, fuse_scores
 from diffgap.runtime.fusion import fusion_weights
 from diffgap.triton_models import repository as R
-from diffgap.triton_models.server import TritonServer
 
-httpclient = pytest.importorskip("tritonclient.http")
+pytest.importorskip("tritonclient.http")
 
 K = 4
 TEXTS = ["a dog barks in the distance", "rain falling on a tin roof"]
@@ -64,10 +63,6 @@ def test_served_search_runs_the_head_not_the_sampler(tmp_path_factory):
     np.testing.assert_allclose(ref_scores, np.take_along_axis(full, order, 1), atol=1e-5)
 
     repo = R.build_repository(export, work / "repo", flavor="portable", index=ix, top_k=K)
-    with TritonServer(repo, cwd=triton_fixtures.torch_blocker(work / "notorch")) as server:
-        client = server.http_client()
-        x = httpclient.InferInput(R.TEXT, [len(TEXTS), 1], "BYTES")
-        x.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in TEXTS], dtype=object))
-        r = client.infer(R.SEARCH_ENSEMBLE, [x])
-    np.testing.assert_array_equal(r.as_numpy(R.SEARCH_IDS).astype(str), ref_ids)
-    assert np.abs(r.as_numpy(R.SEARCH_SCORES) - ref_scores).max() <= 1e-5
+    served_ids, served_scores = triton_fixtures.served_search(repo, work, TEXTS)
+    np.testing.assert_array_equal(served_ids, ref_ids)
+    assert np.abs(served_scores - ref_scores).max() <= 1e-5

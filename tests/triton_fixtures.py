@@ -62,3 +62,19 @@ def torch_blocker(root: Path) -> Path:
     (root / "torch").mkdir(parents=True)
     (root / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: Triton python models must be torch-free')\n")
     return root
+
+
+def served_search(repo: Path, work: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Start tritonserver on ``repo`` (torch import blocked), send ``texts`` to the text -> audio search
+    ensemble over HTTP; returns its (ids as str, scores), each (len(texts), k)."""
+    import tritonclient.http as httpclient
+
+    from diffgap.triton_models import repository as R
+    from diffgap.triton_models.server import TritonServer
+
+    with TritonServer(repo, cwd=torch_blocker(work / "notorch")) as server:
+        client = server.http_client()
+        x = httpclient.InferInput(R.TEXT, [len(texts), 1], "BYTES")
+        x.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in texts], dtype=object))
+        r = client.infer(R.SEARCH_ENSEMBLE, [x])
+    return r.as_numpy(R.SEARCH_IDS).astype(str), r.as_numpy(R.SEARCH_SCORES)
