@@ -48,10 +48,9 @@ def measure_peak_gflops(n: int = 2048, repeats: int = 10, threads: int | None = 
 
         if threads:
             torch.set_num_threads(threads)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        tc = torch.empty_like(ta)
-        with torch.inference_mode():
-            out["torch_gflops"] = flops / _best_seconds(lambda: torch.mm(ta, tb, out=tc), repeats) / 1e9
+        from diffgap.machine import torch_matmul_gflops
+
+        out["torch_gflops"] = torch_matmul_gflops(n, repeats, a, b)
         out["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass

@@ -122,23 +122,6 @@ def step_serve(ctx: DemoContext) -> None:
 DEMO_QUERIES = ["a dog barks", "rain on a tin roof", "a car passes by"]
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul rate now (torch, n x n, best of ``repeats``), in GFLOP/s: the demo's
-    time scales with it, and a shared VM's rate moves from run to run, so it is printed beside the timings."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    best = float("inf")
-    with torch.inference_mode():
-        torch.mm(a, b, out=out)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=out)
-            best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best / 1e9
-
-
 def _run_command(cmd: Any, argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)
@@ -175,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ctx = DemoContext(Path(args.out), args.preset, args.steps, schedule=args.schedule, threads=args.threads)
+    from diffgap.machine import torch_matmul_gflops
+
     ctx.out.mkdir(parents=True, exist_ok=True)
     if ctx.threads:
         import torch
 
         torch.set_num_threads(ctx.threads)
-    rate_start = matmul_gflops()
+    # the demo's time scales with this rate, and a shared VM's rate moves from run to run
+    rate_start = torch_matmul_gflops()
     for name, fn in STEPS:
         if args.only and name not in args.only:
             continue
@@ -194,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(ctx.timings.values())
     print("\ndemo timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in ctx.timings.items())
           + f"; main job {total // 60:.0f} min {total % 60:.0f} s")
-    print(f"machine: fp32 matmul {rate_start:.0f} GFLOP/s at the start, {matmul_gflops():.0f} at the end "
+    print(f"machine: fp32 matmul {rate_start:.0f} GFLOP/s at the start, {torch_matmul_gflops():.0f} at the end "
           f"(torch, 2048 x 2048, {torch.get_num_threads()} threads)")
     return 0
 

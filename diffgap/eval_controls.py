@@ -67,9 +67,7 @@ def fit_controls(model: DiffGAP, train: Pairs, val: Pairs, adapter_from_heads: b
     the denoiser stage, :class:`BackgroundControls`); used when its key matches this model, these
     splits and ``adapter_from_heads`` (:func:`controls_key`), else the controls are trained here."""
     a, b = model.config.modalities
-    tr = {m: np.asarray(train[m], np.float32) for m in (a, b)}
-    va = {m: np.asarray(val[m], np.float32) for m in (a, b)}
-    h_tr = {m: _heads(model, m, tr[m]) for m in (a, b)}
+    tr, va, h_tr = _split_arrays(model, train, val)
     nets = None
     if cache is not None:
         nets = load_controls(cache, model, controls_key(model, train, val, adapter_from_heads), adapter_from_heads)
@@ -79,6 +77,14 @@ def fit_controls(model: DiffGAP, train: Pairs, val: Pairs, adapter_from_heads: b
     return {"adapter": adapter, "bridges": bridges,
             "raw_mean": {m: tr[m].mean(0) for m in (a, b)}, "head_mean": {m: h_tr[m].mean(0) for m in (a, b)},
             "info": info}
+
+
+def _split_arrays(model: DiffGAP, train: Pairs, val: Pairs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Both splits as float32 arrays per modality, and the training split in head space."""
+    a, b = model.config.modalities
+    tr = {m: np.asarray(train[m], np.float32) for m in (a, b)}
+    va = {m: np.asarray(val[m], np.float32) for m in (a, b)}
+    return tr, va, {m: _heads(model, m, tr[m]) for m in (a, b)}
 
 
 def _fit_nets(model: DiffGAP, tr: dict[str, np.ndarray], va: dict[str, np.ndarray], h_tr: dict[str, np.ndarray],
@@ -102,6 +108,7 @@ def _fit_nets(model: DiffGAP, tr: dict[str, np.ndarray], va: dict[str, np.ndarra
 
 
 # ---- a cache of the trained controls ---------------------------------------------------------------
+CONTROLS_DIR = "controls"            # in the checkpoint directory
 CONTROLS_FORMAT = "diffgap-controls/1"
 CONTROLS_WEIGHTS = "controls.safetensors"
 CONTROLS_JSON = "controls.json"
@@ -184,10 +191,7 @@ def _fit_and_save(state: dict[str, torch.Tensor], config: dict[str, Any], train_
     a, b = model.config.modalities
     train = load_pairs(train_path, embed_dim=model.config.input_dims, require=(a, b))
     val = load_pairs(val_path, embed_dim=model.config.input_dims, require=(a, b))
-    tr = {m: np.asarray(train[m], np.float32) for m in (a, b)}
-    va = {m: np.asarray(val[m], np.float32) for m in (a, b)}
-    h_tr = {m: _heads(model, m, tr[m]) for m in (a, b)}
-    adapter, bridges, info = _fit_nets(model, tr, va, h_tr, adapter_from_heads)
+    adapter, bridges, info = _fit_nets(model, *_split_arrays(model, train, val), adapter_from_heads)
     save_controls(out, adapter, bridges, info, controls_key(model, train, val, adapter_from_heads))
 
 
@@ -244,8 +248,6 @@ class BackgroundControls:
         shutil.rmtree(self.tmp, ignore_errors=True)
         torch.set_num_threads(self.threads)
 
-
-CONTROLS_DIR = "controls"
 
 
 @torch.no_grad()

@@ -130,16 +130,16 @@ def _run_validated(args: argparse.Namespace, cfg, data, world: int) -> int:
 
     try:
         model, record = train_validated(cfg, data, val, progress=not args.no_progress, after_heads=after_heads)
-    except BaseException:
+        seconds = time.perf_counter() - t0
+        chosen = record["candidates"][record["chosen"]]
+        steps = sum(st["steps_run"] for st in chosen["stages"].values())
+        meta = {"data": str(args.data), "val": str(args.val), "step": steps, "train_seconds": round(seconds, 2),
+                "parameters": model.parameter_counts(), "world_size": 1, "validation": record, **_encoder_meta(data)}
+        ckpt = save_checkpoint(args.out, model, meta)
+    except BaseException:  # interrupted or failed: stop the controls' process, leave no scratch folder
         for s in side:
             s.cancel()
         raise
-    seconds = time.perf_counter() - t0
-    chosen = record["candidates"][record["chosen"]]
-    steps = sum(st["steps_run"] for st in chosen["stages"].values())
-    meta = {"data": str(args.data), "val": str(args.val), "step": steps, "train_seconds": round(seconds, 2),
-            "parameters": model.parameter_counts(), "world_size": 1, "validation": record, **_encoder_meta(data)}
-    ckpt = save_checkpoint(args.out, model, meta)
     for s in side:
         dest = s.finish(ckpt)
         if dest is not None:

@@ -40,7 +40,8 @@ __all__ = [
 
 # ---- exportable modules --------------------------------------------------------------------------
 class _CavpTowerModule(nn.Module):
-    """Export wrapper of one CAVP tower: its input tensor -> its L2-normalised embedding (B, E) float32."""
+    """Export wrapper of one CAVP tower: its input tensor -> its L2-normalised embedding (B, E) float32.
+    A subclass names the tower (``EXPORT_NAME``, ``MODALITY``) and declares its input in ``io_spec``."""
 
     EXPORT_NAME: str
     MODALITY: str
@@ -54,14 +55,11 @@ class _CavpTowerModule(nn.Module):
         # tracing, so it must start in eval or BatchNorm would switch to batch statistics.
         self.eval()
 
-    def input_spec(self) -> TensorSpec:
-        raise NotImplementedError
-
-    def io_spec(self) -> IOSpec:
+    def _io_spec(self, inp: TensorSpec) -> IOSpec:
         c = self.config
         return IOSpec(
             name=self.EXPORT_NAME,
-            inputs=(self.input_spec(),),
+            inputs=(inp,),
             outputs=(TensorSpec(f"{self.MODALITY}_embedding", "float32", (BATCH, c.embed_dim),
                                 doc=f"L2-normalised CAVP {self.MODALITY} embedding"),),
             min_batch=self.batch[0], opt_batch=self.batch[1], max_batch=self.batch[2],
@@ -78,12 +76,12 @@ class CavpVideoEncoderModule(_CavpTowerModule):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model.encode_video(frames)
 
-    def input_spec(self) -> TensorSpec:
+    def io_spec(self) -> IOSpec:
         c = self.config
-        return TensorSpec(
+        return self._io_spec(TensorSpec(
             "frames", "float32", (BATCH, c.num_frames, 3, c.image_size, c.image_size), low=0.0, high=1.0,
             doc=f"RGB frames at {c.fps:g} fps, {c.image_size}x{c.image_size}, values in [0, 1] (diffgap.core.video.load_frames)",
-        )
+        ))
 
 
 class CavpAudioEncoderModule(_CavpTowerModule):
@@ -95,13 +93,13 @@ class CavpAudioEncoderModule(_CavpTowerModule):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.model.encode_audio(waveform)
 
-    def input_spec(self) -> TensorSpec:
+    def io_spec(self) -> IOSpec:
         c = self.config
-        return TensorSpec(
+        return self._io_spec(TensorSpec(
             "waveform", "float32", (BATCH, c.clip_samples), low=-1.0, high=1.0,
             doc=f"mono waveform at {c.sample_rate} Hz, {c.clip_samples} samples ({c.clip_seconds:.2f} s), "
                 "zero-padded/cropped from the start (CavpEncoder.prepare_audio)",
-        )
+        ))
 
 
 # ---- user-facing encoder -----------------------------------------------------------------------
