@@ -34,9 +34,10 @@ class HeadsConfig:
     """Light projection heads: frozen CLAP/CAVP embedding (B, E) -> contrastive space (B, dim)."""
 
     dim: int = 512                 # head-space (contrastive space) dimension D
-    # Residual MLP width beside the linear map; 0 = linear head only (the default). Heads with a
-    # width-256 MLP scored below the linear adapter (the same head without it, same recipe) on
-    # `diffgap synth` and on two differently built benchmarks, so the nonlinear part of the model is
+    # Residual MLP width beside the linear map; 0 = linear head only (the default). MLP heads are a
+    # candidate that `diffgap train --val` trains beside the linear ones (``train.head_mlp_hidden``) and
+    # keeps only on a validated gain: they gained +0.1 [-0.8, +1.0] validation head R@1 on `diffgap synth`
+    # and -1.0 [-3.1, +1.4] on the real-encoder benchmark (README), so the nonlinear part of the model is
     # the denoisers' conditional-mean branch instead.
     hidden: int = 0
     # Raw-space model: the heads stay the identity (never trained), so head space is the frozen encoder's
@@ -128,11 +129,11 @@ class TrainConfig:
     # plateau: in every such stage `make demo` and the real-encoder benchmark have printed
     # ("best at step S of N (1 lr decay(s))" with N = S + 2 x patience x val_every, e.g.
     # benchmarks/results/realdata-20261203/train.txt), the best came before the LR decay, so the
-    # decayed phase only spent 2 x 150 steps. The heads keep one decay: in `make demo` their best came after it.
+    # decayed phase only spent another patience x val_every = 150 steps. The heads keep one decay: in `make demo` their best came after it.
     plateau_decays: int = 0
     head_plateau_decays: int = 1
     # Heads-only steps are cheaper than denoiser steps (`make demo` in the README: 1,100 head steps
-    # in 20 s, 1,250 denoiser steps in 98 s).
+    # in 26 s, 1,100 denoiser steps in 144 s).
     max_head_steps: int = 6000
     max_denoiser_steps: int = 3000
     val_max_pairs: int = 1000       # validation pairs scored per evaluation (the first N)

@@ -5,7 +5,7 @@ Text-to-audio (T2A) and audio-to-text (A2T), on a paired test split, for every r
 
 * ``raw``            cosine of the frozen CLAP embeddings
 * ``heads``          cosine in the contrastive (head) space
-* ``raw+heads``      fusion of the two (the strongest system without diffusion)
+* ``raw+heads``      fusion of the two (the strongest system without a bridge)
 * ``q-bridge``       query-side retrieval bridge: the query bridged into the gallery's modality with
   the model config's bridge (default: K = 1 from noise, the denoiser's posterior mean), one sample
   -- exactly what an export runs -- scored against the gallery's head embeddings

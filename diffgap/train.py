@@ -74,9 +74,9 @@ def diffgap_loss(
       contrastive term rewards x0 estimates that *identify* their pair, i.e. that use the
       condition. Low-noise rows are excluded because there the noised target identifies itself
       (measured on a prototype: InfoNCE weighted toward low noise did nothing).
-      ``lambda = train.lambda_x0`` (default 0.1): the MSE per row in standardised units is O(1)
-      while the InfoNCE starts at log(B) ~ 6.2 for B = 512 negatives, so 0.1 keeps the contrastive term a
-      regulariser of the same order as the MSE instead of letting it dominate the denoiser.
+      ``lambda = train.lambda_x0`` (default 0.3): the MSE per row in standardised units is O(1)
+      while the InfoNCE starts at log(B) ~ 6.2 for B = 512 negatives, so a weight well below 1 keeps the
+      contrastive term a regulariser of the same order as the MSE instead of letting it dominate the denoiser.
 
     Gradients: targets and conditions of the diffusion terms are detached, so the heads learn
     from the first InfoNCE only and the denoisers cannot move the space they are modelling.
