@@ -24,8 +24,8 @@ the design relies on (the formula above, no linear component in the distortion, 
 lowering recall, a linear adapter not undoing the distortion).
 
 The video-audio benchmark (CAVP space) is this same generator with its arrays named
-``video``/``audio`` and its own seed (:data:`VIDEO_AUDIO_CONFIG`; ``diffgap synth --modalities
-video-audio --seed 1``); no parameter was changed or tuned for it.
+``video``/``audio`` and its own seed (:data:`VIDEO_AUDIO_CONFIG`, what ``diffgap synth --modalities
+video-audio`` writes); no parameter was changed or tuned for it.
 """
 from __future__ import annotations
 

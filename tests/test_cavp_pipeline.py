@@ -49,7 +49,8 @@ def test_video_audio_benchmark_is_the_same_generator():
 def test_synth_train_eval_video_audio(tmp_path, capsys):
     data, ck = tmp_path / "va", tmp_path / "ck"
     common = ["--n-train", "600", "--n-val", "120", "--n-test", "120"]
-    assert main(["synth", "--out", str(data), "--modalities", "video-audio", "--seed", "1", *common]) == 0
+    # no --seed: video-audio defaults to its own benchmark's seed, not the text-audio one
+    assert main(["synth", "--out", str(data), "--modalities", "video-audio", *common]) == 0
     assert json.loads((data / "synth.json").read_text())["modalities"] == ["video", "audio"]
     test = load_pairs(data / "test.npz", require=("video", "audio"))
     np.testing.assert_array_equal(test["video"], synth.generate(SMALL, synth.VIDEO_AUDIO)["test"]["video"])
@@ -64,3 +65,11 @@ def test_synth_train_eval_video_audio(tmp_path, capsys):
         assert 0.0 <= raw["R@1"] <= raw["R@5"] <= raw["R@10"] <= 100.0
     out = capsys.readouterr().out
     assert "Retrieval video->audio" in out and "Retrieval audio->video" in out
+
+
+def test_synth_cli_seed_overrides_the_video_audio_default(tmp_path):
+    common = ["--n-train", "60", "--n-val", "20", "--n-test", "20"]
+    assert main(["synth", "--out", str(tmp_path), "--modalities", "video-audio", "--seed", "5", *common]) == 0
+    small = dataclasses.replace(synth.VIDEO_AUDIO_CONFIG, n_train=60, n_val=20, n_test=20, seed=5)
+    test = load_pairs(tmp_path / "test.npz", require=("video", "audio"))
+    np.testing.assert_array_equal(test["audio"], synth.generate(small, synth.VIDEO_AUDIO)["test"]["audio"])
