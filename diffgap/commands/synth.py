@@ -10,12 +10,14 @@ HELP = "write the seeded CLAP-like synthetic benchmark (train/val/test .npz + sy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffgap.synth import SynthConfig  # numpy only: cheap
+    from diffgap.synth import VIDEO_AUDIO_CONFIG, SynthConfig  # numpy only: cheap
 
     p.add_argument("--out", required=True, help="output directory")
     for f in dataclasses.fields(SynthConfig):
+        va = getattr(VIDEO_AUDIO_CONFIG, f.name)
+        other = f"; video-audio: {va}" if va != f.default else ""
         p.add_argument(f"--{f.name.replace('_', '-')}", type=_TYPES[str(f.type)],
-                       help=f"(default {f.default}; see diffgap/synth.py)")
+                       help=f"(default {f.default}{other}; see diffgap/synth.py)")
     p.add_argument("--modalities", choices=["text-audio", "video-audio"], default="text-audio",
                    help="which pair to write: text-audio (CLAP-like, default) or video-audio (CAVP space: the same "
                         "generator with its own seed, 1, unless --seed is given)")
