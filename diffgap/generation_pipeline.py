@@ -91,7 +91,8 @@ def run_generator(
     """The generator's waveforms (M, L) float32 for M conditions; deterministic given the seeds."""
     dev = pipe.unet.device
     dtype = pipe.unet.dtype
-    pe = torch.as_tensor(np.asarray(prompt_embeds, np.float32) if not torch.is_tensor(prompt_embeds) else prompt_embeds).to(dev, dtype)
+    # a copy: arrays from Triton's request tensors are read-only, which torch warns about
+    pe = (prompt_embeds if torch.is_tensor(prompt_embeds) else torch.tensor(np.asarray(prompt_embeds, np.float32))).to(dev, dtype)
     if pe.ndim != 2 or len(pe) != len(latent_seeds):
         raise ValueError(f"prompt_embeds must be (M, E) with one latent seed per row, got {tuple(pe.shape)} and {len(latent_seeds)} seeds")
     g = float(_call_default(pipe, "guidance_scale") if guidance_scale is None else guidance_scale)
