@@ -43,6 +43,7 @@ test: setup
 
 # The layer contracts (pyproject's [tool.importlinter]) on the package as a wheel installs it.
 lint: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) tests/lint_imports.py
 
 bench: setup

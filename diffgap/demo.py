@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class DemoContext:
@@ -180,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(ctx.timings.values())
     print("\ndemo timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in ctx.timings.items())
           + f"; main job {total // 60:.0f} min {total % 60:.0f} s")
-    print(f"machine: fp32 matmul {rate_start:.0f} GFLOP/s at the start, {torch_matmul_gflops():.0f} at the end "
-          f"(torch, 2048 x 2048, {torch.get_num_threads()} threads)")
+    log.info("machine: fp32 matmul %.0f GFLOP/s at the start, %.0f at the end (torch, 2048 x 2048, %d threads)",
+             rate_start, torch_matmul_gflops(), torch.get_num_threads())
     return 0
 
 

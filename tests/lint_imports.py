@@ -2,9 +2,9 @@
 
 The user-facing folders ``export/``, ``runtime/`` and ``triton_models/`` install as ``diffgap.export``,
 ``diffgap.runtime`` and ``diffgap.triton_models`` (``package-dir`` in pyproject.toml). grimp,
-import-linter's graph builder, finds a package with ``importlib`` and walks its folder on disk, so in
-the checkout it would see ``diffgap/`` without those three subpackages. On the unpacked wheel it sees
-exactly what ships. :func:`install` builds and unpacks the wheel, :func:`lint` runs ``lint-imports``
+import-linter's graph builder, finds a package with ``importlib`` and walks its folder on disk (following
+links): in the checkout ``diffgap/export`` etc. are symbolic links to those folders, so plain
+``lint-imports`` works there too; on the unpacked wheel it sees exactly what ships. :func:`install` builds and unpacks the wheel, :func:`lint` runs ``lint-imports``
 over such a tree (the tests add a probe module to a copy of it to show a breach is caught).
 Usage: ``python tests/lint_imports.py`` (what ``make lint`` runs).
 """

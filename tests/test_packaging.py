@@ -47,6 +47,17 @@ def test_every_package_folder_is_listed():
             assert name in listed, f"{init.parent} is a package but pyproject's [tool.setuptools] packages lacks {name!r}"
 
 
+def test_checkout_links_each_mapped_folder_under_the_package():
+    """In the checkout, diffgap/<name> links to each folder package-dir maps to diffgap.<name>, so tools
+    that walk the package on disk (import-linter's grimp) see the layout the wheel installs."""
+    for pkg, folder in PACKAGE_DIR.items():
+        if pkg == "diffgap":
+            continue
+        link = ROOT.joinpath(*pkg.split("."))
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), (
+            f"{link} must be a symbolic link to ../{folder} (`ln -s ../{folder} {link.relative_to(ROOT)}`)")
+
+
 def test_wheel_holds_every_tracked_module_and_data_file(installed_site):
     sources = _tracked(*PACKAGE_DIR.values())
     assert sources
